@@ -1,0 +1,145 @@
+"""The FastAPI app: wiring, lifespan, and the one handler that turns errors into responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from server.errors import InvalidRequest, NotFound, SharpenError, status_of
+from server.routes import router
+from server.services import Services
+from server.settings import Settings
+from server.streaming import ClientGone
+from server.upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """A managed upstream (the embedded vLLM child): started and stopped with the app."""
+
+    @property
+    def base_url(self) -> str: ...
+    async def start(self) -> None: ...
+    async def wait_ready(self, timeout: float) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def error_response(err: SharpenError) -> Response:
+    return Response(err.body_bytes(), status_code=status_of(err), media_type="application/json",
+                    headers=err.headers())
+
+
+_INTERNAL_ERROR = (
+    b'{"error":{"message":"Internal error in sharpen; see the server log.","type":"server_error",'
+    b'"param":null,"code":"internal_error"}}'
+)
+_HOT_ROUTES = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions"}
+
+
+class HotPath:
+    """The completion routes as a lean ASGI layer in front of the FastAPI app.
+
+    Measured on a 2-core machine (loadtest/overhead.py), FastAPI's routing, dependency solving
+    and Starlette's middleware stack (which also wraps every streamed chunk's ``send``) cost
+    about as much CPU per request as the rest of the proxy together. The two hot routes are
+    dispatched here to the same service and error handler; every other route is FastAPI's.
+    """
+
+    def __init__(self, app: FastAPI, services: Services) -> None:
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        endpoint = _HOT_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if endpoint is None or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope, receive)
+        response: Response
+        try:
+            principal = self.services.authenticate(request)
+            response = await self.services.proxy.handle(endpoint, request, principal)
+        except SharpenError as exc:
+            response = error_response(exc)
+        except ClientGone:
+            return
+        except Exception:
+            log.exception("unexpected error on POST %s", scope["path"])
+            response = Response(_INTERNAL_ERROR, status_code=500, media_type="application/json")
+        await response(scope, receive, send)
+
+
+def create_app(settings: Settings, *, upstream: Upstream | None = None, backend: Backend | None = None) -> HotPath:
+    """Builds the app. ``upstream`` is injectable (tests); by default it is made from the settings'
+    URL, or from ``backend`` (a managed vLLM child started in the lifespan)."""
+    if upstream is None:
+        url = backend.base_url if backend is not None else settings.upstream.url
+        if not url:
+            raise ValueError("an upstream URL or a managed backend is required")
+        upstream = Upstream(url, settings.upstream)
+    services = Services(settings, upstream)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        waiter: asyncio.Task[None] | None = None
+        if backend is not None:
+            await backend.start()
+
+            async def _when_ready() -> None:
+                try:
+                    await backend.wait_ready(settings.backend.start_timeout)
+                except Exception as exc:
+                    log.error("the embedded backend did not become ready: %s", exc)
+                    return
+                log.info("upstream ready at %s", backend.base_url)
+                await services.models.refresh()
+
+            waiter = asyncio.create_task(_when_ready())
+        else:
+            await services.models.refresh()
+        try:
+            yield
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+            await services.close()
+            if backend is not None:
+                await backend.stop()
+
+    app = FastAPI(title="sharpen", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.services = services
+    app.include_router(router)
+
+    @app.exception_handler(SharpenError)
+    async def _sharpen_error(request: Request, exc: SharpenError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it: the client has left
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        err: SharpenError
+        if exc.status_code == 404:
+            err = NotFound(f"Unknown route {request.method} {request.url.path}.")
+        else:
+            err = InvalidRequest(str(exc.detail))
+        resp = error_response(err)
+        resp.status_code = exc.status_code
+        return resp
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return Response(_INTERNAL_ERROR, status_code=500, media_type="application/json")
+
+    return HotPath(app, services)

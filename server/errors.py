@@ -1,0 +1,154 @@
+"""The one error hierarchy. Foreign exceptions are translated into these at the boundary that
+meets them (the upstream transport, request parsing); one handler turns them into OpenAI-shaped
+responses: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+
+
+class SharpenError(Exception):
+    """Base of every error sharpen reports to a client. Subclasses fix status, type and code."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(SharpenError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(SharpenError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class PermissionDenied(SharpenError):
+    status = 403
+    type = "permission_error"
+    default_code = "permission_denied"
+
+
+class NotFound(SharpenError):
+    status = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+
+class PayloadTooLarge(SharpenError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class RateLimited(SharpenError):
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class ServiceUnavailable(SharpenError):
+    status = 503
+    type = "service_unavailable"
+    default_code = "upstream_not_ready"
+
+
+class UpstreamError(SharpenError):
+    """The upstream could not be reached, or its answer could not be read."""
+
+    status = 502
+    type = "upstream_error"
+    default_code = "bad_gateway"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    type = "timeout_error"
+    default_code = "upstream_timeout"
+
+
+class UpstreamStatusError(SharpenError):
+    """The upstream answered with an error status; its message is passed on, normalised to the
+    OpenAI shape (vLLM puts the integer status in ``code``; OpenAI's ``code`` is a string)."""
+
+    type = "upstream_error"
+
+    def __init__(self, status: int, message: str, *, err_type: str | None, param: str | None,
+                 code: str | None) -> None:
+        super().__init__(message, param=param, code=code)
+        self._status = status
+        self._type = err_type or ("invalid_request_error" if status < 500 else "upstream_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self._type, "param": self.param, "code": self.code}}
+
+    @property
+    def http_status(self) -> int:
+        return self._status
+
+    @classmethod
+    def from_upstream(cls, status: int, raw: bytes) -> UpstreamStatusError:
+        """Normalises an upstream error body, whatever its shape."""
+        message, err_type, param, code = "", None, None, None
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        err = data.get("error", data) if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or err.get("detail") or "")
+            err_type = _str_or_none(err.get("type"))
+            param = _str_or_none(err.get("param"))
+            code = _str_or_none(err.get("code"))
+        elif isinstance(err, str):
+            message = err
+        if not message:
+            message = raw[:500].decode("utf-8", "replace") or f"upstream answered HTTP {status}"
+        # vLLM names its errors after exception classes ("NotFoundError", "BadRequestError"); map
+        # the ones a client acts on to OpenAI's names.
+        if status == 404 and (err_type in (None, "NotFoundError") or "model" in message.lower()):
+            err_type, code = "invalid_request_error", "model_not_found"
+        elif status == 400 and err_type in (None, "BadRequestError"):
+            err_type = "invalid_request_error"
+        if code is not None and code.isdigit():
+            code = None
+        status = status if 400 <= status <= 599 else 502
+        return cls(status, f"upstream: {message}", err_type=err_type, param=param, code=code)
+
+
+def _str_or_none(v: object) -> str | None:
+    return None if v is None else str(v)
+
+
+def status_of(err: SharpenError) -> int:
+    return err.http_status if isinstance(err, UpstreamStatusError) else err.status

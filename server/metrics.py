@@ -1,0 +1,42 @@
+"""Prometheus metrics, in a registry owned by the app (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class Metrics:
+    """sharpen's own metrics; vLLM's stay on the upstream's /metrics."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("sharpen_requests", "Requests answered", ["endpoint", "strategy", "status"], registry=r)
+        self.latency = Histogram("sharpen_request_duration_seconds", "Whole request latency",
+                                 ["endpoint", "strategy"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.overhead = Histogram("sharpen_overhead_seconds", "Time spent in sharpen itself",
+                                  ["endpoint"], buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.in_flight = Gauge("sharpen_requests_in_flight", "Requests being answered", registry=r)
+        self.upstream_errors = Counter("sharpen_upstream_errors", "Failed upstream interactions", ["kind"], registry=r)
+        self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["model", "kind"], registry=r)
+        self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"], registry=r)
+        self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer", registry=r)
+        self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
+                                     ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+                                     registry=r)
+        self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers", registry=r)
+
+    def count_tokens(self, model: str, prompt: int, completion: int) -> None:
+        if prompt:
+            self.tokens.labels(model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(model, "completion").inc(completion)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,46 @@
+"""Turns a strategy's result into the answer a client gets: usage summed over every upstream
+call, the short ``sharpen`` summary, and on request the full trace."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from strategies.base import Strategy, StrategyContext, StrategyResult
+
+
+def summary(strategy: Strategy, ctx: StrategyContext, result: StrategyResult) -> dict[str, Any]:
+    u = result.uncertainty
+    return {
+        "strategy": strategy.name,
+        "upstream_calls": len(ctx.calls),
+        "uncertainty": None if u is None else round(u.score, 4),
+    }
+
+
+def trace(strategy: Strategy, ctx: StrategyContext, result: StrategyResult, wall_s: float) -> dict[str, Any]:
+    return {
+        "options": strategy.options.model_dump(),
+        "candidates": [asdict(c) for c in result.candidates],
+        "calls": [
+            {"purpose": c.purpose, "model": c.model, "n": c.n, "usage": c.usage.model_dump(),
+             "seconds": round(c.seconds, 4), "ok": c.ok, "error": c.error}
+            for c in ctx.calls
+        ],
+        "uncertainty": None if result.uncertainty is None else asdict(result.uncertainty),
+        "notes": list(result.notes),
+        "wall_seconds": round(wall_s, 4),
+        **result.extra_trace,
+    }
+
+
+def finish(response: dict[str, Any], strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
+           *, with_trace: bool, wall_s: float) -> dict[str, Any]:
+    """The final chat.completion object: honest usage and the sharpen summary (and trace)."""
+    out = dict(response)
+    out["usage"] = ctx.usage.model_dump()
+    s = summary(strategy, ctx, result)
+    if with_trace:
+        s["trace"] = trace(strategy, ctx, result, wall_s)
+    out["sharpen"] = s
+    return out

@@ -1,0 +1,180 @@
+"""The request pipeline behind the completion routes.
+
+route -> body read and validated -> strategy chosen and validated -> model mapped -> strategy
+runs against the upstream -> response (bytes, JSON or SSE) with usage summed over every upstream
+call -> metrics and events, off the critical path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from server import render
+from server.auth import Principal
+from server.errors import InvalidRequest, PayloadTooLarge, RateLimited, SharpenError, UpstreamError, status_of
+from server.metrics import Metrics
+from server.models import ModelRegistry
+from server.settings import Settings
+from server.streaming import SSEResponse, UsageSniffer, cancel_on_disconnect
+from server.upstream import Upstream
+from server.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, validate
+from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyResult
+from strategies.registry import StrategyRegistry
+
+log = logging.getLogger(__name__)
+
+_REQUEST_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/chat/completions": ChatCompletionRequest,
+    "/completions": CompletionRequest,
+}
+_DRAIN_CAP = 1 << 30  # past this a too-large body is not even read to the end
+
+
+class ProxyService:
+    """Answers completion requests; one instance per app."""
+
+    def __init__(self, settings: Settings, upstream: Upstream, models: ModelRegistry,
+                 strategies: StrategyRegistry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self.models = models
+        self.strategies = strategies
+        self.metrics = metrics
+        self._in_flight = 0
+        self._deadline = 3600.0
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refusing (413) anything over the limit without holding it in memory."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > limit
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                too_big = True
+            if too_big:
+                # Drain so the client can read our answer instead of a reset mid-upload.
+                if size > _DRAIN_CAP:
+                    break
+                continue
+            parts.append(chunk)
+        if too_big:
+            raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
+        return b"".join(parts)
+
+    def _choose(self, endpoint: str, body: dict[str, Any], request: Request) -> tuple[Strategy, str | None]:
+        """The strategy (body field, then header, then ``model@strategy``) and the model name."""
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise InvalidRequest("'model' must be a string.", param="model")
+        spec: str | dict[str, Any] | None = body.get("strategy")
+        if spec is None:
+            spec = request.headers.get("x-sharpen-strategy")
+        if model and "@" in model:
+            base, _, suffix = model.rpartition("@")
+            if suffix in self.strategies:
+                model = base
+                spec = spec if spec is not None else suffix
+        return self.strategies.build(spec or "passthrough", endpoint=endpoint), model
+
+    async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
+        t0 = time.perf_counter()
+        raw = await self.read_body(request)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
+        req: AnyRequest = validate(_REQUEST_MODELS[endpoint], body)
+        strategy, model_name = self._choose(endpoint, body, request)
+        upstream_model = await self.models.resolve(model_name)
+        fwd = {k: v for k, v in body.items() if k not in SHARPEN_FIELDS} if _has_own(body) else body
+        fwd["model"] = upstream_model
+        ctx = StrategyContext(upstream=self.upstream, body=fwd, endpoint=endpoint, model=upstream_model,
+                              tenant=principal.tenant, deadline=time.monotonic() + self._deadline)
+        if self._in_flight >= self.settings.max_concurrency:
+            raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            if req.stream and not strategy.streams_natively:
+                raise InvalidRequest("Streaming is not available for this strategy yet.", param="stream")
+            t_run = time.perf_counter()
+            result = await cancel_on_disconnect(request.receive, strategy.run(req, ctx))
+            ran = time.perf_counter() - t_run
+        except BaseException as exc:
+            self._finish(endpoint, strategy, ctx, t0, exc)
+            raise
+        if result.stream is not None:
+            return self._stream(endpoint, strategy, ctx, result, t0, ran)
+        resp = self._respond(req, strategy, ctx, result, time.perf_counter() - t0)
+        overhead = time.perf_counter() - t0 - ran
+        resp.headers["x-sharpen-overhead-ms"] = f"{overhead * 1000:.3f}"
+        self.metrics.overhead.labels(endpoint).observe(overhead)
+        self._finish(endpoint, strategy, ctx, t0, None)
+        return resp
+
+    def _respond(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
+                 wall_s: float) -> Response:
+        if result.raw is not None:
+            return Response(result.raw, media_type="application/json")
+        if result.response is None:
+            raise UpstreamError(f"strategy '{strategy.name}' produced no answer")
+        with_trace = isinstance(req, ChatCompletionRequest) and req.trace
+        body = render.finish(result.response, strategy, ctx, result, with_trace=with_trace, wall_s=wall_s)
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    def _stream(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
+                t0: float, ran: float) -> SSEResponse:
+        assert result.stream is not None
+        sniffer = UsageSniffer()
+        overhead = time.perf_counter() - t0 - ran
+        self.metrics.overhead.labels(endpoint).observe(overhead)
+
+        def on_close(gone: bool, failure: SharpenError | None) -> None:
+            error = None if failure is None else failure.message
+            ctx.record("answer", ctx.body, sniffer.usage(), t0 + ran, error=error)
+            exc: BaseException | None = failure
+            if gone:
+                self.metrics.disconnects.inc()
+                exc = asyncio.CancelledError()
+            self._finish(endpoint, strategy, ctx, t0, exc)
+
+        return SSEResponse(result.stream.chunks(), tap=sniffer.feed, on_close=on_close,
+                           headers=[(b"x-sharpen-overhead-ms", f"{overhead * 1000:.3f}".encode())])
+
+    def _finish(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, t0: float,
+                exc: BaseException | None) -> None:
+        """Metrics for one finished request (success, failure or disconnect)."""
+        self._in_flight -= 1
+        m = self.metrics
+        m.in_flight.dec()
+        if exc is None:
+            status = "200"
+        elif isinstance(exc, SharpenError):
+            status = str(status_of(exc))
+            if isinstance(exc, UpstreamError):
+                m.upstream_errors.labels(type(exc).__name__).inc()
+        elif isinstance(exc, asyncio.CancelledError | ConnectionError):
+            status = "499"
+        else:
+            status = "500"
+        m.requests.labels(endpoint, strategy.name, status).inc()
+        m.latency.labels(endpoint, strategy.name).observe(time.perf_counter() - t0)
+        u = ctx.usage
+        if u.total_tokens:
+            m.count_tokens(ctx.model, u.prompt_tokens, u.completion_tokens)
+        for call in ctx.calls:
+            m.upstream_calls.labels(call.purpose).inc()
+
+
+def _has_own(body: dict[str, Any]) -> bool:
+    return any(k in body for k in SHARPEN_FIELDS)

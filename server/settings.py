@@ -1,0 +1,153 @@
+"""Settings, read once at start-up and passed down.
+
+Sources, highest priority first: CLI flags (applied by the caller as init kwargs), environment
+variables prefixed ``SHARPEN_`` (nested with ``__``, e.g. ``SHARPEN_BACKEND__KV_CACHE_GIB=1``),
+the YAML config file named by ``--config`` / ``SHARPEN_CONFIG``, then the defaults below.
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sharpen"
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "sharpen"
+
+
+class TimeoutSettings(BaseModel):
+    """Upstream timeouts, in seconds. ``first_byte`` bounds the wait for response headers,
+    ``idle`` the gap between two streamed chunks (or the body of a non-streamed answer)."""
+
+    connect: float = 5.0
+    first_byte: float = 600.0
+    idle: float = 120.0
+
+
+class UpstreamSettings(BaseModel):
+    """How sharpen talks to the OpenAI-compatible server it fronts."""
+
+    url: str | None = None  # e.g. http://127.0.0.1:8001/v1; None starts the embedded backend
+    client: Literal["aiohttp", "httpx"] = "aiohttp"  # the hot path's HTTP client (see transport.py)
+    api_key: str | None = None  # sent upstream as a bearer token when set
+    max_connections: int = 4096  # pool size: at least 1,000 concurrent streams
+    retries: int = 2  # only before anything has been sent to the client
+    retry_backoff: float = 0.05
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+
+    @field_validator("url")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        return v.rstrip("/") if v else v
+
+
+class BackendSettings(BaseModel):
+    """The embedded vLLM child process (used when no upstream URL is given)."""
+
+    model: str = DEFAULT_MODEL  # a packaged model name, a Hugging Face folder, a .gguf file or a hub id
+    served_model_name: str | None = None  # defaults to the packaged model's short name
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free loopback port
+    max_model_len: int = 2048
+    max_lora_rank: int = 8
+    max_loras: int = 2
+    kv_cache_gib: float = 2.0
+    omp_threads_bind: str | None = None  # e.g. "0-1"; None binds every core of this machine
+    extra_args: list[str] = Field(default_factory=list)
+    start_timeout: float = 900.0
+    restart_backoff: float = 2.0
+    max_restarts: int = 5
+
+
+class Settings(BaseSettings):
+    """Everything sharpen is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHARPEN_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    insecure: bool = False  # allow a non-loopback bind without API keys
+    config: Path | None = None
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)  # converted model weights
+    data_dir: Path = Field(default_factory=_default_data_dir)  # logs, memory, adapters
+
+    # API key -> tenant. With none configured, every request is the "default" tenant.
+    api_keys: dict[str, str] = Field(default_factory=dict)
+    admin_key: str | None = None
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_concurrency: int = 4096  # in-flight requests; more get 429
+    log_level: str = "info"
+
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    backend: BackendSettings = Field(default_factory=BackendSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, init_settings, env_settings))
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by the ``config`` init kwarg or ``SHARPEN_CONFIG``."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init: PydanticBaseSettingsSource,
+        env: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._path = init().get("config") or env().get("config")
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ returns the whole mapping
+
+    def __call__(self) -> dict[str, Any]:
+        if not self._path:
+            return {}
+        data = yaml.safe_load(Path(self._path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {self._path} must hold a mapping")
+        return data
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Builds the settings once; ``overrides`` are CLI flags (None values are ignored)."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def inherited_environ() -> dict[str, str]:
+    """A copy of this process's environment, for child processes that add to it."""
+    return dict(os.environ)

@@ -1,0 +1,158 @@
+"""Server-sent events to the client, and cancelling upstream work when the client goes away.
+
+``SSEResponse`` is a lean ASGI response: it sends each chunk the moment the producer yields it,
+watches the connection for a disconnect (which cancels the producer, and with it the upstream
+request), and turns an error raised mid-stream into an SSE ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, TypeVar
+
+import orjson
+from starlette.responses import Response
+
+from server.errors import SharpenError
+
+log = logging.getLogger(__name__)
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected; the work done for it was cancelled."""
+
+
+def sse_event(obj: Any, event: str | None = None) -> bytes:
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def error_event(err: SharpenError) -> bytes:
+    return sse_event(err.body(), event="error")
+
+
+async def _watch(receive: Receive, task: asyncio.Task[Any], flag: list[bool]) -> None:
+    while True:
+        msg = await receive()
+        if msg["type"] == "http.disconnect":
+            flag.append(True)
+            task.cancel()
+            return
+
+
+async def cancel_on_disconnect(receive: Receive, work: Awaitable[T]) -> T:
+    """Awaits ``work``; if the client disconnects first, cancels it and raises ``ClientGone``.
+
+    Call only once the request body has been read: the watcher consumes ``receive``.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    gone: list[bool] = []
+    watcher = asyncio.get_running_loop().create_task(_watch(receive, task, gone))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone() from None
+        raise
+    finally:
+        watcher.cancel()
+
+
+class SSEResponse(Response):
+    """Relays ``chunks`` as an event stream; ``on_close`` runs once whatever happened."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        on_close: Callable[[bool, SharpenError | None], None] | None = None,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> None:
+        # Response.__init__ is skipped on purpose: this class sends its own messages.
+        self.status_code = 200
+        self.background = None
+        self._chunks = chunks
+        self._sse_headers = SSE_HEADERS + (headers or [])
+        self._on_close = on_close
+        self._tap = tap
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        gone: list[bool] = []
+        failure: SharpenError | None = None
+        watcher = asyncio.get_running_loop().create_task(_watch(receive, task, gone))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self._sse_headers})
+            tap = self._tap
+            try:
+                async for chunk in self._chunks:
+                    if tap is not None:
+                        tap(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except SharpenError as exc:
+                # The status line is gone already: report in-band, then end the stream.
+                failure = exc
+                await send({"type": "http.response.body", "body": error_event(exc) + DONE, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not (gone and task.uncancel() == 0):
+                raise
+        except OSError:
+            gone.append(True)  # the socket broke under us: the same as a disconnect
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(Exception):
+                await self._chunks.aclose()  # type: ignore[attr-defined]
+            if self._on_close is not None:
+                self._on_close(bool(gone), failure)
+
+
+class UsageSniffer:
+    """Finds the ``usage`` object in a relayed SSE stream without parsing every chunk.
+
+    vLLM sends usage in the last data event when ``stream_options.include_usage`` is set; only
+    the last few chunks are kept (by reference, no copying) and parsed at the end.
+    """
+
+    def __init__(self) -> None:
+        self._last: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> None:
+        last = self._last
+        last.append(chunk)
+        if len(last) > 3:
+            del last[0]
+
+    def usage(self) -> dict[str, Any] | None:
+        tail = b"".join(self._last)
+        idx = tail.rfind(b'"usage":{')
+        if idx < 0:
+            return None
+        start = tail.rfind(b"data: ", 0, idx)
+        end = tail.find(b"\n", idx)
+        if start < 0:
+            return None
+        try:
+            data = orjson.loads(tail[start + 6 : end if end >= 0 else None])
+        except orjson.JSONDecodeError:
+            return None
+        u = data.get("usage") if isinstance(data, dict) else None
+        return u if isinstance(u, dict) else None

@@ -1,0 +1,133 @@
+"""The OpenAI wire models sharpen validates and builds.
+
+Requests are validated strictly where sharpen relies on a field and leniently elsewhere: unknown
+fields (vLLM's extras such as ``top_k``, ``structured_outputs``, ``cache_salt``) are kept and
+passed upstream untouched. sharpen's own fields (``strategy``, ``trace``, ``memory``) are removed
+before anything goes upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from server.errors import InvalidRequest
+
+# Fields that belong to sharpen, never forwarded upstream.
+SHARPEN_FIELDS = ("strategy", "trace", "memory")
+
+
+class ChatMessage(BaseModel):
+    """One message; content may be text or a list of content parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(min_length=1)
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Sampling(BaseModel):
+    """The sampling fields both endpoints share and sharpen reads."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    n: int | None = Field(default=None, ge=1, le=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream_options: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    # sharpen's own
+    strategy: str | dict[str, Any] | None = None
+    trace: bool = False
+    memory: bool | dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    strategy: str | dict[str, Any] | None = None
+
+
+def validate(model: type[BaseModel], body: Any) -> Any:
+    """Validates ``body`` against ``model``; the first problem becomes a 400 naming its field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        kind = err["type"]
+        msg = "is required" if kind == "missing" else err["msg"]
+        raise InvalidRequest(f"Invalid request: '{loc}' {msg}.", param=loc or None) from None
+
+
+class Usage(BaseModel):
+    """Token accounting, summed over every upstream call a request made."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def add(self, other: dict[str, Any] | Usage | None) -> None:
+        if other is None:
+            return
+        d = other if isinstance(other, dict) else other.model_dump()
+        self.prompt_tokens += int(d.get("prompt_tokens") or 0)
+        self.completion_tokens += int(d.get("completion_tokens") or 0)
+        self.total_tokens = self.prompt_tokens + self.completion_tokens
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None = "stop"
+    logprobs: dict[str, Any] | None = None
+
+
+class ChatCompletion(BaseModel):
+    """A non-streamed chat answer, as sharpen builds it when a strategy chose the answer."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    sharpen: dict[str, Any] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "sharpen"
+    root: str | None = None
+    parent: str | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,12 @@
+"""Test-time strategies: one interface (``strategies.base.Strategy``), one module each."""
+
+from __future__ import annotations
+
+from strategies.base import Strategy
+
+
+def builtin_strategies() -> list[type[Strategy]]:
+    """Every strategy sharpen ships, imported here so modules stay independent."""
+    from strategies.passthrough import Passthrough
+
+    return [Passthrough]

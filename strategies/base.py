@@ -1,0 +1,196 @@
+"""The strategy interface: ``async run(request, ctx) -> StrategyResult``.
+
+A strategy turns one chat request into one answer, making whatever upstream calls it needs
+through ``ctx`` (which counts their usage, enforces the request's deadline and token budget, and
+records each call for the trace). Strategies never import the web app; the server builds the
+context and turns the result into an HTTP response.
+
+Contract for implementers:
+- Make every upstream call through ``ctx.chat`` / ``ctx.chat_raw`` / ``ctx.open_stream`` so usage
+  is honest; never hold a client of your own.
+- Ask for N candidates in one call with ``n=N`` (vLLM shares the prompt's KV cache).
+- Return ``StrategyResult`` with exactly one of ``response`` (a chat.completion object you built),
+  ``raw`` (upstream bytes passed on unchanged) or ``stream`` (a live upstream SSE stream).
+- Raise ``server.errors.SharpenError`` subclasses for failures a client should see.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from server.wire import ChatCompletionRequest, CompletionRequest, Usage
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+class Reply(Protocol):
+    """What the upstream returns once headers are in (see ``server.upstream.UpstreamReply``)."""
+
+    async def read(self) -> bytes: ...
+    def chunks(self) -> AsyncIterator[bytes]: ...
+    async def close(self) -> None: ...
+
+
+class UpstreamAPI(Protocol):
+    """The part of the upstream client strategies may use."""
+
+    async def request(self, method: str, path: str, body: bytes | None = None, *, root: bool = False) -> Reply: ...
+
+
+@dataclass
+class UpstreamCall:
+    """One upstream call made for a request, for the ledger and the trace."""
+
+    purpose: str
+    model: str
+    n: int
+    usage: Usage
+    seconds: float
+    ok: bool = True
+    error: str | None = None
+
+
+class StrategyOptions(BaseModel):
+    """Options a request may set for a strategy; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Candidate:
+    """One candidate answer with whatever scores the strategy gave it."""
+
+    index: int
+    content: str
+    answer: str | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+    verdicts: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str | None = None
+    logprob: float | None = None
+
+
+@dataclass
+class Uncertainty:
+    """How unsure the model was; 0 is certain, 1 is a coin toss. None where not measured."""
+
+    score: float
+    agreement: float | None = None
+    approval_margin: float | None = None
+    logprob_margin: float | None = None
+
+
+@dataclass
+class StrategyResult:
+    """What a strategy returns: exactly one of ``response``, ``raw``, ``stream``."""
+
+    response: dict[str, Any] | None = None
+    raw: bytes | None = None
+    stream: Reply | None = None
+    candidates: list[Candidate] = field(default_factory=list)
+    uncertainty: Uncertainty | None = None
+    notes: list[str] = field(default_factory=list)
+    extra_trace: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyContext:
+    """Everything a strategy may use for one request."""
+
+    upstream: UpstreamAPI
+    body: dict[str, Any]  # the upstream-ready body: sharpen's fields removed, model mapped
+    endpoint: str  # "/chat/completions" or "/completions": where the client's request went
+    model: str  # the upstream model name (aliases already resolved)
+    tenant: str
+    deadline: float  # time.monotonic() by which the request must be answered
+    max_upstream_tokens: int | None = None  # budget over every call of this request
+    calls: list[UpstreamCall] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _check_budget(self) -> None:
+        if self.max_upstream_tokens is not None and self.usage.total_tokens >= self.max_upstream_tokens:
+            raise InvalidRequest(
+                f"the request's upstream token budget ({self.max_upstream_tokens}) is spent",
+                param="strategy",
+                code="token_budget_exceeded",
+            )
+
+    def record(self, purpose: str, body: dict[str, Any], usage: dict[str, Any] | None, started: float,
+               error: str | None = None) -> UpstreamCall:
+        u = Usage()
+        u.add(usage)
+        self.usage.add(u)
+        call = UpstreamCall(purpose, str(body.get("model", self.model)), int(body.get("n") or 1), u,
+                            time.monotonic() - started, ok=error is None, error=error)
+        self.calls.append(call)
+        return call
+
+    async def post_raw(self, path: str, body: dict[str, Any], *, purpose: str) -> tuple[bytes, dict[str, Any]]:
+        """One non-streamed call to ``path``: returns the raw bytes and the parsed answer."""
+        self._check_budget()
+        body.setdefault("model", self.model)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(self.remaining(), 0.001)):
+                reply = await self.upstream.request("POST", path, orjson.dumps(body))
+                raw = await reply.read()
+        except TimeoutError:
+            self.record(purpose, body, None, started, error="deadline")
+            raise UpstreamTimeout("the request's deadline passed while waiting for the upstream") from None
+        except Exception as exc:
+            self.record(purpose, body, None, started, error=str(exc)[:200])
+            raise
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            self.record(purpose, body, None, started, error="unreadable answer")
+            raise UpstreamError("upstream answer is not a JSON object")
+        self.record(purpose, body, data.get("usage"), started)
+        return raw, data
+
+    async def chat_raw(self, body: dict[str, Any], *, purpose: str) -> tuple[bytes, dict[str, Any]]:
+        """One non-streamed chat call: returns the raw bytes and the parsed answer."""
+        return await self.post_raw("/chat/completions", body, purpose=purpose)
+
+    async def chat(self, body: dict[str, Any], *, purpose: str) -> dict[str, Any]:
+        """One non-streamed chat call; returns the parsed chat.completion object."""
+        return (await self.chat_raw(body, purpose=purpose))[1]
+
+    async def open_stream(self, body: dict[str, Any], *, purpose: str, path: str = "/chat/completions") -> Reply:
+        """Opens a streamed call; the caller relays it and accounts usage from its usage chunk."""
+        self._check_budget()
+        body.setdefault("model", self.model)
+        return await self.upstream.request("POST", path, orjson.dumps(body))
+
+
+class Strategy(abc.ABC):
+    """A test-time strategy. Subclasses set ``name`` and ``Options`` and implement ``run``.
+
+    One instance serves one request: the constructor takes the validated options.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    streams_natively: ClassVar[bool] = False  # True: can relay the upstream stream as it comes
+    endpoints: ClassVar[frozenset[str]] = frozenset({"/chat/completions"})
+
+    def __init__(self, options: StrategyOptions) -> None:
+        self.options = options
+
+    @abc.abstractmethod
+    async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
+        """Answers ``request`` (validated). ``ctx.body`` is the client's JSON with sharpen's own
+        fields removed and the model mapped: the exact body a plain upstream call would send."""

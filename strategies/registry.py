@@ -1,0 +1,53 @@
+"""Strategy names to classes, and strict validation of a request's strategy choice."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.errors import InvalidRequest
+from strategies.base import Strategy
+
+
+class StrategyRegistry:
+    """Builds a strategy for one request from a name or ``{"name": ..., **options}``."""
+
+    def __init__(self, strategies: Iterable[type[Strategy]]) -> None:
+        self._classes = {s.name: s for s in strategies}
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def build(self, spec: str | dict[str, Any], *, endpoint: str = "/chat/completions",
+              defaults: dict[str, Any] | None = None) -> Strategy:
+        """Raises ``InvalidRequest`` (param ``strategy``) for unknown names or bad options."""
+        if isinstance(spec, str):
+            name, options = spec, {}
+        elif isinstance(spec, dict):
+            options = dict(spec)
+            name = options.pop("name", None)
+            if not isinstance(name, str):
+                raise InvalidRequest("'strategy' needs a 'name'.", param="strategy")
+        else:
+            raise InvalidRequest("'strategy' must be a name or an object with a 'name'.", param="strategy")
+        cls = self._classes.get(name)
+        if cls is None:
+            raise InvalidRequest(
+                f"Unknown strategy '{name}'. Valid strategies: {', '.join(self.names())}.", param="strategy"
+            )
+        if endpoint not in cls.endpoints:
+            raise InvalidRequest(f"The strategy '{name}' does not apply to {endpoint}.", param="strategy")
+        try:
+            opts = cls.Options.model_validate({**(defaults or {}), **options})
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in err["loc"])
+            raise InvalidRequest(
+                f"Invalid option '{field}' for strategy '{name}': {err['msg']}.", param=f"strategy.{field}"
+            ) from None
+        return cls(opts)

@@ -1,0 +1,290 @@
+"""The supervised vLLM child: fast tests with a stand-in server, one with real vLLM."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.backend.vllm_process import BackendError, VLLMProcess
+from server.backend.weights import PreparedModel, prepare_model
+from server.settings import BackendSettings, Settings
+
+# A stand-in for vLLM: answers /health with 200 after an optional delay. Modes: serve, exit
+# (prints an error and exits 3), hang (never listens), child (also spawns a sleeping grandchild),
+# stubborn (ignores SIGTERM). Each start appends its pid to STATE/starts.
+STAND_IN = r"""
+import http.server, os, pathlib, signal, subprocess, sys, time
+port, mode, delay, state = int(sys.argv[1]), sys.argv[2], float(sys.argv[3]), pathlib.Path(sys.argv[4])
+with (state / "starts").open("a") as f:
+    f.write(f"{os.getpid()}\n")
+print(f"stand-in {mode} starting", flush=True)
+if mode == "exit":
+    print("ValueError: fatal: no such model", flush=True)
+    sys.exit(3)
+if mode == "hang":
+    time.sleep(600)
+if mode == "child":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    (state / "grandchild").write_text(str(child.pid))
+if mode == "stubborn":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(delay)
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+class StandIn(VLLMProcess):
+    """Runs the stand-in script instead of vLLM."""
+
+    def __init__(self, tmp_path: Path, mode: str = "serve", delay: float = 0.0, **settings: object) -> None:
+        defaults: dict[str, object] = {"restart_backoff": 0.05, "max_restarts": 3, "start_timeout": 30.0}
+        super().__init__(
+            BackendSettings.model_validate(defaults | settings),
+            PreparedModel(tmp_path / "model", "stand-in"),
+            tmp_path / "logs" / "vllm.log",
+        )
+        self.script = tmp_path / "stand_in.py"
+        self.script.write_text(STAND_IN)
+        self.mode, self.delay, self.state = mode, delay, tmp_path
+
+    def command(self) -> list[str]:
+        return [self.python, str(self.script), str(self.port), self.mode, str(self.delay), str(self.state)]
+
+    def starts(self) -> list[int]:
+        path = self.state / "starts"
+        return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in the process group ``pgid``."""
+    members = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            stat = stat_file.read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            members.append(int(stat_file.parent.name))
+    return members
+
+
+async def eventually(condition: object, timeout: float = 15.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+# ---- command and environment ------------------------------------------------------------------
+
+
+def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    settings = BackendSettings(kv_cache_gib=0.4, max_model_len=1024, extra_args=["--seed", "1"])
+    model = PreparedModel(tmp_path / "m", "small")
+    process = VLLMProcess(settings, model, tmp_path / "log", python="/py")
+    assert 0 < process.port < 65536
+    assert process.base_url == f"http://127.0.0.1:{process.port}/v1"
+    assert process.served_name == "small" and not process.ready and process.pid is None
+    assert process.command() == [
+        "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"),
+        "--served-model-name", "small", "--host", "127.0.0.1", "--port", str(process.port),
+        "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+        "--seed", "1",
+    ]  # fmt: skip
+    env = process.environ()
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert env["VLLM_NO_USAGE_STATS"] == "1"
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
+    cpus = sorted(os.sched_getaffinity(0))
+    if cpus == list(range(cpus[-1] + 1)):
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{cpus[-1]}"
+
+    named = BackendSettings(port=8123, served_model_name="alias", kv_cache_gib=3, omp_threads_bind="0")
+    hub = VLLMProcess(named, PreparedModel(Path("org/model"), "org/model", hub_id="org/model"), tmp_path / "l")
+    assert hub.port == 8123 and hub.served_name == "alias"
+    assert hub.command()[3:6] == ["--model", "org/model", "--served-model-name"]
+    env = hub.environ()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert "HF_HUB_OFFLINE" not in env and "TRANSFORMERS_OFFLINE" not in env
+
+
+async def test_start_failure_is_a_backend_error(tmp_path: Path) -> None:
+    process = VLLMProcess(BackendSettings(), PreparedModel(tmp_path, "m"), tmp_path / "log", python="/nonexistent")
+    with pytest.raises(BackendError, match="cannot start vLLM"):
+        await process.start()
+    await process.stop()
+
+
+# ---- with a stand-in child --------------------------------------------------------------------
+
+
+async def test_wait_ready_succeeds_on_200(tmp_path: Path) -> None:
+    async with StandIn(tmp_path, delay=1.0) as process:
+        assert process.ready and process.pid is not None
+        async with httpx.AsyncClient(trust_env=False) as client:
+            assert (await client.get(f"{process.origin}/health")).status_code == 200
+        pid = process.pid
+    assert not process.ready and process.pid is None and not alive(pid)
+    assert "stand-in serve starting" in (tmp_path / "logs" / "vllm.log").read_text()
+
+
+async def test_ready_is_tracked_without_wait_ready(tmp_path: Path) -> None:
+    process = StandIn(tmp_path)
+    await process.start()
+    try:
+        await eventually(lambda: process.ready)
+    finally:
+        await process.stop()
+
+
+async def test_wait_ready_raises_with_the_log_tail_when_the_child_exits(tmp_path: Path) -> None:
+    process = StandIn(tmp_path, mode="exit")
+    await process.start()
+    try:
+        with pytest.raises(BackendError, match="exited with code 3") as info:
+            await process.wait_ready(30)
+        assert "fatal: no such model" in str(info.value)
+        await asyncio.sleep(0.3)
+        assert process.gave_up and process.starts() and len(process.starts()) == 1  # no restart
+    finally:
+        await process.stop()
+
+
+async def test_wait_ready_times_out(tmp_path: Path) -> None:
+    process = StandIn(tmp_path, mode="hang")
+    await process.start()
+    try:
+        with pytest.raises(BackendError, match="not ready after 1s"):
+            await process.wait_ready(1.0)
+        assert "stand-in hang starting" in (tmp_path / "logs" / "vllm.log").read_text()
+    finally:
+        await process.stop()
+
+
+async def test_supervisor_restarts_a_child_that_dies(tmp_path: Path) -> None:
+    async with StandIn(tmp_path) as process:
+        first = process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: not process.ready)
+        await process.wait_ready(15)  # waits through the restart
+        assert process.ready and process.restarts == 1
+        assert process.pid not in (None, first) and process.starts() == [first, process.pid]
+
+
+async def test_supervisor_gives_up_after_max_restarts(tmp_path: Path) -> None:
+    async with StandIn(tmp_path, max_restarts=1) as process:
+        first = process.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: process.pid not in (None, first))
+        await process.wait_ready(15)
+        second = process.pid
+        assert second is not None and process.restarts == 1
+        os.kill(second, signal.SIGKILL)
+        await eventually(lambda: process.gave_up)
+        assert not process.ready and process.restarts == 1
+        with pytest.raises(BackendError, match="exited"):
+            await process.wait_ready(5)
+        assert process.starts() == [first, second]
+
+
+async def test_stop_kills_the_process_group(tmp_path: Path) -> None:
+    process = StandIn(tmp_path, mode="child")
+    async with process:
+        leader = process.pid
+        assert leader is not None
+        grandchild = int((tmp_path / "grandchild").read_text())
+        assert alive(grandchild) and set(group_members(leader)) == {leader, grandchild}
+    assert not alive(leader) and not alive(grandchild) and group_members(leader) == []
+    await process.stop()  # idempotent
+    await asyncio.sleep(0.3)
+    assert process.starts() == [leader], "a stopped child is not restarted"
+
+
+async def test_stop_falls_back_to_sigkill(tmp_path: Path) -> None:
+    process = StandIn(tmp_path, mode="stubborn")
+    process.stop_grace = 0.5
+    async with process:
+        pid = process.pid
+        assert pid is not None
+        started = time.monotonic()
+    assert not alive(pid) and time.monotonic() - started < 5
+
+
+async def test_kill_sync_ends_the_group_without_the_loop(tmp_path: Path) -> None:
+    process = StandIn(tmp_path, mode="child")
+    await process.start()
+    try:
+        await process.wait_ready(15)
+        leader = process.pid
+        assert leader is not None
+        grandchild = int((tmp_path / "grandchild").read_text())
+        process.kill_sync(timeout=5)  # blocks the loop, as an atexit handler would
+        assert not alive(leader) and not alive(grandchild)
+        await asyncio.sleep(0.3)
+        assert process.starts() == [leader] and not process.ready
+    finally:
+        await process.stop()
+
+
+# ---- for real ---------------------------------------------------------------------------------
+
+
+@pytest.mark.real
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
+async def test_real_vllm_serves_and_stops(tmp_path: Path) -> None:
+    model = await asyncio.to_thread(prepare_model, "smollm2-135m-instruct", Settings().cache_dir)
+    settings = BackendSettings(kv_cache_gib=1, max_model_len=1024, start_timeout=600)
+    process = VLLMProcess(settings, model, tmp_path / "vllm.log", python=sys.executable)
+    async with process, httpx.AsyncClient(base_url=process.base_url, timeout=120, trust_env=False) as client:
+        pgid = process.pid
+        assert pgid is not None
+        models = (await client.get("/models")).json()
+        assert "smollm2-135m-instruct" in [m["id"] for m in models["data"]]
+        response = await client.post(
+            "/chat/completions",
+            json={
+                "model": process.served_name,
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"]["content"].strip()
+    assert not process.ready and not alive(pgid)
+    # Nothing left in its process group (exited workers may linger as zombies until PID 1 reaps them).
+    assert group_members(pgid) == []
