@@ -858,3 +858,24 @@ def _count_prompt_tokens(body: dict[str, Any]) -> int:
             elif isinstance(p, list):
                 count += sum(1 for x in p if isinstance(x, int))
     return max(count, 1)
+
+
+def main() -> None:
+    """Runs the fake standalone (for loadtest/): ``python -m tests.fakes.upstream --port P``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="scripted OpenAI-compatible fake upstream")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--ttft", type=float, default=0.0)
+    ap.add_argument("--tok", type=float, default=0.0)
+    ap.add_argument("--len", type=int, default=16)
+    a = ap.parse_args()
+    up = FakeUpstream(port=a.port)
+    up.ttft, up.tok, up.length = a.ttft, a.tok, a.len
+    with up:
+        print(up.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

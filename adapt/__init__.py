@@ -1,0 +1,2 @@
+"""Background continual adaptation (issue: uncertain queries -> LoRA -> gated hot-swap).
+Not built yet: nothing here is imported by the server."""

