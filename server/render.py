@@ -44,3 +44,25 @@ def finish(response: dict[str, Any], strategy: Strategy, ctx: StrategyContext, r
         s["trace"] = trace(strategy, ctx, result, wall_s)
     out["sharpen"] = s
     return out
+
+
+def chunks(response: dict[str, Any], *, piece_chars: int = 24) -> list[dict[str, Any]]:
+    """A finished chat.completion as chat.completion.chunk events: role, content in pieces,
+    finish reason, then (empty choices) usage and the sharpen summary."""
+    base = {"id": response.get("id", ""), "object": "chat.completion.chunk", "created": response.get("created", 0),
+            "model": response.get("model", "")}
+    out: list[dict[str, Any]] = []
+    for ch in response.get("choices", []):
+        i = ch.get("index", 0)
+        text = (ch.get("message") or {}).get("content") or ""
+        out.append({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
+        for k in range(0, len(text), piece_chars):
+            out.append({**base, "choices": [{"index": i, "delta": {"content": text[k : k + piece_chars]},
+                                             "finish_reason": None}]})
+        out.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")}]})
+    tail = {**base, "choices": [], "usage": response.get("usage")}
+    if "sharpen" in response:
+        tail["sharpen"] = response["sharpen"]
+    out.append(tail)
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -19,13 +20,14 @@ from starlette.responses import Response
 from server import render
 from server.auth import Principal
 from server.errors import InvalidRequest, PayloadTooLarge, RateLimited, SharpenError, UpstreamError, status_of
+from server.events import EventBus, RequestEvent
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.settings import Settings
-from server.streaming import SSEResponse, UsageSniffer, cancel_on_disconnect
+from server.streaming import DONE, KEEPALIVE, SSEResponse, UsageSniffer, cancel_on_disconnect, sse_event
 from server.upstream import Upstream
 from server.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, validate
-from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyResult
+from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyResult
 from strategies.registry import StrategyRegistry
 
 log = logging.getLogger(__name__)
@@ -41,14 +43,17 @@ class ProxyService:
     """Answers completion requests; one instance per app."""
 
     def __init__(self, settings: Settings, upstream: Upstream, models: ModelRegistry,
-                 strategies: StrategyRegistry, metrics: Metrics) -> None:
+                 strategies: StrategyRegistry, metrics: Metrics, events: EventBus) -> None:
         self.settings = settings
         self.upstream = upstream
         self.models = models
         self.strategies = strategies
         self.metrics = metrics
+        self.events = events
         self._in_flight = 0
-        self._deadline = 3600.0
+        c = settings.strategies
+        self._caps = Caps(max_n=c.max_n, max_verifier_calls=c.max_verifier_calls,
+                          max_upstream_tokens=c.max_upstream_tokens, deadline_s=c.deadline_s)
 
     async def read_body(self, request: Request) -> bytes:
         """The body, refusing (413) anything over the limit without holding it in memory."""
@@ -72,7 +77,9 @@ class ProxyService:
         return b"".join(parts)
 
     def _choose(self, endpoint: str, body: dict[str, Any], request: Request) -> tuple[Strategy, str | None]:
-        """The strategy (body field, then header, then ``model@strategy``) and the model name."""
+        """The strategy and the model name. The strategy comes from the body field, else the
+        ``X-Sharpen-Strategy`` header, else a ``model@strategy`` suffix, else a preset alias,
+        else the server default (passthrough unless configured)."""
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise InvalidRequest("'model' must be a string.", param="model")
@@ -84,7 +91,14 @@ class ProxyService:
             if suffix in self.strategies:
                 model = base
                 spec = spec if spec is not None else suffix
-        return self.strategies.build(spec or "passthrough", endpoint=endpoint), model
+        cfg = self.settings.strategies
+        preset = cfg.presets.get(model) if model else None
+        if preset is not None:
+            model = preset.model
+            spec = spec if spec is not None else preset.strategy
+        if spec is None:
+            spec = cfg.default if endpoint == "/chat/completions" else "passthrough"
+        return self.strategies.build(spec, endpoint=endpoint, caps=self._caps), model
 
     async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
         t0 = time.perf_counter()
@@ -98,15 +112,18 @@ class ProxyService:
         upstream_model = await self.models.resolve(model_name)
         fwd = {k: v for k, v in body.items() if k not in SHARPEN_FIELDS} if _has_own(body) else body
         fwd["model"] = upstream_model
+        budget, deadline = strategy.budget(self._caps)
         ctx = StrategyContext(upstream=self.upstream, body=fwd, endpoint=endpoint, model=upstream_model,
-                              tenant=principal.tenant, deadline=time.monotonic() + self._deadline)
+                              tenant=principal.tenant, deadline=time.monotonic() + deadline,
+                              max_upstream_tokens=None if strategy.streams_natively else budget,
+                              resolver=self.models.resolve)
         if self._in_flight >= self.settings.max_concurrency:
             raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
         self._in_flight += 1
         self.metrics.in_flight.inc()
+        if req.stream and not strategy.streams_natively:
+            return self._stream_when_done(endpoint, req, strategy, ctx, t0)
         try:
-            if req.stream and not strategy.streams_natively:
-                raise InvalidRequest("Streaming is not available for this strategy yet.", param="stream")
             t_run = time.perf_counter()
             result = await cancel_on_disconnect(request.receive, strategy.run(req, ctx))
             ran = time.perf_counter() - t_run
@@ -115,22 +132,67 @@ class ProxyService:
             raise
         if result.stream is not None:
             return self._stream(endpoint, strategy, ctx, result, t0, ran)
-        resp = self._respond(req, strategy, ctx, result, time.perf_counter() - t0)
+        try:
+            resp = self._respond(req, strategy, ctx, result, time.perf_counter() - t0)
+        except BaseException as exc:
+            self._finish(endpoint, strategy, ctx, t0, exc)
+            raise
         overhead = time.perf_counter() - t0 - ran
         resp.headers["x-sharpen-overhead-ms"] = f"{overhead * 1000:.3f}"
         self.metrics.overhead.labels(endpoint).observe(overhead)
-        self._finish(endpoint, strategy, ctx, t0, None)
+        self._finish(endpoint, strategy, ctx, t0, None, req, result)
         return resp
+
+    def _render(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
+                wall_s: float) -> dict[str, Any]:
+        if result.response is None:
+            raise UpstreamError(f"strategy '{strategy.name}' produced no answer")
+        with_trace = isinstance(req, ChatCompletionRequest) and req.trace
+        return render.finish(result.response, strategy, ctx, result, with_trace=with_trace, wall_s=wall_s)
 
     def _respond(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
                  wall_s: float) -> Response:
         if result.raw is not None:
             return Response(result.raw, media_type="application/json")
-        if result.response is None:
-            raise UpstreamError(f"strategy '{strategy.name}' produced no answer")
-        with_trace = isinstance(req, ChatCompletionRequest) and req.trace
-        body = render.finish(result.response, strategy, ctx, result, with_trace=with_trace, wall_s=wall_s)
+        body = self._render(req, strategy, ctx, result, wall_s)
         return Response(orjson.dumps(body), media_type="application/json")
+
+    def _stream_when_done(self, endpoint: str, req: AnyRequest, strategy: Strategy, ctx: StrategyContext,
+                          t0: float) -> SSEResponse:
+        """A strategy that must finish before answering: the SSE response starts at once, sends
+        keep-alive comments while the strategy works, then the chosen answer as content chunks
+        and the usage. A client that leaves cancels the strategy and its upstream calls."""
+        keepalive = self.settings.strategies.keepalive_s
+        outcome: list[BaseException | None] = [None]
+
+        async def produce() -> AsyncIterator[bytes]:
+            task = asyncio.get_running_loop().create_task(strategy.run(req, ctx))
+            try:
+                while not task.done():
+                    await asyncio.wait({task}, timeout=keepalive)
+                    if not task.done():
+                        yield KEEPALIVE
+                result = task.result()
+                body = self._render(req, strategy, ctx, result, time.perf_counter() - t0)
+                for event in render.chunks(body):
+                    yield sse_event(event)
+                yield DONE
+                self._publish(req, strategy, ctx, result)
+            except BaseException as exc:
+                outcome[0] = exc
+                raise
+            finally:
+                if not task.done():
+                    task.cancel()
+
+        def on_close(gone: bool, failure: SharpenError | None) -> None:
+            if gone:
+                self.metrics.disconnects.inc()
+            self._finish(endpoint, strategy, ctx, t0, asyncio.CancelledError() if gone else failure or outcome[0])
+
+        overhead = time.perf_counter() - t0
+        return SSEResponse(produce(), on_close=on_close,
+                           headers=[(b"x-sharpen-overhead-ms", f"{overhead * 1000:.3f}".encode())])
 
     def _stream(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
                 t0: float, ran: float) -> SSEResponse:
@@ -151,9 +213,24 @@ class ProxyService:
         return SSEResponse(result.stream.chunks(), tap=sniffer.feed, on_close=on_close,
                            headers=[(b"x-sharpen-overhead-ms", f"{overhead * 1000:.3f}".encode())])
 
+    def _publish(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult) -> None:
+        """Hands the finished request to the event stream (adaptation, metrics); never blocks."""
+        if result.uncertainty is not None:
+            self.metrics.uncertainty.labels(strategy.name).observe(result.uncertainty.score)
+        if not isinstance(req, ChatCompletionRequest) or result.response is None:
+            return
+        choices = result.response.get("choices") or [{}]
+        answer = (choices[0].get("message") or {}).get("content")
+        self.events.publish(RequestEvent(
+            request_id=str(result.response.get("id", "")), tenant=ctx.tenant, model=ctx.model, strategy=strategy.name,
+            messages=[m.model_dump() for m in req.messages], answer=answer, uncertainty=result.uncertainty,
+            usage=ctx.usage.model_dump()))
+
     def _finish(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, t0: float,
-                exc: BaseException | None) -> None:
-        """Metrics for one finished request (success, failure or disconnect)."""
+                exc: BaseException | None, req: AnyRequest | None = None, result: StrategyResult | None = None) -> None:
+        """Metrics (and the event) for one finished request: success, failure or disconnect."""
+        if req is not None and result is not None:
+            self._publish(req, strategy, ctx, result)
         self._in_flight -= 1
         m = self.metrics
         m.in_flight.dec()

@@ -8,6 +8,7 @@ from typing import Any
 from starlette.requests import Request
 
 from server.auth import Authenticator, Principal
+from server.events import EventBus
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.service import ProxyService
@@ -29,7 +30,8 @@ class Services:
         self.auth = Authenticator(settings)
         self.models = ModelRegistry(upstream)
         self.strategies = StrategyRegistry(builtin_strategies())
-        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics)
+        self.events = EventBus()
+        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events)
         self._ready: tuple[float, bool] = (0.0, False)
 
     def authenticate(self, request: Request) -> Principal:

@@ -77,6 +77,25 @@ class BackendSettings(BaseModel):
     max_restarts: int = 5
 
 
+class Preset(BaseModel):
+    """A named alias: ``model: my-alias`` in a request means this model and strategy."""
+
+    model: str | None = None  # the upstream model (None: the upstream's default)
+    strategy: str | dict[str, Any] | None = None
+
+
+class StrategySettings(BaseModel):
+    """Strategy selection defaults and the caps a request's options may not exceed."""
+
+    default: str | dict[str, Any] = "passthrough"
+    presets: dict[str, Preset] = Field(default_factory=dict)
+    max_n: int = 32
+    max_verifier_calls: int = 256
+    max_upstream_tokens: int = 500_000
+    deadline_s: float = 900.0
+    keepalive_s: float = 5.0  # SSE comment interval while a strategy works before answering
+
+
 class Settings(BaseSettings):
     """Everything sharpen is configured with."""
 
@@ -101,6 +120,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
 
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    strategies: StrategySettings = Field(default_factory=StrategySettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
 
     @classmethod

@@ -19,12 +19,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from server.wire import ChatCompletionRequest, CompletionRequest, Usage
@@ -63,6 +63,19 @@ class StrategyOptions(BaseModel):
     """Options a request may set for a strategy; unknown fields are rejected."""
 
     model_config = ConfigDict(extra="forbid")
+
+    max_upstream_tokens: int | None = Field(default=None, ge=1)  # budget over every call of the request
+    deadline_s: float | None = Field(default=None, gt=0)  # answer (or give up) within this many seconds
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Server-side limits a request's options may not exceed (400 when they do)."""
+
+    max_n: int = 32
+    max_verifier_calls: int = 256
+    max_upstream_tokens: int = 500_000
+    deadline_s: float = 900.0
 
 
 @dataclass
@@ -114,6 +127,11 @@ class StrategyContext:
     max_upstream_tokens: int | None = None  # budget over every call of this request
     calls: list[UpstreamCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
+    resolver: Callable[[str], Awaitable[str]] | None = None  # client model name -> upstream name
+
+    async def resolve(self, model: str) -> str:
+        """The upstream name of a model a request names (e.g. a verifier model)."""
+        return await self.resolver(model) if self.resolver is not None else model
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -189,6 +207,21 @@ class Strategy(abc.ABC):
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
+
+    def check(self, caps: Caps) -> None:
+        """Raises ``InvalidRequest`` when the options exceed the server's caps."""
+        o = self.options
+        if o.max_upstream_tokens is not None and o.max_upstream_tokens > caps.max_upstream_tokens:
+            raise InvalidRequest(f"max_upstream_tokens is capped at {caps.max_upstream_tokens} on this server.",
+                                 param="strategy.max_upstream_tokens")
+        if o.deadline_s is not None and o.deadline_s > caps.deadline_s:
+            raise InvalidRequest(f"deadline_s is capped at {caps.deadline_s:g} on this server.",
+                                 param="strategy.deadline_s")
+
+    def budget(self, caps: Caps) -> tuple[int, float]:
+        """The request's upstream token budget and deadline (seconds), within the caps."""
+        o = self.options
+        return (o.max_upstream_tokens or caps.max_upstream_tokens, o.deadline_s or caps.deadline_s)
 
     @abc.abstractmethod
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:

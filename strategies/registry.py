@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.errors import InvalidRequest
-from strategies.base import Strategy
+from strategies.base import Caps, Strategy
 
 
 class StrategyRegistry:
@@ -24,7 +24,7 @@ class StrategyRegistry:
         return name in self._classes
 
     def build(self, spec: str | dict[str, Any], *, endpoint: str = "/chat/completions",
-              defaults: dict[str, Any] | None = None) -> Strategy:
+              defaults: dict[str, Any] | None = None, caps: Caps | None = None) -> Strategy:
         """Raises ``InvalidRequest`` (param ``strategy``) for unknown names or bad options."""
         if isinstance(spec, str):
             name, options = spec, {}
@@ -50,4 +50,6 @@ class StrategyRegistry:
             raise InvalidRequest(
                 f"Invalid option '{field}' for strategy '{name}': {err['msg']}.", param=f"strategy.{field}"
             ) from None
-        return cls(opts)
+        strategy = cls(opts)
+        strategy.check(caps or Caps())
+        return strategy

@@ -1,0 +1,36 @@
+"""Verifiers: small units that score candidates (see ``strategies.verifiers.base.Verifier``).
+
+Names a request may use: every aspect of ``aspect.ASPECTS`` (LLM verifiers), plus the
+programmatic ``agreement``, ``json_schema`` and ``regex``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from strategies.verifiers.agreement import Agreement
+from strategies.verifiers.aspect import ASPECTS, AspectVerifier
+from strategies.verifiers.base import Verdict, VerificationTask, Verifier
+from strategies.verifiers.json_schema import JsonSchemaValid
+from strategies.verifiers.regex import RegexMatch
+
+PROGRAMMATIC = ("agreement", "json_schema", "regex")
+NAMES = (*ASPECTS, *PROGRAMMATIC)
+
+__all__ = ["ASPECTS", "NAMES", "PROGRAMMATIC", "Verdict", "VerificationTask", "Verifier", "build"]
+
+
+def build(name: str, *, model: str | None = None, style: Literal["brief", "reasoned"] = "brief",
+          regex: str | None = None, soft: bool = True) -> Verifier:
+    """A verifier by name; raises ValueError for unknown names or missing arguments."""
+    if name in ASPECTS:
+        return AspectVerifier(name, model=model, style=style, soft=soft)
+    if name == "agreement":
+        return Agreement()
+    if name == "json_schema":
+        return JsonSchemaValid()
+    if name == "regex":
+        if not regex:
+            raise ValueError("the regex verifier needs the 'verifier_regex' option")
+        return RegexMatch(regex)
+    raise ValueError(f"unknown verifier {name!r}; valid: {', '.join(NAMES)}")
