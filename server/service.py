@@ -98,7 +98,7 @@ class ProxyService:
             spec = spec if spec is not None else preset.strategy
         if spec is None:
             spec = cfg.default if endpoint == "/chat/completions" else "passthrough"
-        return self.strategies.build(spec, endpoint=endpoint, caps=self._caps), model
+        return self.strategies.build(spec, endpoint=endpoint, defaults=cfg.options, caps=self._caps), model
 
     async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
         t0 = time.perf_counter()

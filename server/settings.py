@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -37,6 +37,8 @@ class TimeoutSettings(BaseModel):
     """Upstream timeouts, in seconds. ``first_byte`` bounds the wait for response headers,
     ``idle`` the gap between two streamed chunks (or the body of a non-streamed answer)."""
 
+    model_config = ConfigDict(extra="forbid")  # a typo in a nested section is an error, as at the top
+
     connect: float = 5.0
     first_byte: float = 600.0
     idle: float = 120.0
@@ -44,6 +46,8 @@ class TimeoutSettings(BaseModel):
 
 class UpstreamSettings(BaseModel):
     """How sharpen talks to the OpenAI-compatible server it fronts."""
+
+    model_config = ConfigDict(extra="forbid")
 
     url: str | None = None  # e.g. http://127.0.0.1:8001/v1; None starts the embedded backend
     client: Literal["aiohttp", "httpx"] = "aiohttp"  # the hot path's HTTP client (see transport.py)
@@ -61,6 +65,8 @@ class UpstreamSettings(BaseModel):
 
 class BackendSettings(BaseModel):
     """The embedded vLLM child process (used when no upstream URL is given)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     model: str = DEFAULT_MODEL  # a packaged model name, a Hugging Face folder, a .gguf file or a hub id
     served_model_name: str | None = None  # defaults to the packaged model's short name
@@ -89,6 +95,7 @@ class StrategySettings(BaseModel):
 
     default: str | dict[str, Any] = "passthrough"
     presets: dict[str, Preset] = Field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # per-strategy default options
     max_n: int = 32
     max_verifier_calls: int = 256
     max_upstream_tokens: int = 500_000

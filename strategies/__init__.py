@@ -8,7 +8,9 @@ from strategies.base import Strategy
 def builtin_strategies() -> list[type[Strategy]]:
     """Every strategy sharpen ships, imported here so modules stay independent."""
     from strategies.best_of_n import BestOfN
+    from strategies.critique_refine import CritiqueRefine
+    from strategies.mcts import MCTS
     from strategies.passthrough import Passthrough
     from strategies.self_consistency import SelfConsistency
 
-    return [Passthrough, SelfConsistency, BestOfN]
+    return [Passthrough, SelfConsistency, BestOfN, CritiqueRefine, MCTS]

@@ -6,6 +6,7 @@ number, then the last non-empty line. Normalisation makes "1,000", "1000.0" and 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -38,16 +39,20 @@ def normalize(ans: str) -> str:
     if m:
         return m.group(1).upper()
     num = a.replace(",", "").replace("$", "").strip()
+    if re.fullmatch(r"-?\d+", num):
+        return str(int(num))  # exact: float() would merge large integers
     try:
         f = float(num)
-        return str(int(f)) if f == int(f) else repr(f)
     except ValueError:
-        pass
+        f = math.nan
+    if math.isfinite(f):  # "infinity" / "nan" stay words (int(inf) raises)
+        return str(int(f)) if f == int(f) else repr(f)
     return re.sub(r"\s+", " ", a).lower()
 
 
-def extract(text: str | None) -> str | None:
-    """The final answer in ``text``, normalised; None when nothing answer-like is found."""
+def extract(text: str | None, *, last_line: bool = True) -> str | None:
+    """The final answer in ``text``, normalised; None when nothing answer-like is found.
+    ``last_line=False`` skips the last-line fallback (free-form text then yields None)."""
     if not text or not text.strip():
         return None
     boxed = _boxed(text)
@@ -55,7 +60,11 @@ def extract(text: str | None) -> str | None:
         return normalize(boxed)
     matches = list(_ANSWER_IS.finditer(text))
     if matches:
-        tail = matches[-1].group(1).strip().splitlines()[0] if matches[-1].group(1).strip() else ""
+        last = matches[-1]
+        # "the answer is 1, no, the answer is 2" on one line: the greedy tail swallowed the rest
+        while (inner := _ANSWER_IS.search(text, last.start(1), last.end(1))) is not None:
+            last = inner
+        tail = last.group(1).strip().splitlines()[0] if last.group(1).strip() else ""
         tail = _TRAILING.sub("", tail)
         nums = _NUMBER.findall(tail)
         if nums and len(tail) > len(nums[0]) + 2 and not _OPTION.match(tail):
@@ -68,6 +77,8 @@ def extract(text: str | None) -> str | None:
     nums = _NUMBER.findall(text)
     if nums:
         return normalize(nums[-1])
+    if not last_line:
+        return None
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return normalize(lines[-1]) if lines else None
 

@@ -52,6 +52,16 @@ class BestOfNOptions(StrategyOptions):
             raise ValueError(f"unknown verifier(s) {bad}; valid: {', '.join(verifiers.NAMES)}")
         return list(dict.fromkeys(v))
 
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [x for x in v if x not in verifiers.NAMES]
+        if bad:
+            raise ValueError(f"weights for unknown verifier(s) {bad}; valid: {', '.join(verifiers.NAMES)}")
+        if any(not 0 <= w < float("inf") for w in v.values()):
+            raise ValueError("weights must be finite and at least 0")
+        return v
+
 
 class BestOfN(Strategy):
     """Picks the candidate the verifiers approve most."""
@@ -67,9 +77,15 @@ class BestOfN(Strategy):
     def check(self, caps: Caps) -> None:
         super().check(caps)
         o = self.opts
+        explicit = "n" in o.model_fields_set
         if o.n > caps.max_n:
-            raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
-        calls = o.n * sum(1 for v in o.verifiers if v in verifiers.ASPECTS)
+            if explicit:
+                raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
+            o.n = caps.max_n  # defaults must not make a plain request fail on a capped server
+        llm = sum(1 for v in o.verifiers if v in verifiers.ASPECTS)
+        if not explicit and llm and o.n * llm > caps.max_verifier_calls:
+            o.n = max(1, caps.max_verifier_calls // llm)
+        calls = o.n * llm
         if calls > caps.max_verifier_calls:
             raise InvalidRequest(f"{o.n} candidates x {calls // max(o.n, 1)} LLM verifiers = {calls} verifier calls; "
                                  f"this server allows {caps.max_verifier_calls}.", param="strategy.verifiers")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -24,8 +24,9 @@ class StrategyRegistry:
         return name in self._classes
 
     def build(self, spec: str | dict[str, Any], *, endpoint: str = "/chat/completions",
-              defaults: dict[str, Any] | None = None, caps: Caps | None = None) -> Strategy:
-        """Raises ``InvalidRequest`` (param ``strategy``) for unknown names or bad options."""
+              defaults: Mapping[str, dict[str, Any]] | None = None, caps: Caps | None = None) -> Strategy:
+        """Raises ``InvalidRequest`` (param ``strategy``) for unknown names or bad options.
+        ``defaults`` maps a strategy name to the options it gets unless the request sets them."""
         if isinstance(spec, str):
             name, options = spec, {}
         elif isinstance(spec, dict):
@@ -43,7 +44,7 @@ class StrategyRegistry:
         if endpoint not in cls.endpoints:
             raise InvalidRequest(f"The strategy '{name}' does not apply to {endpoint}.", param="strategy")
         try:
-            opts = cls.Options.model_validate({**(defaults or {}), **options})
+            opts = cls.Options.model_validate({**(defaults or {}).get(name, {}), **options})
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
             field = ".".join(str(p) for p in err["loc"])

@@ -14,7 +14,7 @@ from pydantic import Field
 from server.errors import InvalidRequest, SharpenError
 from server.wire import ChatCompletionRequest
 from strategies import sampling
-from strategies.answers import majority
+from strategies.answers import extract, majority
 from strategies.base import (
     AnyRequest,
     Candidate,
@@ -51,7 +51,9 @@ class SelfConsistency(Strategy):
         super().check(caps)
         opts: SelfConsistencyOptions = self.options  # type: ignore[assignment]
         if opts.n > caps.max_n:
-            raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
+            if "n" in opts.model_fields_set:
+                raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
+            opts.n = caps.max_n  # the default must not make a plain request fail on a capped server
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
@@ -59,7 +61,9 @@ class SelfConsistency(Strategy):
         notes: list[str] = []
         upstream, cands = await sampling.sample(request, ctx, opts.n, opts.temperature, notes)
         best, share = majority([c.answer for c in cands])
-        parsed = sum(c.answer is not None for c in cands)
+        # Counted without extract's last-line fallback, which "finds" an answer in any free-form
+        # text: otherwise free-form candidates never reach universal self-consistency.
+        parsed = sum(extract(c.content, last_line=False) is not None for c in cands)
         if opts.usc and len(cands) > 1 and (best is None or parsed < len(cands) / 2):
             ranked = await self._universal(request, ctx, cands, notes)
         else:

@@ -59,15 +59,39 @@ def parse_verdict(text: str | None) -> bool | None:
     return None
 
 
+def _word(token: Any) -> str:
+    return str(token or "").strip().strip("*`'\":.").lower()
+
+
+def _verdict_token(content: list[Any]) -> int | None:
+    """The index of the token that holds the last "FINAL VERIFICATION ANSWER: <verdict>" word."""
+    tokens = [str(e.get("token", "")) if isinstance(e, dict) else "" for e in content]
+    found = list(_VERDICT.finditer("".join(tokens)))
+    if not found:
+        return None
+    at, end = found[-1].start(1), 0
+    for i, tok in enumerate(tokens):
+        end += len(tok)
+        if end > at:
+            return i
+    return None
+
+
 def verdict_probability(logprobs: dict[str, Any] | None) -> float | None:
-    """P(approve) from the verdict token's top logprobs (chat logprobs shape), if present."""
+    """P(approve) from the verdict token's top logprobs (chat logprobs shape), if present.
+
+    The verdict token is the word after the last "FINAL VERIFICATION ANSWER"; without that
+    marker, the last true/false-like token (a yes/no in trailing text must not count)."""
     content = (logprobs or {}).get("content") or []
-    for entry in reversed(content):
-        tok = str(entry.get("token", "")).strip().lower()
+    at = _verdict_token(content)
+    for entry in (content[at:] if at is not None else reversed(content)):
+        if not isinstance(entry, dict):
+            continue
+        tok = _word(entry.get("token"))
         if tok in _TRUE or tok in _FALSE:
             p_true = p_false = 0.0
             for alt in entry.get("top_logprobs") or [entry]:
-                t = str(alt.get("token", "")).strip().lower()
+                t = _word(alt.get("token"))
                 lp = alt.get("logprob")
                 if lp is None:
                     continue

@@ -1,0 +1,168 @@
+"""Critique and refine: Self-Refine (Madaan et al., 2023), CRITIC (Gou et al., 2024) and STICK
+from "TICKing All the Boxes" (Cook et al., 2024).
+
+Answer, then loop: critique the answer (several aspects, optionally against a generated YES/NO
+checklist of the instruction's requirements, optionally with the output of the Python the answer
+contains, run in the sandbox), stop when the critique approves, else refine with the history of
+answers and critiques. Also stops when the answer stops changing, or after ``max_rounds``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from pydantic import Field
+
+from server.wire import ChatCompletionRequest
+from strategies.answers import normalize
+from strategies.base import (
+    AnyRequest,
+    Candidate,
+    Strategy,
+    StrategyContext,
+    StrategyOptions,
+    StrategyResult,
+    Uncertainty,
+)
+from strategies.sandbox import SandboxLimits, extract_code, run_python
+from strategies.verifiers.aspect import parse_verdict
+
+_CHECK_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+?)\s*$")
+_CHECK_ANSWER = re.compile(r"^\s*(?:[-*•]|\d+[.)])?\s*(YES|NO)\b", re.IGNORECASE | re.MULTILINE)
+
+
+class CritiqueRefineOptions(StrategyOptions):
+    max_rounds: int = Field(default=3, ge=1, le=10)
+    checklist: bool = False  # TICK: generate YES/NO requirements and critique against them
+    tools: bool = False  # CRITIC: run the answer's Python in the sandbox and show the critic its output
+    critic_model: str | None = None  # another upstream model or adapter; the request's by default
+    critique_max_tokens: int = Field(default=384, ge=16, le=4096)
+    tool_timeout_s: float = Field(default=5.0, gt=0, le=60)
+
+
+class CritiqueRefine(Strategy):
+    """Answer -> critique -> refine, until approved, unchanged, or out of rounds."""
+
+    name = "critique_refine"
+    Options = CritiqueRefineOptions
+
+    @property
+    def opts(self) -> CritiqueRefineOptions:
+        o: CritiqueRefineOptions = self.options  # type: ignore[assignment]
+        return o
+
+    async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
+        assert isinstance(request, ChatCompletionRequest)
+        o = self.opts
+        critic = await ctx.resolve(o.critic_model) if o.critic_model else ctx.model
+        question = _question(request)
+        base = {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options", "n")}
+        data = await ctx.chat(dict(base), purpose="answer")
+        answer = _content(data)
+        checklist = await self._checklist(question, critic, ctx) if o.checklist else []
+        history: list[tuple[str, str]] = []
+        rounds: list[dict[str, Any]] = []
+        cands = [Candidate(index=0, content=answer)]
+        approved_at: int | None = None
+        stop = "max_rounds"
+        for r in range(o.max_rounds):
+            tool = await self._tool_feedback(answer) if o.tools else None
+            critique, approved = await self._critique(question, answer, checklist, tool, critic, ctx)
+            rounds.append({"round": r, "answer": answer, "critique": critique, "approved": approved, "tool": tool})
+            cands[-1].verdicts["critique"] = {"approved": approved, "critique": critique[-500:]}
+            if approved:
+                approved_at, stop = r, "approved"
+                break
+            if r == o.max_rounds - 1:
+                break
+            history.append((answer, critique))
+            data = await ctx.chat(dict(base, messages=self._refine_messages(request, history)), purpose="refine")
+            new = _content(data)
+            cands.append(Candidate(index=len(cands), content=new))
+            if normalize(new) == normalize(answer):
+                answer, stop = new, "unchanged"
+                break
+            answer = new
+        response = {"id": data.get("id", f"chatcmpl-sharpen-{int(time.time() * 1000)}"), "object": "chat.completion",
+                    "created": data.get("created", int(time.time())), "model": data.get("model", ctx.model),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                 "finish_reason": _finish(data), "logprobs": None}]}
+        # Approved at once: sure; approved after refining: less so; never approved: unsure.
+        u = 0.0 if approved_at == 0 else (0.5 if approved_at is not None else 1.0)
+        return StrategyResult(response=response, candidates=cands, uncertainty=Uncertainty(score=u),
+                              extra_trace={"rounds": rounds, "checklist": checklist, "stopped": stop})
+
+    async def _checklist(self, question: str, model: str, ctx: StrategyContext) -> list[str]:
+        prompt = ("Write a checklist of the requirements a response to the instruction below must meet, as YES/NO "
+                  "questions, one per line starting with '- '. At most 6 items, no other text.\n\n"
+                  f"Instruction:\n{question}")
+        data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": prompt}],
+                               "max_tokens": 256, "temperature": 0.0}, purpose="checklist")
+        items = [m.group(1) for ln in _content(data).splitlines() if (m := _CHECK_ITEM.match(ln))]
+        return items[:6]
+
+    async def _tool_feedback(self, answer: str) -> str | None:
+        code = extract_code(answer)
+        if code is None:
+            return None
+        result = await run_python(code, SandboxLimits(wall_s=self.opts.tool_timeout_s,
+                                                      cpu_s=max(1, int(self.opts.tool_timeout_s))))
+        return result.summary()
+
+    async def _critique(self, question: str, answer: str, checklist: list[str], tool: str | None, model: str,
+                        ctx: StrategyContext) -> tuple[str, bool]:
+        parts = [f"Question:\n{question}", f"Proposed answer:\n{answer}"]
+        if tool:
+            parts.append(f"Running the Python code in the answer gave:\n{tool}")
+        task = ("Critique the proposed answer: check its correctness, reasoning, completeness and format. "
+                "List every problem you find, briefly.")
+        if checklist:
+            items = "\n".join(f"- {c}" for c in checklist)
+            task += f"\nThen answer each checklist item with YES or NO, one per line, in order:\n{items}"
+        task += ("\nEnd with a line that is exactly 'FINAL VERIFICATION ANSWER: True' if the answer is correct and "
+                 "needs no change, or 'FINAL VERIFICATION ANSWER: False' otherwise.")
+        parts.append(task)
+        data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": "\n\n".join(parts)}],
+                               "max_tokens": self.opts.critique_max_tokens, "temperature": 0.0}, purpose="critique")
+        text = _content(data)
+        approved = parse_verdict(text) is True
+        if checklist:
+            marks = [m.upper() for m in _CHECK_ANSWER.findall(text)]
+            # Every item must pass; a missing mark counts as a failure.
+            approved = approved and len(marks) >= len(checklist) and all(m == "YES" for m in marks[-len(checklist):])
+        return text, approved
+
+    @staticmethod
+    def _refine_messages(request: ChatCompletionRequest, history: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        msgs = [m.model_dump(exclude_none=True) for m in request.messages]
+        for i, (ans, crit) in enumerate(history):
+            msgs.append({"role": "assistant", "content": ans})
+            last = i == len(history) - 1
+            msgs.append({"role": "user", "content": f"Feedback on your answer:\n{crit}\n\n" + (
+                "Write an improved, complete answer to the original request that fixes these problems. "
+                "Give only the answer." if last else "Try again.")})
+        return msgs
+
+
+def _question(request: ChatCompletionRequest) -> str:
+    for m in reversed(request.messages):
+        if m.role == "user":
+            c = m.content
+            return c if isinstance(c, str) else " ".join(str(p.get("text", "")) for p in c or [])
+    return ""
+
+
+def _content(data: dict[str, Any]) -> str:
+    try:
+        return str((data["choices"][0].get("message") or {}).get("content") or "")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return ""
+
+
+def _finish(data: dict[str, Any]) -> str:
+    try:
+        return str(data["choices"][0].get("finish_reason") or "stop")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return "stop"
