@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from server.admin import router as admin_router
 from server.errors import InvalidRequest, NotFound, SharpenError, status_of
 from server.routes import router
 from server.services import Services
@@ -90,6 +91,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         waiter: asyncio.Task[None] | None = None
+        await services.start()
         if backend is not None:
             await backend.start()
 
@@ -117,6 +119,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
     app = FastAPI(title="sharpen", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
     app.include_router(router)
+    app.include_router(admin_router)
 
     @app.exception_handler(SharpenError)
     async def _sharpen_error(request: Request, exc: SharpenError) -> Response:

@@ -24,6 +24,8 @@ class RequestEvent:
     answer: str | None
     uncertainty: Uncertainty | None
     usage: dict[str, int]
+    remember: bool = True  # the request allowed its answer to be remembered
+    memory_used: list[str] = field(default_factory=list)
     at: float = field(default_factory=time.time)
 
 
@@ -34,6 +36,11 @@ class EventBus:
         self._maxsize = maxsize
         self._subs: list[asyncio.Queue[RequestEvent]] = []
         self.dropped = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens (publishers skip building events otherwise)."""
+        return bool(self._subs)
 
     def subscribe(self) -> asyncio.Queue[RequestEvent]:
         q: asyncio.Queue[RequestEvent] = asyncio.Queue(self._maxsize)

@@ -11,11 +11,14 @@ from strategies.base import Strategy, StrategyContext, StrategyResult
 
 def summary(strategy: Strategy, ctx: StrategyContext, result: StrategyResult) -> dict[str, Any]:
     u = result.uncertainty
-    return {
+    out: dict[str, Any] = {
         "strategy": strategy.name,
         "upstream_calls": len(ctx.calls),
         "uncertainty": None if u is None else round(u.score, 4),
     }
+    if "memory" in ctx.meta:
+        out["memory"] = [m["id"] for m in ctx.meta["memory"]]
+    return out
 
 
 def trace(strategy: Strategy, ctx: StrategyContext, result: StrategyResult, wall_s: float) -> dict[str, Any]:
@@ -30,6 +33,7 @@ def trace(strategy: Strategy, ctx: StrategyContext, result: StrategyResult, wall
         "uncertainty": None if result.uncertainty is None else asdict(result.uncertainty),
         "notes": list(result.notes),
         "wall_seconds": round(wall_s, 4),
+        **ctx.meta,
         **result.extra_trace,
     }
 

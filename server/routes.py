@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
+from server.errors import InvalidRequest
 from server.services import Services
+from server.wire import validate
 
 router = APIRouter()
+
+
+class Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    score: float = Field(ge=0, le=1)
 
 
 def _services(request: Request) -> Services:
@@ -56,3 +67,22 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     s = _services(request)
     return await s.proxy.handle("/completions", request, s.authenticate(request))
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request) -> dict[str, Any]:
+    """Scores a recent answer: ``{"id": <response id>, "score": 0..1}``; stored as an experience."""
+    s = _services(request)
+    principal = s.authenticate(request)
+    if s.recorder is None:
+        raise InvalidRequest("Memory is not enabled on this server.", param="memory")
+    fb = validate(Feedback, await _json(request))
+    row = await s.recorder.feedback(principal.tenant, fb.id, fb.score)
+    return {"object": "feedback", "id": fb.id, "stored": True, "experience_id": row.uid, "kind": row.kind}
+
+
+async def _json(request: Request) -> Any:
+    try:
+        return orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None

@@ -23,6 +23,7 @@ from server.errors import InvalidRequest, PayloadTooLarge, RateLimited, SharpenE
 from server.events import EventBus, RequestEvent
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.replay import Replay
 from server.settings import Settings
 from server.streaming import DONE, KEEPALIVE, SSEResponse, UsageSniffer, cancel_on_disconnect, sse_event
 from server.upstream import Upstream
@@ -43,13 +44,15 @@ class ProxyService:
     """Answers completion requests; one instance per app."""
 
     def __init__(self, settings: Settings, upstream: Upstream, models: ModelRegistry,
-                 strategies: StrategyRegistry, metrics: Metrics, events: EventBus) -> None:
+                 strategies: StrategyRegistry, metrics: Metrics, events: EventBus, replay: Replay | None = None
+                 ) -> None:
         self.settings = settings
         self.upstream = upstream
         self.models = models
         self.strategies = strategies
         self.metrics = metrics
         self.events = events
+        self.replay = replay
         self._in_flight = 0
         c = settings.strategies
         self._caps = Caps(max_n=c.max_n, max_verifier_calls=c.max_verifier_calls,
@@ -109,6 +112,7 @@ class ProxyService:
             raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
         req: AnyRequest = validate(_REQUEST_MODELS[endpoint], body)
         strategy, model_name = self._choose(endpoint, body, request)
+        strategy.admit(req)
         upstream_model = await self.models.resolve(model_name)
         fwd = {k: v for k, v in body.items() if k not in SHARPEN_FIELDS} if _has_own(body) else body
         fwd["model"] = upstream_model
@@ -117,6 +121,14 @@ class ProxyService:
                               tenant=principal.tenant, deadline=time.monotonic() + deadline,
                               max_upstream_tokens=None if strategy.streams_natively else budget,
                               resolver=self.models.resolve)
+        if self.replay is not None and isinstance(req, ChatCompletionRequest):
+            mem = self.replay.options(req)
+            ctx.meta["remember"] = mem.remember
+            if mem.recall:
+                if fwd is body:
+                    fwd = ctx.body = dict(body)
+                req, used = await self.replay.inject(principal.tenant, req, fwd, mem.k)
+                ctx.meta["memory"] = used
         if self._in_flight >= self.settings.max_concurrency:
             raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
         self._in_flight += 1
@@ -152,7 +164,9 @@ class ProxyService:
 
     def _respond(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
                  wall_s: float) -> Response:
-        if result.raw is not None:
+        # Passthrough bytes go back untouched unless the client asked for the trace, or memory
+        # was injected (the answer then says which memories were used).
+        if result.raw is not None and not ("memory" in ctx.meta or getattr(req, "trace", False)):
             return Response(result.raw, media_type="application/json")
         body = self._render(req, strategy, ctx, result, wall_s)
         return Response(orjson.dumps(body), media_type="application/json")
@@ -217,14 +231,15 @@ class ProxyService:
         """Hands the finished request to the event stream (adaptation, metrics); never blocks."""
         if result.uncertainty is not None:
             self.metrics.uncertainty.labels(strategy.name).observe(result.uncertainty.score)
-        if not isinstance(req, ChatCompletionRequest) or result.response is None:
+        if not self.events.active or not isinstance(req, ChatCompletionRequest) or result.response is None:
             return
         choices = result.response.get("choices") or [{}]
-        answer = (choices[0].get("message") or {}).get("content")
+        answer = (choices[0].get("message") or {}).get("content") if isinstance(choices[0], dict) else None
         self.events.publish(RequestEvent(
             request_id=str(result.response.get("id", "")), tenant=ctx.tenant, model=ctx.model, strategy=strategy.name,
-            messages=[m.model_dump() for m in req.messages], answer=answer, uncertainty=result.uncertainty,
-            usage=ctx.usage.model_dump()))
+            messages=[m.model_dump(exclude_none=True) for m in req.messages], answer=answer,
+            uncertainty=result.uncertainty, usage=ctx.usage.model_dump(), remember=bool(ctx.meta.get("remember")),
+            memory_used=[m["id"] for m in ctx.meta.get("memory", [])]))
 
     def _finish(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, t0: float,
                 exc: BaseException | None, req: AnyRequest | None = None, result: StrategyResult | None = None) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
@@ -11,11 +12,18 @@ from server.auth import Authenticator, Principal
 from server.events import EventBus
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.replay import Replay
 from server.service import ProxyService
 from server.settings import Settings
 from server.upstream import Upstream
 from strategies import builtin_strategies
 from strategies.registry import StrategyRegistry
+
+if TYPE_CHECKING:
+    from memory.service import MemoryService
+    from server.experience import ExperienceRecorder
+
+log = logging.getLogger(__name__)
 
 
 class Services:
@@ -31,8 +39,36 @@ class Services:
         self.models = ModelRegistry(upstream)
         self.strategies = StrategyRegistry(builtin_strategies())
         self.events = EventBus()
-        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events)
+        self.memory, self.recorder = self._memory(settings)
+        replay = Replay(self.memory, settings.memory) if self.memory is not None else None
+        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events, replay)
         self._ready: tuple[float, bool] = (0.0, False)
+
+    def _memory(self, settings: Settings) -> tuple[MemoryService | None, ExperienceRecorder | None]:
+        """The experience memory, when enabled and its libraries (faiss, numpy) are installed."""
+        s = settings.memory
+        if not s.enabled:
+            return None, None
+        try:
+            from memory.service import MemoryConfig, MemoryService
+            from server.experience import ExperienceRecorder, UpstreamDistiller
+        except ImportError as exc:
+            log.warning("memory disabled: %s (install the 'memory' extra)", exc)
+            return None, None
+        config = MemoryConfig(directory=settings.data_dir / "memory", embedder=s.embedder,
+                              max_entries_per_tenant=s.max_entries_per_tenant, max_text_chars=s.max_text_chars,
+                              dedup_similarity=s.dedup_similarity, hnsw_threshold=s.hnsw_threshold,
+                              persist_interval_s=s.persist_interval_s)
+        memory = MemoryService(config)
+        recorder = ExperienceRecorder(memory, self.events, s)
+        if s.distill:
+            memory.distiller = UpstreamDistiller(self.upstream, recorder.model_of)
+        return memory, recorder
+
+    async def start(self) -> None:
+        if self.memory is not None and self.recorder is not None:
+            await self.memory.start()
+            await self.recorder.start()
 
     def authenticate(self, request: Request) -> Principal:
         return self.auth.authenticate(request.headers.get("authorization"))
@@ -58,4 +94,8 @@ class Services:
         return out
 
     async def close(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.stop()
+        if self.memory is not None:
+            await self.memory.stop()
         await self.upstream.aclose()

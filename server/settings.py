@@ -103,6 +103,28 @@ class StrategySettings(BaseModel):
     keepalive_s: float = 5.0  # SSE comment interval while a strategy works before answering
 
 
+class MemorySettings(BaseModel):
+    """Contextual experience replay: per-tenant memory of past tasks, recalled into the prompt."""
+
+    enabled: bool = True
+    embedder: Literal["minilm", "hashing"] = "minilm"
+    recall: bool = False  # server default for requests that do not say (body ``memory``)
+    remember: bool = True
+    k: int = 4
+    threshold: float = 0.35  # cosine similarity a memory needs to be recalled
+    inject_tokens: int = 512  # budget of the injected system-message section
+    success_threshold: float = 0.6  # 1 - uncertainty needed to remember a strategy's answer
+    keep_pitfalls: bool = True  # remember clearly failed answers too, marked as pitfalls
+    pitfall_threshold: float = 0.25  # 1 - uncertainty at or below this is a failure
+    distill: bool = True  # ask the upstream for insights and a workflow, off the critical path
+    max_entries_per_tenant: int = 10_000
+    max_text_chars: int = 4_000
+    dedup_similarity: float = 0.97
+    hnsw_threshold: int = 20_000
+    persist_interval_s: float = 30.0
+    recent_responses: int = 10_000  # answers kept for POST /v1/feedback
+
+
 class Settings(BaseSettings):
     """Everything sharpen is configured with."""
 
@@ -128,6 +150,7 @@ class Settings(BaseSettings):
 
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     strategies: StrategySettings = Field(default_factory=StrategySettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
 
     @classmethod

@@ -103,7 +103,9 @@ class Uncertainty:
 
 @dataclass
 class StrategyResult:
-    """What a strategy returns: exactly one of ``response``, ``raw``, ``stream``."""
+    """What a strategy returns: ``response`` (a chat.completion object), or ``stream`` (a live
+    upstream stream), or ``raw`` (upstream bytes to pass on unchanged, with ``response`` their
+    parsed copy)."""
 
     response: dict[str, Any] | None = None
     raw: bytes | None = None
@@ -128,6 +130,7 @@ class StrategyContext:
     calls: list[UpstreamCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     resolver: Callable[[str], Awaitable[str]] | None = None  # client model name -> upstream name
+    meta: dict[str, Any] = field(default_factory=dict)  # server-side facts for the trace (memories used)
 
     async def resolve(self, model: str) -> str:
         """The upstream name of a model a request names (e.g. a verifier model)."""
@@ -217,6 +220,11 @@ class Strategy(abc.ABC):
         if o.deadline_s is not None and o.deadline_s > caps.deadline_s:
             raise InvalidRequest(f"deadline_s is capped at {caps.deadline_s:g} on this server.",
                                  param="strategy.deadline_s")
+
+    def admit(self, request: AnyRequest) -> None:
+        """Raises ``InvalidRequest`` for a request this strategy cannot answer. Called before
+        ``run``, so a streamed request is refused with a plain 400 rather than mid-stream."""
+        return None
 
     def budget(self, caps: Caps) -> tuple[int, float]:
         """The request's upstream token budget and deadline (seconds), within the caps."""

@@ -6,8 +6,9 @@ from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyResul
 
 
 class Passthrough(Strategy):
-    """Sends the body upstream unchanged. Non-streamed answers come back byte for byte;
-    streamed ones are relayed chunk by chunk as the upstream produces them."""
+    """Sends the body upstream unchanged. Non-streamed answers come back byte for byte (the
+    parsed copy in ``response`` is for events); streamed ones are relayed chunk by chunk as the
+    upstream produces them."""
 
     name = "passthrough"
     streams_natively = True
@@ -16,5 +17,5 @@ class Passthrough(Strategy):
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         if request.stream:
             return StrategyResult(stream=await ctx.open_stream(ctx.body, purpose="answer", path=ctx.endpoint))
-        raw, _ = await ctx.post_raw(ctx.endpoint, ctx.body, purpose="answer")
-        return StrategyResult(raw=raw)
+        raw, data = await ctx.post_raw(ctx.endpoint, ctx.body, purpose="answer")
+        return StrategyResult(raw=raw, response=data)
