@@ -1,4 +1,4 @@
-"""Admin routes (admin key): the experience memory. Later: adapters and adaptation jobs."""
+"""Admin routes (admin key): the experience memory, adapters and adaptation jobs."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
 from server.errors import InvalidRequest, NotFound, ServiceUnavailable
 from server.services import Services
+from server.wire import validate
 
 if TYPE_CHECKING:
+    from adapt.data import Example
+    from adapt.service import AdaptationService
     from memory.store import Experience
 
 router = APIRouter(prefix="/admin")
@@ -111,3 +115,91 @@ async def memory_import(request: Request) -> dict[str, Any]:
     futs = [s.memory.remember(e) for e in exps]
     stored = [await f for f in futs]
     return {"imported": sum(1 for r in stored if r is not None), "dropped": sum(1 for r in stored if r is None)}
+
+
+# -- adaptation -----------------------------------------------------------------------------------
+
+
+class _Example(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class CycleRequest(BaseModel):
+    """Starts a cycle for ``tenant``. Optional ``examples`` (train on these instead of the
+    synthesized ones) and ``heldout`` (gate on these; their final answers are the references)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = "default"
+    examples: list[_Example] | None = None
+    heldout: list[_Example] | None = None
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: str = "default"
+
+
+def _adapt(request: Request) -> AdaptationService:
+    s: Services = request.app.state.services
+    s.auth.require_admin(request.headers.get("authorization"))
+    if s.adapt is None:
+        raise ServiceUnavailable("Adaptation is not enabled on this server (adapt.enabled).",
+                                 code="adaptation_disabled")
+    return s.adapt
+
+
+def _examples(items: list[_Example] | None) -> list[Example] | None:
+    if items is None:
+        return None
+    from adapt.data import Example
+    from strategies.answers import extract
+
+    return [Example(task=e.task, answer=e.answer, reference=extract(e.answer)) for e in items]
+
+
+@router.post("/adaptation/run")
+async def adaptation_run(request: Request) -> dict[str, Any]:
+    a = _adapt(request)
+    body = validate(CycleRequest, orjson.loads(await request.body() or b"{}"))
+    job = a.run_cycle(body.tenant, examples=_examples(body.examples), heldout=_examples(body.heldout))
+    return {"object": "adaptation.job", "id": job.id, "status": job.status}
+
+
+@router.get("/adaptation/jobs/{job_id}")
+async def adaptation_job(request: Request, job_id: str) -> dict[str, Any]:
+    a = _adapt(request)
+    job = a.jobs.get(job_id)
+    if job is None:
+        raise NotFound(f"No adaptation job '{job_id}'.", param="id")
+    return {"object": "adaptation.job", **a.progress(job)}
+
+
+@router.post("/adaptation/jobs/{job_id}/cancel")
+async def adaptation_cancel(request: Request, job_id: str) -> dict[str, Any]:
+    a = _adapt(request)
+    await a.cancel(job_id)
+    return {"id": job_id, "cancelling": True}
+
+
+@router.get("/adaptation")
+async def adaptation_status(request: Request) -> dict[str, Any]:
+    return _adapt(request).status()
+
+
+@router.get("/adapters")
+async def adapters(request: Request, tenant: str | None = None) -> dict[str, Any]:
+    a = _adapt(request)
+    return {"object": "list", "data": [{**v.__dict__, "in_flight": a.registry.in_flight(v.name)}
+                                       for v in a.registry.versions(tenant)]}
+
+
+@router.post("/adapters/rollback")
+async def adapters_rollback(request: Request) -> dict[str, Any]:
+    a = _adapt(request)
+    body = validate(RollbackRequest, orjson.loads(await request.body() or b"{}"))
+    return await a.rollback(body.tenant)

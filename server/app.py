@@ -102,11 +102,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
                     log.error("the embedded backend did not become ready: %s", exc)
                     return
                 log.info("upstream ready at %s", backend.base_url)
-                await services.models.refresh()
+                await services.upstream_up()
 
             waiter = asyncio.create_task(_when_ready())
         else:
-            await services.models.refresh()
+            await services.upstream_up()
         try:
             yield
         finally:

@@ -68,6 +68,8 @@ def serve(args: argparse.Namespace) -> int:
 
         log.info("no --upstream: preparing the embedded backend with %s", settings.backend.model)
         prepared = prepare_model(settings.backend.model, settings.cache_dir, log=log.info)
+        if settings.adapt.base_model_path is None and prepared.is_local:
+            settings.adapt.base_model_path = str(prepared.path)  # LoRA trains on the served weights
         log_path = settings.log_dir / "vllm.log"
         backend = VLLMProcess(settings.backend, prepared, log_path)
         log.info("starting vLLM (%s) on %s; its log: %s", prepared.served_name, backend.base_url, log_path)

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from server.errors import ModelNotFound, SharpenError
+from server.errors import ModelNotFound, SharpenError, UpstreamError
 from server.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ class ModelRegistry:
         self._aliases: dict[str, str] = {}
         self._default: str | None = None
         self._refreshed_at = 0.0
+        self._failure: SharpenError | None = None  # why the last refresh failed
 
     async def refresh(self) -> None:
         """Reloads the upstream's model list; keeps the old one if the upstream fails."""
@@ -35,7 +36,9 @@ class ModelRegistry:
             data = await self._upstream.get_json("/models")
         except SharpenError as exc:
             log.warning("could not list upstream models: %s", exc.message)
+            self._failure = exc
             return
+        self._failure = None
         cards = {str(c["id"]): c for c in data.get("data", []) if isinstance(c, dict) and "id" in c}
         self._cards = cards
         bases = [k for k, c in cards.items() if not c.get("parent")]
@@ -62,6 +65,9 @@ class ModelRegistry:
             await self.refresh()
             found = self.lookup(name)
         if found is None:
+            if self._failure is not None:
+                # Not knowing the model because the upstream cannot be asked is not a 404.
+                raise UpstreamError(f"The upstream's models could not be listed: {self._failure.message}")
             if name is None:
                 raise ModelNotFound("The upstream serves no model yet.", param="model")
             raise ModelNotFound(f"The model '{name}' does not exist.", param="model")

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
@@ -31,6 +31,9 @@ from server.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest
 from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyResult
 from strategies.registry import StrategyRegistry
 
+if TYPE_CHECKING:
+    from adapt.service import AdaptationService
+
 log = logging.getLogger(__name__)
 
 _REQUEST_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
@@ -44,8 +47,8 @@ class ProxyService:
     """Answers completion requests; one instance per app."""
 
     def __init__(self, settings: Settings, upstream: Upstream, models: ModelRegistry,
-                 strategies: StrategyRegistry, metrics: Metrics, events: EventBus, replay: Replay | None = None
-                 ) -> None:
+                 strategies: StrategyRegistry, metrics: Metrics, events: EventBus, replay: Replay | None = None,
+                 adapt: AdaptationService | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
         self.models = models
@@ -53,6 +56,7 @@ class ProxyService:
         self.metrics = metrics
         self.events = events
         self.replay = replay
+        self.adapt = adapt
         self._in_flight = 0
         c = settings.strategies
         self._caps = Caps(max_n=c.max_n, max_verifier_calls=c.max_verifier_calls,
@@ -131,6 +135,14 @@ class ProxyService:
                 ctx.meta["memory"] = used
         if self._in_flight >= self.settings.max_concurrency:
             raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
+        if self.adapt is not None:
+            # The tenant's active adapter, if any, answers for the base model; counted in flight
+            # (released in _finish) so a replaced version is unloaded only once idle.
+            routed = self.adapt.acquire(principal.tenant, upstream_model)
+            ctx.meta["routed"] = routed
+            if routed != upstream_model:
+                fwd["model"] = ctx.model = routed
+                ctx.meta["adapter"] = routed
         self._in_flight += 1
         self.metrics.in_flight.inc()
         if req.stream and not strategy.streams_natively:
@@ -246,6 +258,8 @@ class ProxyService:
         """Metrics (and the event) for one finished request: success, failure or disconnect."""
         if req is not None and result is not None:
             self._publish(req, strategy, ctx, result)
+        if self.adapt is not None and "routed" in ctx.meta:
+            self.adapt.release(ctx.meta.pop("routed"))
         self._in_flight -= 1
         m = self.metrics
         m.in_flight.dec()

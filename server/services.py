@@ -20,6 +20,7 @@ from strategies import builtin_strategies
 from strategies.registry import StrategyRegistry
 
 if TYPE_CHECKING:
+    from adapt.service import AdaptationService
     from memory.service import MemoryService
     from server.experience import ExperienceRecorder
 
@@ -41,7 +42,9 @@ class Services:
         self.events = EventBus()
         self.memory, self.recorder = self._memory(settings)
         replay = Replay(self.memory, settings.memory) if self.memory is not None else None
-        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events, replay)
+        self.adapt = self._adaptation(settings)
+        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events, replay,
+                                  self.adapt)
         self._ready: tuple[float, bool] = (0.0, False)
 
     def _memory(self, settings: Settings) -> tuple[MemoryService | None, ExperienceRecorder | None]:
@@ -65,10 +68,28 @@ class Services:
             memory.distiller = UpstreamDistiller(self.upstream, recorder.model_of)
         return memory, recorder
 
+    def _adaptation(self, settings: Settings) -> AdaptationService | None:
+        if not settings.adapt.enabled:
+            return None
+        from adapt.service import AdaptationService
+
+        embedder = self.memory.embedder if self.memory is not None else None
+        teacher = None
+        if settings.adapt.teacher_url:
+            teacher = Upstream(settings.adapt.teacher_url, settings.upstream)
+        return AdaptationService(settings.adapt, settings.data_dir / "adapt", self.upstream, self.events,
+                                 embedder=embedder, teacher=teacher)
+
     async def start(self) -> None:
         if self.memory is not None and self.recorder is not None:
             await self.memory.start()
             await self.recorder.start()
+
+    async def upstream_up(self) -> None:
+        """Once the upstream answers: learn its models, then restore the active adapters."""
+        await self.models.refresh()
+        if self.adapt is not None and self.adapt.base is None and self.models.default is not None:
+            await self.adapt.start(self.models.default)
 
     def authenticate(self, request: Request) -> Principal:
         return self.auth.authenticate(request.headers.get("authorization"))
@@ -94,6 +115,8 @@ class Services:
         return out
 
     async def close(self) -> None:
+        if self.adapt is not None:
+            await self.adapt.stop()
         if self.recorder is not None:
             await self.recorder.stop()
         if self.memory is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, TypeVar
 
@@ -30,6 +31,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*\{')
 KEEPALIVE = b": keep-alive\n\n"
 
 
@@ -143,9 +145,11 @@ class UsageSniffer:
 
     def usage(self) -> dict[str, Any] | None:
         tail = b"".join(self._last)
-        idx = tail.rfind(b'"usage":{')
-        if idx < 0:
+        # The last ``"usage": {`` (vLLM writes it compact, other servers with a space).
+        starts = [m.start() for m in _USAGE_RE.finditer(tail)]
+        if not starts:
             return None
+        idx = starts[-1]
         start = tail.rfind(b"data: ", 0, idx)
         end = tail.find(b"\n", idx)
         if start < 0:

@@ -1,0 +1,64 @@
+"""The evaluation gate: a candidate adapter against the current model on held-out examples.
+
+Each held-out question is answered greedily by both models. Where the example has a known final
+answer, the score is exact agreement with it; otherwise the ``approval`` verifier (asked of the
+base model) scores the answer. The candidate is promoted only if it wins by ``margin``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapt.data import Example
+from server.errors import SharpenError
+from strategies.answers import extract
+from strategies.base import Candidate, StrategyContext, UpstreamAPI
+from strategies.verifiers.aspect import AspectVerifier
+from strategies.verifiers.base import VerificationTask
+
+
+@dataclass
+class GateResult:
+    score_new: float
+    score_old: float
+    promote: bool
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: list[Example], *,
+                      concurrency: int = 8, max_tokens: int = 384) -> tuple[float, list[float]]:
+    """Mean score of ``model`` on ``examples`` and the per-example scores."""
+    sem = asyncio.Semaphore(concurrency)
+    ctx = StrategyContext(upstream=upstream, body={}, endpoint="/chat/completions", model=model, tenant="gate",
+                          deadline=time.monotonic() + 3600)
+    approval = AspectVerifier("approval", model=judge, soft=True)
+
+    async def one(ex: Example) -> float:
+        async with sem:
+            try:
+                data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": ex.task}],
+                                       "max_tokens": max_tokens, "temperature": 0.0}, purpose="gate")
+            except SharpenError:
+                return 0.0
+            text = str(((data.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+            if ex.reference is not None:
+                return 1.0 if extract(text) == ex.reference else 0.0
+            task = VerificationTask(messages=[{"role": "user", "content": ex.task}],
+                                    candidates=[Candidate(index=0, content=text)])
+            verdict = (await approval.score(task, ctx))[0]
+            return verdict.score or 0.0
+
+    scores = list(await asyncio.gather(*(one(e) for e in examples)))
+    return (sum(scores) / len(scores) if scores else 0.0), scores
+
+
+async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: str, heldout: list[Example],
+                   margin: float) -> GateResult:
+    (new, per_new), (old, per_old) = await asyncio.gather(score_model(upstream, candidate, judge, heldout),
+                                                          score_model(upstream, current, judge, heldout))
+    items = [{"task": e.task[:200], "reference": e.reference, "new": a, "old": b}
+             for e, a, b in zip(heldout, per_new, per_old, strict=True)]
+    return GateResult(score_new=new, score_old=old, promote=bool(heldout) and new >= old + margin, items=items)

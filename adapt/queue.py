@@ -1,0 +1,79 @@
+"""The durable queue of uncertain queries (SQLite), per tenant, de-duplicated by embedding
+similarity against the tenant's pending queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from memory.embedder import Embedder
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uncertain (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant      TEXT NOT NULL,
+    task        TEXT NOT NULL,
+    answer      TEXT NOT NULL DEFAULT '',
+    uncertainty REAL NOT NULL,
+    model       TEXT NOT NULL,
+    vector      BLOB NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'pending',   -- pending, used
+    created     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS uncertain_tenant ON uncertain (tenant, status);
+"""
+
+
+@dataclass
+class UncertainQuery:
+    id: int
+    tenant: str
+    task: str
+    answer: str
+    uncertainty: float
+    model: str
+
+
+class UncertainQueue:
+    """Not thread-safe: the adaptation service calls it from one worker thread."""
+
+    def __init__(self, path: Path, embedder: Embedder, *, dedup_similarity: float = 0.9) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+        self.embedder = embedder
+        self.dedup = dedup_similarity
+
+    def add(self, tenant: str, task: str, answer: str, uncertainty: float, model: str) -> bool:
+        """Queues the query unless a near-identical one is already pending for the tenant."""
+        vec = self.embedder.embed([task])[0]
+        for (blob,) in self.db.execute("SELECT vector FROM uncertain WHERE tenant=? AND status='pending'", (tenant,)):
+            if float(np.dot(np.frombuffer(blob, dtype=np.float32), vec)) >= self.dedup:
+                return False
+        self.db.execute("INSERT INTO uncertain (tenant, task, answer, uncertainty, model, vector, created) "
+                        "VALUES (?,?,?,?,?,?,?)", (tenant, task, answer, uncertainty, model,
+                                                   np.asarray(vec, dtype=np.float32).tobytes(), time.time()))
+        return True
+
+    def pending(self, tenant: str, limit: int = 1000) -> list[UncertainQuery]:
+        return [UncertainQuery(*r) for r in self.db.execute(
+            "SELECT id, tenant, task, answer, uncertainty, model FROM uncertain WHERE tenant=? AND status='pending' "
+            "ORDER BY uncertainty DESC, id LIMIT ?", (tenant, limit))]
+
+    def counts(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self.db.execute(
+            "SELECT tenant, COUNT(*) FROM uncertain WHERE status='pending' GROUP BY tenant")}
+
+    def mark_used(self, ids: list[int]) -> None:
+        if ids:
+            q = ",".join("?" * len(ids))
+            self.db.execute(f"UPDATE uncertain SET status='used' WHERE id IN ({q})", ids)
+
+    def close(self) -> None:
+        self.db.close()

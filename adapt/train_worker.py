@@ -1,0 +1,133 @@
+"""The LoRA training process: ``python -m adapt.train_worker JOB.json``.
+
+Runs in its own process (never the server's event loop), with torch held to the job's thread
+count. Reads chat examples (JSONL of ``{"messages": [...], "answer": "..."}``), trains a peft
+LoRA adapter on the base model's Hugging Face weights with the prompt masked out of the loss,
+writes ``progress.json`` as it goes (step, loss, checkpoint), honours a ``cancel`` file, and
+saves the adapter (``adapter_config.json`` + safetensors) with ``lineage.json`` beside it.
+Exit status 0 on success, 2 when cancelled, 1 on failure (with the error in progress.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def train(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    job_dir = Path(job["job_dir"])
+    progress = job_dir / "progress.json"
+    hp = job["hyper"]
+    torch.set_num_threads(int(hp.get("threads", 1)))
+    torch.manual_seed(int(hp.get("seed", 0)))
+    random.seed(int(hp.get("seed", 0)))
+    state: dict[str, Any] = {"status": "loading", "step": 0, "total_steps": 0, "loss": None, "started": time.time()}
+    _write(progress, state)
+
+    tok = AutoTokenizer.from_pretrained(job["base_model_path"])
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model: Any = AutoModelForCausalLM.from_pretrained(job["base_model_path"], dtype=torch.float32)
+    if job.get("parent_adapter_path"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, job["parent_adapter_path"], is_trainable=True)
+    else:
+        cfg = LoraConfig(r=int(hp["rank"]), lora_alpha=int(hp["alpha"]), lora_dropout=0.0,
+                         target_modules=hp["target_modules"], task_type="CAUSAL_LM")
+        model = get_peft_model(model, cfg)
+
+    rows = [json.loads(line) for line in Path(job["examples"]).read_text().splitlines() if line.strip()]
+    data = []
+    max_len = int(hp.get("max_len", 512))
+    for r in rows:
+        prompt = tok.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(r["answer"] + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+        ids = (p_ids + a_ids)[-max_len:]
+        labels = ([-100] * len(p_ids) + a_ids)[-max_len:]  # the prompt is masked out of the loss
+        data.append((ids, labels))
+    if not data:
+        raise ValueError("no training examples")
+
+    bs = int(hp["batch_size"])
+    steps_per_epoch = max(1, (len(data) + bs - 1) // bs)
+    total = min(int(hp["max_steps"]), steps_per_epoch * int(hp["epochs"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(hp["learning_rate"]))
+    model.train()
+    state.update(status="training", total_steps=total, examples=len(data))
+    _write(progress, state)
+    step = 0
+    while step < total:
+        random.shuffle(data)
+        for i in range(0, len(data), bs):
+            if step >= total:
+                break
+            if (job_dir / "cancel").exists():
+                raise Cancelled()
+            batch = data[i : i + bs]
+            width = max(len(ids) for ids, _ in batch)
+            pad = tok.pad_token_id
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            state.update(step=step, loss=round(float(loss.item()), 4))
+            if step % int(hp.get("checkpoint_every", 20)) == 0 and step < total:
+                ck = job_dir / "checkpoint"
+                model.save_pretrained(ck)
+                state["checkpoint"] = str(ck)
+            _write(progress, state)
+
+    out = Path(job["out_dir"])
+    model.save_pretrained(out)
+    lineage = {"base_model": job["base_model_path"], "parent_adapter": job.get("parent_adapter"),
+               "data_hash": job["data_hash"], "hyper": hp, "examples": len(data), "steps": step,
+               "final_loss": state["loss"], "finished": time.time()}
+    (out / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    state.update(status="done", adapter=str(out), finished=time.time())
+    _write(progress, state)
+    return state
+
+
+def main() -> int:
+    job = json.loads(Path(sys.argv[1]).read_text())
+    progress = Path(job["job_dir"]) / "progress.json"
+    try:
+        train(job)
+        return 0
+    except Cancelled:
+        _write(progress, {"status": "cancelled", "finished": time.time()})
+        return 2
+    except Exception as exc:
+        _write(progress, {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                          "traceback": traceback.format_exc()[-4000:], "finished": time.time()})
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
