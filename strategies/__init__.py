@@ -7,10 +7,11 @@ from strategies.base import Strategy
 
 def builtin_strategies() -> list[type[Strategy]]:
     """Every strategy sharpen ships, imported here so modules stay independent."""
+    from strategies.auto import Auto
     from strategies.best_of_n import BestOfN
     from strategies.critique_refine import CritiqueRefine
     from strategies.mcts import MCTS
     from strategies.passthrough import Passthrough
     from strategies.self_consistency import SelfConsistency
 
-    return [Passthrough, SelfConsistency, BestOfN, CritiqueRefine, MCTS]
+    return [Passthrough, SelfConsistency, BestOfN, CritiqueRefine, MCTS, Auto]
