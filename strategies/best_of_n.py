@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -92,6 +92,10 @@ class BestOfN(Strategy):
         if "regex" in o.verifiers and not o.verifier_regex:
             raise InvalidRequest("the regex verifier needs 'verifier_regex'.", param="strategy.verifier_regex")
 
+    def admit(self, request: AnyRequest) -> None:
+        if isinstance(request, ChatCompletionRequest):
+            sampling.check_n(request, self.opts.n)
+
     def _verifiers(self, request: ChatCompletionRequest, model: str | None) -> list[Verifier]:
         o = self.opts
         names = list(o.verifiers)
@@ -106,6 +110,12 @@ class BestOfN(Strategy):
         o = self.opts
         notes: list[str] = []
         upstream, cands = await sampling.sample(request, ctx, o.n, o.temperature, notes)
+        return await self.judge(request, ctx, upstream, cands, notes)
+
+    async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],
+                    cands: list[Candidate], notes: list[str]) -> StrategyResult:
+        """Scores candidates already drawn (``upstream`` holds their choices) and ranks them."""
+        o = self.opts
         model = await ctx.resolve(o.verifier_model) if o.verifier_model else None
         vs = self._verifiers(request, model)
         task = VerificationTask(messages=[m.model_dump() for m in request.messages], candidates=cands,

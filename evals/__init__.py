@@ -1,0 +1,1 @@
+"""``sharpen eval``: what each strategy buys, measured on datasets with known answers."""

@@ -1,0 +1,132 @@
+"""``sharpen eval`` and ``sharpen calibrate``.
+
+    sharpen eval --dataset gsm_symbolic+basic_arithmetic --strategies passthrough,self_consistency:n=8,\\
+        best_of_n:n=8 [--server URL | --upstream URL] [--limit 50] [--seed 0] [--out evals-out]
+    sharpen calibrate --results evals-out/results.jsonl
+
+With ``--server`` the items go to a running sharpen; otherwise a sharpen is started in this
+process on a loopback port, in front of ``--upstream`` or of the embedded default backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from evals import datasets, report
+from evals.calibrate import calibrate
+from evals.runner import Runner, parse_strategies
+from server.settings import load_settings
+
+
+def add_parsers(sub: Any) -> None:
+    e = sub.add_parser("eval", help="measure strategies on a dataset")
+    e.add_argument("--dataset", required=True, help="JSONL path or reasoning-gym names joined by '+' "
+                   f"(built in: {', '.join(datasets.BUILTIN)})")
+    e.add_argument("--strategies", default="passthrough,self_consistency:n=8,best_of_n:n=8")
+    e.add_argument("--server", help="a running sharpen's base URL (…/v1)")
+    e.add_argument("--upstream", help="start sharpen in-process in front of this OpenAI-compatible URL")
+    e.add_argument("--model", help="model name (default: the server's first base model)")
+    e.add_argument("--api-key", default=None)
+    e.add_argument("--limit", type=int, default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="evals-out")
+    e.add_argument("--concurrency", type=int, default=4)
+    e.add_argument("--max-tokens", type=int, default=512)
+    e.add_argument("--baseline", default=None, help="strategy label to compare against (default: the first)")
+    e.add_argument("--config", default=None)
+    e.set_defaults(func=run_eval)
+    c = sub.add_parser("calibrate", help="choose auto's thresholds from eval results")
+    c.add_argument("--results", required=True)
+    c.add_argument("--gain", type=float, default=0.9, help="share of best_of_n's accuracy gain to keep")
+    c.add_argument("--greedy", default="passthrough", help="label of the greedy baseline in the results")
+    c.set_defaults(func=run_calibrate)
+
+
+@contextmanager
+def _local_server(args: argparse.Namespace) -> Iterator[str]:
+    """A sharpen on a loopback port for the duration of the eval."""
+    import socket
+
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = load_settings(config=args.config, upstream={"url": args.upstream} if args.upstream else None,
+                             memory={"enabled": False})
+    backend = None
+    if not settings.upstream.url:
+        from server.backend.vllm_process import VLLMProcess
+        from server.backend.weights import prepare_model
+
+        prepared = prepare_model(settings.backend.model, settings.cache_dir)
+        backend = VLLMProcess(settings.backend, prepared, settings.log_dir / "vllm-eval.log")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    import httpx
+
+    deadline = time.monotonic() + settings.backend.start_timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        raise SystemExit("the in-process sharpen did not become ready")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    items = datasets.load(args.dataset, limit=args.limit, seed=args.seed)
+    specs = parse_strategies(args.strategies)
+    out = Path(args.out)
+    with _local_server(args) if not args.server else _given(args.server) as base:
+        runner = Runner(base, model=args.model, api_key=args.api_key, out=out, concurrency=args.concurrency,
+                        max_tokens=args.max_tokens)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn()) as bar:
+            task = bar.add_task(f"{len(items)} items x {len(specs)} strategies", total=len(items) * len(specs))
+            bar.update(task, completed=len(items) * len(specs) - _todo(out, items, specs))
+            results = asyncio.run(runner.run(items, specs, advance=lambda: bar.advance(task)))
+    summary = report.write(results, out, args.baseline or specs[0].label, f"sharpen eval: {args.dataset}")
+    print(report.table(summary["rows"]))
+    print(f"results: {results}\nreport: {summary['report']}")
+    return 0
+
+
+def _todo(out: Path, items: list[datasets.Item], specs: list[Any]) -> int:
+    from evals.runner import completed
+
+    done = completed(out / "results.jsonl")
+    return sum(1 for s in specs for i in items if (s.label, i.id) not in done)
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    result = calibrate(Path(args.results), greedy_label=args.greedy, gain=args.gain)
+    print(json.dumps({k: v for k, v in result.items() if k != "options"}, indent=2))
+    return 0
