@@ -73,7 +73,10 @@ async def answer(upstream: UpstreamAPI, model: str, tenant: str, task: str, sett
         return None
     best = max(result.candidates, key=lambda c: (c.scores.get("verifiers", 0), c.scores.get("agreement", 0)))
     score = best.scores.get("verifiers", 0.0)
-    if score < settings.min_verifier_score or not best.content.strip():
+    # An LLM verifier's explicit rejection vetoes the answer: with the default verifiers,
+    # agreement alone (four candidates repeating one wrong answer) would otherwise reach 0.5.
+    vetoed = any(v.get("approved") is False for k, v in best.verdicts.items() if k.startswith("aspect:"))
+    if score < settings.min_verifier_score or vetoed or not best.content.strip():
         return None
     return Example(task=task, answer=best.content, score=score, origin=origin, reference=extract(best.content))
 

@@ -94,6 +94,9 @@ class AdapterRegistry:
         n = int(self.db.execute("SELECT COALESCE(MAX(version), 0) FROM adapters WHERE tenant=? AND base=?",
                                 (tenant, base)).fetchone()[0]) + 1
         name = f"{_slug(base)}-{_slug(tenant)}-v{n}"
+        while self.get(name) is not None:  # another (tenant, base) with the same slugs took it
+            n += 1
+            name = f"{_slug(base)}-{_slug(tenant)}-v{n}"
         v = AdapterVersion(name=name, tenant=tenant, base=base, version=n, path=str(root / name), status="training",
                            parent=parent, data_hash=data_hash, hyper=hyper)
         self.db.execute("INSERT INTO adapters (name, tenant, base, version, parent, path, status, data_hash, hyper, "

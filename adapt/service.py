@@ -130,13 +130,18 @@ class AdaptationService:
             await asyncio.sleep(5.0)
             if self._running is not None and not self._running.done():
                 continue
-            counts = await loop.run_in_executor(self._pool, self.queue.counts)
-            period = self.settings.period_s
-            due = period is not None and time.monotonic() - self._last_cycle >= period
-            for tenant, n in counts.items():
-                if self.opted_in(tenant) and (n >= self.settings.queue_trigger or (due and n > 0)):
-                    self.run_cycle(tenant)
-                    break
+            try:
+                counts = await loop.run_in_executor(self._pool, self.queue.counts)
+                period = self.settings.period_s
+                due = period is not None and time.monotonic() - self._last_cycle >= period
+                for tenant, n in counts.items():
+                    if self.opted_in(tenant) and (n >= self.settings.queue_trigger or (due and n > 0)):
+                        self.run_cycle(tenant)
+                        break
+            except Exception as exc:  # e.g. no base_model_path: say so, and keep the scheduler alive
+                self._last_cycle = time.monotonic()
+                log.warning("could not start an adaptation cycle: %s",
+                            exc.message if isinstance(exc, SharpenError) else repr(exc))
 
     # -- the cycle ---------------------------------------------------------------------------
 
@@ -161,9 +166,9 @@ class AdaptationService:
         s = self.settings
         loop = asyncio.get_running_loop()
         version: AdapterVersion | None = None
+        used: list[int] = []
         job.status = "running"
         try:
-            used: list[int] = []
             if examples is None:
                 job.stage = "synthesize"
                 pending = await loop.run_in_executor(self._pool, self.queue.pending, job.tenant, s.max_queries)
@@ -216,9 +221,12 @@ class AdaptationService:
             job.stage = "swap"
             self._promote(version)
             job.status = "succeeded"
-            await loop.run_in_executor(self._pool, self.queue.mark_used, used)
         except asyncio.CancelledError:
             job.status = "cancelled"
+            if version is not None:
+                self.registry.update(version.name, status="cancelled")
+                if job.stage == "gate":  # loaded for the gate: do not leave it in vLLM
+                    self._spawn(self._unload_when_idle(version.name))
             raise
         except Exception as exc:
             job.status = "failed"
@@ -226,7 +234,14 @@ class AdaptationService:
             log.warning("adaptation job %s failed: %s", job.id, job.error)
             if version is not None:
                 self.registry.update(version.name, status="failed", note=job.error)
+                if job.stage == "gate":
+                    self._spawn(self._unload_when_idle(version.name))
         finally:
+            if used and job.status in ("succeeded", "rejected", "failed"):
+                # Consumed by this attempt whatever its outcome: left pending, the same queries
+                # would start the same cycle again at the scheduler's next tick, forever.
+                with contextlib.suppress(Exception):
+                    await loop.run_in_executor(self._pool, self.queue.mark_used, used)
             job.stage = "done"
             job.finished = time.time()
 
@@ -241,6 +256,8 @@ class AdaptationService:
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"No adaptation job '{job_id}'.")
+        if job.finished is not None:
+            return  # over already; the running cycle (if any) is another job's
         tj = getattr(self, "_train_job", None)
         if job.stage == "train" and tj is not None:
             await self.trainer.cancel(tj)

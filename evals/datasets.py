@@ -58,7 +58,7 @@ def load(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Item]:
         return _jsonl(path, limit)
     items: list[Item] = []
     names = spec.split("+")
-    per = None if limit is None else max(1, limit // len(names))
+    per = None if limit is None else max(1, -(-limit // len(names)))  # ceil: --limit 5 over two gives 5
     for name in names:
         items += _reasoning_gym(name, per or 50, seed)
     return items[:limit] if limit else items
@@ -66,15 +66,25 @@ def load(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Item]:
 
 def _jsonl(path: Path, limit: int | None) -> list[Item]:
     items = []
+    seen: set[str] = set()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        d = json.loads(line)
+        try:
+            d = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from None
+        if not isinstance(d, dict) or "question" not in d:
+            raise ValueError(f"{path}:{n}: an item needs a 'question'")
         answer = str(d.get("answer", ""))
         checker = d.get("checker") or ("choice" if d.get("choices") else "numeric" if _is_number(answer) else "string")
-        if checker not in CHECKERS:
-            raise ValueError(f"{path}:{n}: unknown checker {checker!r} (one of {', '.join(CHECKERS)})")
-        items.append(Item(id=str(d.get("id", n)), question=str(d["question"]), answer=answer, checker=checker,
+        if checker not in CHECKERS[:-1]:  # reasoning_gym needs a reasoning-gym entry, which JSONL lacks
+            raise ValueError(f"{path}:{n}: unknown checker {checker!r} (one of {', '.join(CHECKERS[:-1])})")
+        item_id = str(d.get("id", n))
+        if item_id in seen:  # results are keyed by id: a repeat would overwrite the first's
+            raise ValueError(f"{path}:{n}: duplicate id {item_id!r}")
+        seen.add(item_id)
+        items.append(Item(id=item_id, question=str(d["question"]), answer=answer, checker=checker,
                           choices=d.get("choices"), tests=d.get("tests")))
         if limit and len(items) >= limit:
             break

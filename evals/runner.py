@@ -73,6 +73,15 @@ def completed(path: Path) -> set[tuple[str, str]]:
     return done
 
 
+def _end_line(path: Path) -> None:
+    """A line cut by an interruption gets its newline, so the next record is not glued onto it."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 class Runner:
     """Sends items to ``base_url`` (a sharpen ``/v1``) with a strategy each, ``concurrency`` at once."""
 
@@ -92,6 +101,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / "results.jsonl"
         done = completed(path)
+        _end_line(path)
         todo = [(s, i) for s in specs for i in items if (s.label, i.id) not in done]
         sem = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers) as client:

@@ -157,14 +157,16 @@ class IndexSet:
 
     def load(self, tenant: str, entry: dict[str, Any]) -> TenantIndex | None:
         """The persisted index of ``tenant``, or None if its file is missing or unreadable."""
-        try:
+        idx = TenantIndex(self.dim, self.hnsw_threshold)
+        try:  # a malformed manifest entry is as unreadable as a missing file: rebuilt from SQLite
             raw = (self.dir / entry["file"]).read_bytes()
             index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
-        except (OSError, RuntimeError, KeyError, ValueError):
+            if index.d != self.dim:
+                return None
+            idx.index, idx.hnsw = index, bool(entry.get("hnsw"))
+            idx.tombstones = {int(t) for t in entry.get("tombstones", [])}
+            idx.max_id = int(entry.get("max_id", 0))
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError, AttributeError):
             return None
-        idx = TenantIndex(self.dim, self.hnsw_threshold)
-        idx.index, idx.hnsw = index, bool(entry.get("hnsw"))
-        idx.tombstones = {int(t) for t in entry.get("tombstones", [])}
-        idx.max_id = int(entry.get("max_id", 0))
         self.tenants[tenant] = idx
         return idx

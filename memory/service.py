@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memory.embedder import Embedder, make_embedder
-from memory.index import IndexSet
+from memory.index import IndexSet, TenantIndex
 from memory.store import Experience, ExperienceStore
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,10 @@ class MemoryService:
         for tenant, (count, max_id) in truth.items():
             entry = manifest.get(tenant)
             idx = self.indexes.load(tenant, entry) if entry else None
-            if idx is None or idx.size != count or idx.max_id != max_id:
+            # Ids only grow (AUTOINCREMENT), so an index holding no row newer than SQLite's newest
+            # and as many rows as SQLite holds the same rows; its max_id may be higher (the newest
+            # rows were deleted since), which is no reason to rebuild.
+            if idx is None or idx.size != count or idx.max_id < max_id:
                 ids, vecs = self.store.vectors(tenant)
                 self.indexes.get(tenant).rebuild(ids, vecs)
                 self.indexes.dirty.add(tenant)
@@ -139,8 +142,14 @@ class MemoryService:
             await asyncio.gather(*self._distilling, return_exceptions=True)
 
     async def stop(self) -> None:
-        if self.ready:
-            await self.flush()
+        for t in self._tasks if not self.ready else ():
+            t.cancel()
+        if not self.ready:
+            # Still opening (loading the embedder): nothing was written yet, so do not wait for it.
+            self._write_pool.shutdown(wait=False, cancel_futures=True)
+            self._read_pool.shutdown(wait=False, cancel_futures=True)
+            return
+        await self.flush()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -232,10 +241,21 @@ class MemoryService:
         if over:
             self.store.delete(over)
             with self._lock:
-                idx = self.indexes.get(tenant)
-                idx.remove(over)
-                if idx.needs_rebuild():
-                    idx.rebuild(*self.store.vectors(tenant))
+                self.indexes.get(tenant).remove(over)
+        self._maybe_rebuild(tenant)
+
+    def _maybe_rebuild(self, tenant: str) -> None:
+        """Rebuilds a tenant's index grown past the HNSW threshold (or full of tombstones). The
+        new index is built outside the lock (recalls go on with the old one) and swapped in:
+        every index change happens in this (the write) thread, so nothing is missed meanwhile."""
+        assert self.store is not None and self.indexes is not None
+        with self._lock:
+            due = self.indexes.get(tenant).needs_rebuild()
+        if due:
+            fresh = TenantIndex(self.embedder.dim, self.config.hnsw_threshold)
+            fresh.rebuild(*self.store.vectors(tenant))
+            with self._lock:
+                self.indexes.tenants[tenant] = fresh
 
     async def _distill(self, row: Experience) -> None:
         assert self.distiller is not None
@@ -251,9 +271,11 @@ class MemoryService:
                 self._write_pool, store.update_insights, row.id, insights, workflow)
 
     def _persist(self) -> None:
+        # Not under the lock: serialising and fsyncing a 100k-entry HNSW index (~180 MB) takes
+        # seconds, and recalls would wait all that time. Only this (the write) thread changes
+        # the indexes, so nothing changes while it writes; concurrent searches only read.
         assert self.indexes is not None
-        with self._lock:
-            self.indexes.persist()
+        self.indexes.persist()
 
     async def _persist_loop(self) -> None:
         await self._ready.wait()
@@ -317,6 +339,7 @@ class MemoryService:
             with self._lock:
                 self.indexes.get(row.tenant).remove([row.id])
             self.indexes.dirty.add(row.tenant)
+            self._maybe_rebuild(row.tenant)
         return n
 
     def delete_tenant(self, tenant: str) -> int:

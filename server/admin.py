@@ -36,6 +36,8 @@ def _memory(request: Request) -> Services:
 async def memory_stats(request: Request) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
+    if not s.memory.ready:  # still opening (loading the embedder): say so instead of waiting
+        return s.memory.stats()
     stats: dict[str, Any] = await s.memory.run(s.memory.stats)
     return stats
 
@@ -106,8 +108,13 @@ async def memory_import(request: Request) -> dict[str, Any]:
             d = orjson.loads(line)
             fields = {k: v for k, v in d.items() if k in _FIELDS}
             exp = Experience(**fields)
-            if not (exp.tenant and exp.task and exp.answer) or not 0 <= float(exp.score) <= 1:
+            exp.score = float(exp.score)  # a string score would break the merge's comparison later
+            if not all(isinstance(getattr(exp, f), str) for f in _FIELDS - {"score"}):
+                raise ValueError("text fields must be strings")
+            if not (exp.tenant and exp.task and exp.answer) or not 0 <= exp.score <= 1:
                 raise ValueError("tenant, task, answer and a score in [0, 1] are required")
+            if exp.kind not in ("success", "pitfall"):
+                raise ValueError("kind must be 'success' or 'pitfall'")
         except (ValueError, TypeError, AttributeError) as exc:
             raise InvalidRequest(f"line {n}: {exc}", param=f"line {n}") from None
         exp.source = exp.source or "import"
@@ -153,6 +160,14 @@ def _adapt(request: Request) -> AdaptationService:
     return s.adapt
 
 
+async def _json_body(request: Request) -> Any:
+    """The JSON body (``{}`` when empty); malformed JSON is a 400, not an internal error."""
+    try:
+        return orjson.loads(await request.body() or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
+
+
 def _examples(items: list[_Example] | None) -> list[Example] | None:
     if items is None:
         return None
@@ -165,7 +180,7 @@ def _examples(items: list[_Example] | None) -> list[Example] | None:
 @router.post("/adaptation/run")
 async def adaptation_run(request: Request) -> dict[str, Any]:
     a = _adapt(request)
-    body = validate(CycleRequest, orjson.loads(await request.body() or b"{}"))
+    body = validate(CycleRequest, await _json_body(request))
     job = a.run_cycle(body.tenant, examples=_examples(body.examples), heldout=_examples(body.heldout))
     return {"object": "adaptation.job", "id": job.id, "status": job.status}
 
@@ -201,5 +216,5 @@ async def adapters(request: Request, tenant: str | None = None) -> dict[str, Any
 @router.post("/adapters/rollback")
 async def adapters_rollback(request: Request) -> dict[str, Any]:
     a = _adapt(request)
-    body = validate(RollbackRequest, orjson.loads(await request.body() or b"{}"))
+    body = validate(RollbackRequest, await _json_body(request))
     return await a.rollback(body.tenant)

@@ -138,6 +138,8 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
             err = InvalidRequest(str(exc.detail))
         resp = error_response(err)
         resp.status_code = exc.status_code
+        if exc.headers:
+            resp.headers.update(exc.headers)  # e.g. the Allow header a 405 must carry
         return resp
 
     @app.exception_handler(Exception)

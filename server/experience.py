@@ -117,9 +117,18 @@ class ExperienceRecorder:
     def _remember(self, ev: RequestEvent, score: float, kind: str, source: str) -> asyncio.Future[Experience | None]:
         task = task_of(ev.messages)
         exp = Experience(tenant=ev.tenant, task=task, answer=ev.answer or "", score=score, kind=kind, source=source)
+        fut = self.memory.remember(exp)
         if self.settings.distill:
             self.model_of[exp.uid] = ev.model
-        return self.memory.remember(exp)
+            fut.add_done_callback(lambda f: self._forget_model(exp.uid, f))
+        return fut
+
+    def _forget_model(self, uid: str, fut: asyncio.Future[Experience | None]) -> None:
+        """Only a freshly stored experience is distilled (and pops its model): one that was
+        dropped, failed, or merged into an existing row must not leave its entry behind."""
+        row = None if fut.cancelled() or fut.exception() is not None else fut.result()
+        if row is None or row.uid != uid or row.insights:
+            self.model_of.pop(uid, None)
 
     async def feedback(self, tenant: str, response_id: str, score: float) -> Experience:
         """Stores the answer ``response_id`` with an explicit score; returns once committed."""

@@ -25,7 +25,15 @@ from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.replay import Replay
 from server.settings import Settings
-from server.streaming import DONE, KEEPALIVE, SSEResponse, UsageSniffer, cancel_on_disconnect, sse_event
+from server.streaming import (
+    DONE,
+    KEEPALIVE,
+    ClientGone,
+    SSEResponse,
+    UsageSniffer,
+    cancel_on_disconnect,
+    sse_event,
+)
 from server.upstream import Upstream
 from server.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, validate
 from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyResult
@@ -223,13 +231,14 @@ class ProxyService:
     def _stream(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
                 t0: float, ran: float) -> SSEResponse:
         assert result.stream is not None
+        opened = time.monotonic() - ran  # when the strategy opened the upstream stream (monotonic, as record wants)
         sniffer = UsageSniffer()
         overhead = time.perf_counter() - t0 - ran
         self.metrics.overhead.labels(endpoint).observe(overhead)
 
         def on_close(gone: bool, failure: SharpenError | None) -> None:
             error = None if failure is None else failure.message
-            ctx.record("answer", ctx.body, sniffer.usage(), t0 + ran, error=error)
+            ctx.record("answer", ctx.body, sniffer.usage(), opened, error=error)
             exc: BaseException | None = failure
             if gone:
                 self.metrics.disconnects.inc()
@@ -269,8 +278,10 @@ class ProxyService:
             status = str(status_of(exc))
             if isinstance(exc, UpstreamError):
                 m.upstream_errors.labels(type(exc).__name__).inc()
-        elif isinstance(exc, asyncio.CancelledError | ConnectionError):
+        elif isinstance(exc, asyncio.CancelledError | ConnectionError | ClientGone):
             status = "499"
+            if isinstance(exc, ClientGone):
+                m.disconnects.inc()
         else:
             status = "500"
         m.requests.labels(endpoint, strategy.name, status).inc()

@@ -158,7 +158,8 @@ class HttpxTransport(Transport):
         req = self._client.build_request(method, url, content=body, headers=dict(headers))
         try:
             resp = await self._client.send(req, stream=True)
-        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError,
+                httpx.ReadError, httpx.WriteError) as exc:
             raise UpstreamConnectError(f"upstream unreachable: {exc!r}") from None
         except httpx.HTTPError as exc:
             raise UpstreamError(f"upstream answer unreadable: {exc!r}") from None

@@ -58,6 +58,10 @@ class Auto(Strategy):
         if self.opts.probe_n > self.opts.n:
             raise InvalidRequest("probe_n cannot exceed n.", param="strategy.probe_n")
 
+    def admit(self, request: AnyRequest) -> None:
+        if isinstance(request, ChatCompletionRequest):  # a confident probe answers from its own samples
+            sampling.check_n(request, self.opts.probe_n)
+
     def _bon(self) -> BestOfN:
         o = self.opts
         return BestOfN(BestOfNOptions(n=o.n, temperature=o.temperature, verifiers=o.verifiers,
@@ -81,7 +85,9 @@ class Auto(Strategy):
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=cands,
                                   uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
                                   extra_trace=probe_trace)
-        more, extra = await sampling.sample(request, ctx, o.n - o.probe_n, o.temperature, notes)
+        # the client's n is checked against all n candidates (admit), not against this top-up alone
+        more, extra = await sampling.sample(request.model_copy(update={"n": None}), ctx, o.n - o.probe_n,
+                                            o.temperature, notes)
         upstream, merged = _merge(probe, cands, more, extra)
         result = await self._bon().judge(request, ctx, upstream, merged, notes)
         result.extra_trace.update(probe_trace)

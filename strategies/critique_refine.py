@@ -68,7 +68,7 @@ class CritiqueRefine(Strategy):
         approved_at: int | None = None
         stop = "max_rounds"
         for r in range(o.max_rounds):
-            tool = await self._tool_feedback(answer) if o.tools else None
+            tool = await self._tool_feedback(answer, ctx) if o.tools else None
             critique, approved = await self._critique(question, answer, checklist, tool, critic, ctx)
             rounds.append({"round": r, "answer": answer, "critique": critique, "approved": approved, "tool": tool})
             cands[-1].verdicts["critique"] = {"approved": approved, "critique": critique[-500:]}
@@ -103,11 +103,13 @@ class CritiqueRefine(Strategy):
         items = [m.group(1) for ln in _content(data).splitlines() if (m := _CHECK_ITEM.match(ln))]
         return items[:6]
 
-    async def _tool_feedback(self, answer: str) -> str | None:
+    async def _tool_feedback(self, answer: str, ctx: StrategyContext) -> str | None:
         code = extract_code(answer)
         if code is None:
             return None
-        result = await run_python(code, SandboxLimits(wall_s=self.opts.tool_timeout_s,
+        # The tool's time comes out of the request's deadline too.
+        wall = min(self.opts.tool_timeout_s, max(ctx.remaining(), 0.05))
+        result = await run_python(code, SandboxLimits(wall_s=wall,
                                                       cpu_s=max(1, int(self.opts.tool_timeout_s))))
         return result.summary()
 

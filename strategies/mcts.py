@@ -182,7 +182,7 @@ class MCTS(Strategy):
             path: list[Node] = []
             while node is not None and node.expanded:
                 path.append(node)
-                open_children = [c for c in node.children if not c.terminal and c.depth < self.opts.max_depth]
+                open_children = [c for c in node.children if self._has_open(c)]
                 node = max(open_children, key=self._uct) if open_children else None
             if node is None or node in chosen:
                 continue
@@ -190,6 +190,13 @@ class MCTS(Strategy):
                 n.virtual += 1
             chosen.append(node)
         return chosen
+
+    def _has_open(self, node: Node) -> bool:
+        """Whether ``node``'s subtree still has a leaf to expand (not an answer, not at max depth):
+        a descent into a finished subtree would find nothing and end the search early."""
+        if node.terminal or node.depth >= self.opts.max_depth:
+            return False
+        return not node.expanded or any(self._has_open(c) for c in node.children)
 
     @staticmethod
     def _clear_virtual(root: Node) -> None:

@@ -24,7 +24,9 @@ import sys
 import tempfile
 from dataclasses import dataclass
 
-_CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+# Every fence, whatever its language, so a ```bash block is never paired with the next fence.
+_CODE_BLOCK = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+_PYTHON = frozenset({"python", "py", "python3"})
 
 # Executed first in the child: installs the audit hook, then runs the user's file.
 _BOOTSTRAP = r"""
@@ -39,19 +41,21 @@ def _hook(event, args):
     if event == "open" and len(args) > 1:
         path, mode = args[0], args[1]
         writing = isinstance(mode, str) and any(c in mode for c in "wax+")
-        if isinstance(mode, int):
-            writing = bool(mode & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
+        if not isinstance(mode, str):  # os.open: mode is None, the flags say it
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            writing = bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC))
         if writing and isinstance(path, (str, bytes)):
             p = os.path.realpath(path if isinstance(path, str) else path.decode())
             if not (p == _root or p.startswith(_root + os.sep)):
                 raise PermissionError(f"writing {p} is outside the sandbox")
     if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.symlink", "os.link",
                  "shutil.rmtree", "os.truncate"):
-        p = args[0] if args else None
-        if isinstance(p, (str, bytes)):
-            p = os.path.realpath(p if isinstance(p, str) else p.decode())
-            if not (p == _root or p.startswith(_root + os.sep)):
-                raise PermissionError(f"{event} on {p} is outside the sandbox")
+        # rename/replace/link/symlink name two paths: the destination must stay inside too
+        for p in args[:2] if event in ("os.rename", "os.link", "os.symlink") else args[:1]:
+            if isinstance(p, (str, bytes)):
+                p = os.path.realpath(p if isinstance(p, str) else p.decode())
+                if not (p == _root or p.startswith(_root + os.sep)):
+                    raise PermissionError(f"{event} on {p} is outside the sandbox")
 sys.addaudithook(_hook)
 del _hook
 _src = sys.stdin.read()
@@ -101,7 +105,11 @@ class SandboxResult:
 def extract_code(text: str) -> str | None:
     """The last fenced Python block in a model's answer, if any."""
     blocks = _CODE_BLOCK.findall(text or "")
-    return blocks[-1].strip() if blocks else None
+    # A block tagged Python wins over an untagged one (often the output shown after the code).
+    tagged = [code for lang, code in blocks if lang.lower() in _PYTHON]
+    bare = [code for lang, code in blocks if not lang]
+    found = tagged or bare
+    return found[-1].strip() if found else None
 
 
 def _isolate(limits: SandboxLimits) -> None:

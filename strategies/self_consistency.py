@@ -55,6 +55,10 @@ class SelfConsistency(Strategy):
                 raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
             opts.n = caps.max_n  # the default must not make a plain request fail on a capped server
 
+    def admit(self, request: AnyRequest) -> None:
+        if isinstance(request, ChatCompletionRequest):
+            sampling.check_n(request, self.options.n)  # type: ignore[attr-defined]
+
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
         opts: SelfConsistencyOptions = self.options  # type: ignore[assignment]
@@ -69,6 +73,7 @@ class SelfConsistency(Strategy):
         else:
             votes = Counter(c.answer for c in cands if c.answer is not None)
             ranked = sorted(cands, key=lambda c: (-votes.get(c.answer, 0) if c.answer else 0, *form_key(c)))
+            best = ranked[0].answer if ranked[0].answer is not None else best  # a tie goes where the answer went
         for c in cands:
             c.scores["votes"] = float(Counter(x.answer for x in cands)[c.answer]) if c.answer else 0.0
         return StrategyResult(

@@ -20,11 +20,15 @@ def fake_upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture
-def make_proxy() -> Iterator[Callable[..., ProxyServer]]:
-    """Starts sharpen with the given settings; every one started is stopped after the test."""
+def make_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ProxyServer]]:
+    """Starts sharpen with the given settings; every one started is stopped after the test.
+    Unless a test says otherwise, its data lives in a temporary folder and memory uses the
+    instant hashing embedder (the real one is tested where it matters)."""
     started: list[ProxyServer] = []
 
     def make(upstream_url: str | None = None, **settings: Any) -> ProxyServer:
+        settings.setdefault("data_dir", str(tmp_path_factory.mktemp("sharpen-data")))
+        settings.setdefault("memory", {}).setdefault("embedder", "hashing")
         p = ProxyServer(upstream_url, **settings).start()
         started.append(p)
         return p
@@ -48,7 +52,9 @@ def real_vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealVLLM]:
 
 
 @pytest.fixture(scope="session")
-def real_proxy(real_vllm: RealVLLM) -> Iterator[ProxyServer]:
+def real_proxy(real_vllm: RealVLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
     """sharpen in front of the real vLLM, shared by the session."""
-    with ProxyServer(real_vllm.base_url) as p:
+    data = tmp_path_factory.mktemp("real-proxy-data")
+    # No distillation calls in the background: they would load vLLM behind the tests' backs.
+    with ProxyServer(real_vllm.base_url, data_dir=str(data), memory={"embedder": "hashing", "distill": False}) as p:
         yield p

@@ -1,0 +1,227 @@
+"""self_consistency through the proxy, with the openai SDK against the scripted fake upstream."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.fakes.upstream import FakeUpstream, RecordedRequest
+from tests.proxy_server import ProxyServer
+
+pytestmark = pytest.mark.timeout(30)
+
+
+NO_MEMORY = {"enabled": False}
+
+
+@pytest.fixture
+def make_proxy(make_proxy: Callable[..., ProxyServer]) -> Callable[..., ProxyServer]:
+    """Experience memory off: its remember/distil calls reach the fake after the response."""
+    return functools.partial(make_proxy, memory=NO_MEMORY)
+
+
+@pytest.fixture(scope="module")
+def _server() -> Iterator[tuple[FakeUpstream, ProxyServer]]:
+    """One fake and one proxy for the module (starting them is most of a test's time)."""
+    with FakeUpstream() as fake, ProxyServer(fake.url, memory=NO_MEMORY) as proxy:
+        yield fake, proxy
+
+
+@pytest.fixture
+def fake_upstream(_server: tuple[FakeUpstream, ProxyServer]) -> FakeUpstream:
+    """The module's fake, back to its defaults."""
+    fake = _server[0]
+    fake.script(None)
+    fake.clear()
+    fresh = FakeUpstream()
+    for knob in ("answers", "fault", "ttft", "tok", "length", "fail_n", "verify_suffix", "logprob_fn"):
+        setattr(fake, knob, getattr(fresh, knob))
+    fake.adapters.clear()
+    return fake
+
+
+@pytest.fixture
+def proxy(_server: tuple[FakeUpstream, ProxyServer]) -> ProxyServer:
+    return _server[1]
+
+MESSAGES: list[Any] = [{"role": "user", "content": "What is 3 + 4?"}]
+
+
+@functools.cache
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=20)
+
+
+def client(proxy: ProxyServer) -> openai.OpenAI:
+    return _client(proxy.url)
+
+
+def ask(proxy: ProxyServer, strategy: Any = None, **kw: Any) -> dict[str, Any]:
+    extra = dict(kw.pop("extra_body", {}))
+    extra["strategy"] = strategy if strategy is not None else {"name": "self_consistency", "n": 4}
+    r = client(proxy).chat.completions.create(model="fake", messages=MESSAGES, extra_body=extra, **kw)
+    return r.model_dump()
+
+
+def content(resp: dict[str, Any], i: int = 0) -> str:
+    return str(resp["choices"][i]["message"]["content"])
+
+
+def calls(fake: FakeUpstream) -> list[RecordedRequest]:
+    return fake.completion_calls()
+
+
+def test_majority_vote_from_one_n_call(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "7", "7", "7"]
+    resp = ask(proxy)
+    assert content(resp).endswith("The answer is 7.")
+    assert len(resp["choices"]) == 1 and resp["choices"][0]["index"] == 0
+    (call,) = calls(fake_upstream)
+    assert call.json["n"] == 4
+    assert call.json["messages"] == MESSAGES
+    assert call.json["model"] == "fake"
+    assert "strategy" not in call.json and "trace" not in call.json
+    assert resp["usage"]["prompt_tokens"] == call.usage["prompt_tokens"]  # type: ignore[index]
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+    s = resp["sharpen"]
+    assert s["strategy"] == "self_consistency"
+    assert s["upstream_calls"] == 1
+    assert s["uncertainty"] == pytest.approx(0.25)
+    assert "trace" not in s
+
+
+def test_unanimous_answer_is_certain(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["7"]
+    resp = ask(proxy)
+    assert resp["sharpen"]["uncertainty"] == 0.0
+
+
+def test_trace(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "7", "7", "7"]
+    resp = ask(proxy, extra_body={"trace": True})
+    t = resp["sharpen"]["trace"]
+    assert t["options"]["n"] == 4
+    assert [c["answer"] for c in t["candidates"]] == ["3", "7", "7", "7"]
+    assert [c["scores"]["votes"] for c in t["candidates"]] == [1.0, 3.0, 3.0, 3.0]
+    assert all(c["logprob"] is not None for c in t["candidates"])
+    assert t["majority_answer"] == "7" and t["answers_parsed"] == 4
+    (c,) = t["calls"]
+    assert c["purpose"] == "candidates" and c["n"] == 4 and c["ok"] is True
+    assert c["usage"] == calls(fake_upstream)[0].usage
+    assert t["uncertainty"]["agreement"] == pytest.approx(0.75)
+
+
+def test_vote_ties_go_to_the_best_formed_candidate(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "3", "7", "7"]
+    # choice 3 is by far the most confident: its answer wins the 2-2 tie
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.01 if i == 3 else -1.0
+    resp = ask(proxy, extra_body={"trace": True})
+    assert content(resp).endswith("The answer is 7.")
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.01 if i == 0 else -1.0
+    resp = ask(proxy)
+    assert content(resp).endswith("The answer is 3.")
+
+
+def test_client_temperature_zero_is_replaced_and_noted(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    resp = ask(proxy, {"name": "self_consistency", "n": 3, "temperature": 0.9}, temperature=0,
+               extra_body={"trace": True})
+    assert calls(fake_upstream)[-1].json["temperature"] == 0.9
+    notes = resp["sharpen"]["trace"]["notes"]
+    assert any("temperature" in n and "0.9" in n for n in notes), notes
+    # a sampling temperature the client chose is kept, and nothing is noted
+    resp = ask(proxy, {"name": "self_consistency", "n": 3}, temperature=0.5, extra_body={"trace": True})
+    assert calls(fake_upstream)[-1].json["temperature"] == 0.5
+    assert not any("temperature" in n for n in resp["sharpen"]["trace"]["notes"])
+
+
+def test_client_n_returns_the_top_candidates(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "7", "5", "7"]
+    resp = ask(proxy, n=2)
+    assert [c["index"] for c in resp["choices"]] == [0, 1]
+    assert all(content(resp, i).endswith("The answer is 7.") for i in range(2))
+    # still one upstream call, for the strategy's n (not the client's)
+    (call,) = calls(fake_upstream)
+    assert call.json["n"] == 4
+
+
+def test_client_n_above_strategy_n_is_400(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(proxy, n=5)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == "n"  # type: ignore[index]
+    assert calls(fake_upstream) == []
+
+
+def test_logprobs_only_when_asked(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    resp = ask(proxy)
+    assert calls(fake_upstream)[-1].json["logprobs"] is True  # asked upstream for the tie-break
+    assert resp["choices"][0]["logprobs"] is None
+    resp = ask(proxy, logprobs=True)
+    assert resp["choices"][0]["logprobs"]["content"]
+
+
+FREE_FORM = ["Paris is lovely in spring", "Rome has the best food", "Paris, without a doubt", "Maybe Lisbon"]
+
+
+def _free_form(usc_reply: str) -> Any:
+    def script(body: dict[str, Any], i: int) -> str:
+        prompt = body["messages"][-1]["content"]
+        if "most consistent response" in prompt:
+            return usc_reply
+        return FREE_FORM[i % len(FREE_FORM)]
+
+    return script
+
+
+def test_usc_when_answers_cannot_be_extracted(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_free_form("Response 3"))
+    resp = ask(proxy, extra_body={"trace": True})
+    assert content(resp) == FREE_FORM[2]
+    cand, usc = calls(fake_upstream)
+    assert cand.json["n"] == 4
+    assert "n" not in usc.json or usc.json["n"] == 1
+    assert usc.json["temperature"] == 0.0
+    prompt = usc.json["messages"][-1]["content"]
+    assert MESSAGES[0]["content"] in prompt
+    assert all(f"Response {k}:\n{FREE_FORM[k - 1]}" in prompt for k in range(1, 5))
+    t = resp["sharpen"]["trace"]
+    assert [c["purpose"] for c in t["calls"]] == ["candidates", "usc"]
+    assert t["answers_parsed"] == 0
+    assert any("universal self-consistency" in n for n in t["notes"])
+    assert resp["sharpen"]["upstream_calls"] == 2
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+
+
+def test_usc_unreadable_pick_falls_back_to_best_formed(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_free_form("I cannot decide."))
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.01 if i == 1 else -2.0
+    resp = ask(proxy, extra_body={"trace": True})
+    assert content(resp) == FREE_FORM[1]
+    assert any("unreadable" in n for n in resp["sharpen"]["trace"]["notes"])
+
+
+def test_usc_off_makes_no_extra_call(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_free_form("Response 3"))
+    resp = ask(proxy, {"name": "self_consistency", "n": 4, "usc": False})
+    assert len(calls(fake_upstream)) == 1
+    assert content(resp) in FREE_FORM
+
+
+def test_usc_failure_still_answers(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    # the candidates and then a failing USC call, both pushed in arrival order
+    fake_upstream.push_response(200, {
+        "id": "c", "object": "chat.completion", "created": 0, "model": "fake",
+        "choices": [{"index": i, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": FREE_FORM[i]}} for i in range(4)],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 20, "total_tokens": 25},
+    })
+    fake_upstream.push_response(500, {"error": {"message": "boom", "type": "InternalServerError", "code": 500}})
+    resp = ask(proxy, extra_body={"trace": True})
+    assert content(resp) in FREE_FORM
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["ok"]) for c in t["calls"]] == [("candidates", True), ("usc", False)]
+    assert resp["usage"]["total_tokens"] == 25
