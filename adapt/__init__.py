@@ -1,2 +1,2 @@
-"""Background continual adaptation (issue: uncertain queries -> LoRA -> gated hot-swap).
-Not built yet: nothing here is imported by the server."""
+"""Continual adaptation: uncertain queries -> synthesized examples -> LoRA training in its own
+process -> evaluation gate -> versioned hot-swap into vLLM -> roll back (see adapt.service)."""

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -205,6 +206,7 @@ class AdaptationService:
                 self.registry.update(version.name, status=outcome.status, note=outcome.error or "")
                 job.status, job.error = ("cancelled" if outcome.status == "cancelled" else "failed"), outcome.error
                 return
+            name_base_model(Path(version.path), job.base)
             job.stage = "load"
             await self._load(version)
             job.stage = "gate"
@@ -342,3 +344,18 @@ class AdaptationService:
                 "queue": self.queue.counts(), "running": self._running is not None and not self._running.done(),
                 "jobs": len(self.jobs)}
 
+
+def name_base_model(adapter_dir: Path, served_base: str) -> None:
+    """Records the served base model's name in ``adapter_config.json``: vLLM's filesystem
+    resolver (replicas pulling adapters from shared storage) only serves an adapter whose
+    ``base_model_name_or_path`` matches the base model a request names. The training-time path
+    stays in ``lineage.json``."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return
+    cfg["base_model_name_or_path"] = served_base
+    tmp = cfg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, cfg_path)

@@ -1,2 +1,2 @@
-"""Contextual experience replay (issue: durable per-tenant memory in FAISS). Not built yet:
-nothing here is imported by the server."""
+"""Contextual experience replay: a durable, per-tenant memory of past tasks, recalled into the
+prompt (see memory.service)."""
