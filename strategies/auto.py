@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from server.errors import InvalidRequest
 from server.wire import ChatCompletionRequest
-from strategies import sampling
+from strategies import sampling, verifiers
 from strategies.answers import majority
 from strategies.base import (
     AnyRequest,
@@ -39,6 +39,14 @@ class AutoOptions(StrategyOptions):
     n: int = Field(default=8, ge=2, le=256)  # candidates in all when escalating
     temperature: float = Field(default=0.7, gt=0, le=2)
     verifiers: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
+
+    @field_validator("verifiers")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:  # as best_of_n's: a bad name is a 400, not a 500 in check()
+        bad = [x for x in v if x not in verifiers.NAMES]
+        if bad:
+            raise ValueError(f"unknown verifier(s) {bad}; valid: {', '.join(verifiers.NAMES)}")
+        return list(dict.fromkeys(v))
 
 
 class Auto(Strategy):
@@ -85,10 +93,12 @@ class Auto(Strategy):
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=cands,
                                   uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
                                   extra_trace=probe_trace)
-        # the client's n is checked against all n candidates (admit), not against this top-up alone
-        more, extra = await sampling.sample(request.model_copy(update={"n": None}), ctx, o.n - o.probe_n,
-                                            o.temperature, notes)
-        upstream, merged = _merge(probe, cands, more, extra)
+        upstream, merged = probe, cands
+        if o.n > o.probe_n:  # probe_n == n: nothing to top up (an n=0 call would be refused)
+            # the client's n is checked against the probe (admit), not against this top-up alone
+            more, extra = await sampling.sample(request.model_copy(update={"n": None}), ctx, o.n - o.probe_n,
+                                                o.temperature, notes)
+            upstream, merged = _merge(probe, cands, more, extra)
         result = await self._bon().judge(request, ctx, upstream, merged, notes)
         result.extra_trace.update(probe_trace)
         return result

@@ -166,10 +166,20 @@ class NHistogram:
 
     def __init__(self, vllm: RealVLLM) -> None:
         self.vllm = vllm
+        # An earlier test's (aborted) request may still be finishing, and its stats land a moment
+        # after it has: start from an idle server whose n histogram has stopped moving.
         deadline = time.monotonic() + 30
-        while _metrics(vllm).get(("vllm:num_requests_running", ""), 0) > 0 and time.monotonic() < deadline:
-            time.sleep(0.2)  # an earlier test's aborted request may still be finishing
-        self.before = _metrics(vllm)
+        before = _metrics(vllm)
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = _metrics(vllm)
+            idle = now.get(("vllm:num_requests_running", ""), 0) == 0 and \
+                now.get(("vllm:num_requests_waiting", ""), 0) == 0
+            key = ("vllm:request_params_n_count", "")
+            if idle and now.get(key) == before.get(key):
+                break
+            before = now
+        self.before = before
 
     def delta(self, expected_requests: int, timeout: float = 15) -> tuple[float, float, float]:
         """(requests, sum of n, requests with n = 1), once ``expected_requests`` are counted."""
