@@ -41,6 +41,14 @@ def _value(v: str) -> Any:
     return {"true": True, "false": False}.get(v.lower(), v)
 
 
+_LIST_OPTIONS = frozenset({"verifiers"})
+
+
+def _option(key: str, raw: str) -> Any:
+    v = _value(raw)
+    return [v] if key in _LIST_OPTIONS and not isinstance(v, list) else v
+
+
 def parse_strategies(text: str) -> list[StrategySpec]:
     """``passthrough,self_consistency:n=8,best_of_n:n=8,verifiers=approval+agreement``: a token
     without ``:`` but with ``=`` adds an option to the strategy before it."""
@@ -48,14 +56,14 @@ def parse_strategies(text: str) -> list[StrategySpec]:
     for tok in (t.strip() for t in text.split(",") if t.strip()):
         if ":" not in tok and "=" in tok and specs:
             k, _, v = tok.partition("=")
-            specs[-1].options[k] = _value(v)
+            specs[-1].options[k] = _option(k, v)
             specs[-1].label += "," + tok
             continue
         name, _, opts = tok.partition(":")
         spec = StrategySpec(label=tok, name=name)
         for part in filter(None, opts.split(";")):
             k, _, v = part.partition("=")
-            spec.options[k] = _value(v)
+            spec.options[k] = _option(k, v)
         specs.append(spec)
     return specs
 

@@ -54,7 +54,8 @@ def _client(url: str) -> openai.OpenAI:
 def ask(proxy: ProxyServer, strategy: dict[str, Any], **kw: Any) -> dict[str, Any]:
     r = _client(proxy.url).chat.completions.create(
         model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", **strategy}, "trace": True}, **kw)
-    return r.model_dump()
+    out: dict[str, Any] = r.model_dump()
+    return out
 
 
 def is_verifier(body: dict[str, Any]) -> bool:
