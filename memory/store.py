@@ -132,6 +132,8 @@ class ExperienceStore:
             self.db.execute("UPDATE experiences SET answer=?, score=?, kind=?, insights='', workflow='', "
                             "last_used=? WHERE id=?", (exp.answer, exp.score, exp.kind, time.time(), id_))
             row.answer, row.score, row.kind, row.insights, row.workflow = exp.answer, exp.score, exp.kind, "", ""
+            # Keep the exact-duplicate key in step with the new answer (unless another row has it).
+            self.db.execute("UPDATE OR IGNORE experiences SET digest=? WHERE id=?", (row.digest(), id_))
         else:
             self.db.execute("UPDATE experiences SET last_used=? WHERE id=?", (time.time(), id_))
         return row

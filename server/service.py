@@ -133,6 +133,8 @@ class ProxyService:
                               tenant=principal.tenant, deadline=time.monotonic() + deadline,
                               max_upstream_tokens=None if strategy.streams_natively else budget,
                               resolver=self.models.resolve)
+        if self.replay is None and isinstance(req, ChatCompletionRequest) and req.memory not in (None, False):
+            raise InvalidRequest("Memory is not enabled on this server.", param="memory")
         if self.replay is not None and isinstance(req, ChatCompletionRequest):
             mem = self.replay.options(req)
             ctx.meta["remember"] = mem.remember

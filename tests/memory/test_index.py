@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from memory import index as index_mod
 from memory.embedder import Vectors
 from memory.index import IndexSet, TenantIndex, atomic_write
 
@@ -158,7 +157,7 @@ def test_atomic_write_crash_before_rename_keeps_the_old_file(tmp_path: Path, mon
     def crash(src: object, dst: object) -> None:
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(index_mod.os, "replace", crash)
+    monkeypatch.setattr("memory.index.os.replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         atomic_write(p, json.dumps({"v": 2, "big": "x" * 100_000}).encode())
     assert json.loads(p.read_bytes()) == {"v": 1}  # the old content, intact
@@ -178,7 +177,7 @@ def test_persist_crash_leaves_a_loadable_previous_state(tmp_path: Path, monkeypa
     before = s.read_manifest()
     s.get("a").add([4, 5], v[3:])
     s.dirty.add("a")
-    monkeypatch.setattr(index_mod.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
+    monkeypatch.setattr("memory.index.os.replace", lambda *a: (_ for _ in ()).throw(OSError("crash")))
     with pytest.raises(OSError):
         s.persist()
     monkeypatch.undo()

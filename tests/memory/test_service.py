@@ -155,11 +155,11 @@ async def test_delete_ids_and_tenant(mems: Memories) -> None:
 async def test_distiller_adds_insights(mems: Memories) -> None:
     seen: list[str] = []
 
-    async def distil(e: Experience) -> tuple[str, str]:
-        seen.append(e.task)
-        if "fail" in e.task:
+    async def distil(exp: Experience) -> tuple[str, str]:  # the Distiller protocol's signature
+        seen.append(exp.task)
+        if "fail" in exp.task:
             raise RuntimeError("upstream down")
-        return f"insight on {e.task}", "1. {x}"
+        return f"insight on {exp.task}", "1. {x}"
 
     m = await mems.start()
     m.distiller = distil
@@ -308,6 +308,7 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
         await m.wait_ready(60)
         try:
             assert m.store is not None and m.indexes is not None
+            print(f"{len(acked)} acknowledged before kill -9; {m.store.count()} rows; rebuilt: {m.repaired}")
             for uid, tenant, answer in acked:
                 row = m.store.by_uid(uid)
                 assert row is not None, f"acknowledged {uid} lost"
@@ -327,3 +328,28 @@ def test_acknowledged_writes_survive_kill_9(tmp_path: Path) -> None:
             await m.stop()
 
     asyncio.run(check())
+
+
+async def test_recall_is_not_blocked_by_a_slow_persist(mems: Memories, monkeypatch: pytest.MonkeyPatch) -> None:
+    import memory.index
+
+    m = await mems.start(persist_interval_s=3600)
+    await m.remember(exp(TASKS[0]))
+    real_write = memory.index.atomic_write
+    writing = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_write(path: Path, data: bytes) -> None:
+        loop.call_soon_threadsafe(writing.set)
+        time.sleep(2.0)  # a large index on a slow disk
+        real_write(path, data)
+
+    monkeypatch.setattr(memory.index, "atomic_write", slow_write)
+    m.indexes.dirty.add("a")  # type: ignore[union-attr]
+    persisting = loop.run_in_executor(m._write_pool, m._persist)
+    await asyncio.wait_for(writing.wait(), 10)
+    t = time.perf_counter()
+    hits = await m.recall("a", TASKS[0])
+    assert hits and time.perf_counter() - t < 1.5
+    assert not persisting.done()
+    await persisting

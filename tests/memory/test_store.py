@@ -51,12 +51,14 @@ def test_insert_assigns_ids_and_round_trips(store: ExperienceStore) -> None:
 
 def test_exact_duplicate_merges_keeping_the_best_score(store: ExperienceStore) -> None:
     first = store.insert([(exp("What is 2+2?", "4", score=0.5), vec(1))])[0]
+    fid = first.id
+    assert fid is not None
     # Same tenant, same task (case and outer spaces aside) and answer: no new row.
     again = store.insert([(exp("  what is 2+2? ", "4", score=0.9), vec(2))])[0]
     assert again.id == first.id and store.count() == 1
-    assert store.get([first.id])[first.id].score == pytest.approx(0.9)
+    assert store.get([fid])[fid].score == pytest.approx(0.9)
     store.insert([(exp("What is 2+2?", "4", score=0.2), vec(3))])
-    assert store.get([first.id])[first.id].score == pytest.approx(0.9)  # never lowered
+    assert store.get([fid])[fid].score == pytest.approx(0.9)  # never lowered
     # A different answer, or another tenant, is a different experience.
     store.insert([(exp("What is 2+2?", "5"), vec(4)), (exp("What is 2+2?", "4", tenant="u"), vec(5))])
     assert store.count() == 3 and store.count("t") == 2 and store.count("u") == 1
@@ -73,8 +75,13 @@ def test_merge_near_duplicate(store: ExperienceStore) -> None:
     better = store.merge(row.id, exp("q?", "new", score=0.9))
     assert better is not None and better.answer == "new" and better.insights == ""
     stored = store.get([row.id])[row.id]
-    assert (stored.task, stored.answer, stored.score, stored.insights) == ("q", "new", pytest.approx(0.9), "")
+    assert (stored.task, stored.answer, stored.insights) == ("q", "new", "")
+    assert stored.score == pytest.approx(0.9)
     assert store.merge(999, exp("q", "x")) is None
+    # The exact-duplicate key follows the answer: the new one merges, the replaced one is new again.
+    assert store.insert([(exp("q", "new", score=0.95), vec(2))])[0].id == row.id
+    assert store.insert([(exp("q", "old", score=0.99), vec(3))])[0].id != row.id
+    assert store.get([row.id])[row.id].score == pytest.approx(0.95)
 
 
 def test_eviction_order_lowest_score_then_least_recent(store: ExperienceStore) -> None:
