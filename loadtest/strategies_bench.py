@@ -209,7 +209,10 @@ async def part_a(session: aiohttp.ClientSession, upstream: str, proxy: str, mode
               f"ratio {tb / tp:.2f}", flush=True)
     sp, sb = sum(r["plain_s"] for r in rows), sum(r["bon_s"] for r in rows)
     ratios = [r["bon_s"] / r["plain_s"] for r in rows]
-    tok = lambda rs, k, f: statistics.mean(r[k][f] for r in rs)  # noqa: E731
+
+    def tok(rs: list[dict[str, Any]], k: str, f: str) -> float:
+        return float(statistics.mean(r[k][f] for r in rs))
+
     print(f"\n| | plain n={args.n} | best_of_n n={args.n} (+{len(VERIFIERS) - 1} LLM verifiers, agreement) |")
     print("|---|---:|---:|")
     print(f"| mean wall time / question | {sp / len(rows):.1f} s | {sb / len(rows):.1f} s |")
@@ -258,7 +261,7 @@ async def run_phase(session: aiohttp.ClientSession, proxy: str, model: str, name
                      "verdicts": {k: v.get("score") for k, v in (c.get("verdicts") or {}).items()}}
                     for c in cands]
                 row["calls"] = len(trace["calls"])
-                first = next((c for c in trace["calls"] if c["purpose"] == "candidates"), {})
+                first: dict[str, Any] = next((c for c in trace["calls"] if c["purpose"] == "candidates"), {})
                 row["candidates_s"] = first.get("seconds")
                 row["candidates_usage"] = first.get("usage")
                 row["notes"] = trace["notes"]
@@ -354,7 +357,9 @@ def report_b(phases: list[dict[str, Any]], items: list[Item], args: argparse.Nam
         print("\n| verifier | AUROC right vs wrong | mean score, right | mean score, wrong | failed calls |")
         print("|---|---:|---:|---:|---:|")
         for v in [*names, "combined"]:
-            pos, neg, failed = [], [], 0
+            pos: list[float] = []
+            neg: list[float] = []
+            failed = 0
             for r in rows:
                 for c in r["candidates"]:
                     s = c["scores"].get("verifiers") if v == "combined" else c["verdicts"].get(v)
@@ -433,7 +438,7 @@ async def part_c(upstream_url: str, model: str, results: str, candidates: str, a
     sharpen's own ``AspectVerifier`` and ``StrategyContext``, and re-ranks them as best_of_n does
     (mean of the verifier scores with agreement; ties to agreement, then logprob). One vLLM at a
     time: the generator's run is over, only its candidates are reused."""
-    from server.settings import UpstreamSettings
+    from server.settings import TimeoutSettings, UpstreamSettings
     from server.upstream import Upstream
     from strategies.base import Candidate, StrategyContext
     from strategies.verifiers import VerificationTask
@@ -443,7 +448,7 @@ async def part_c(upstream_url: str, model: str, results: str, candidates: str, a
     rows, texts = load_saved(results, candidates)
     keys = sorted(k for k in rows if k in texts)[: args.items]
     items = {(it.task, it.idx): it for it in load_items(args.tasks.split(","), 200, args.seed)}
-    up = Upstream(upstream_url, UpstreamSettings(timeouts={"first_byte": 1800, "idle": 1800}))
+    up = Upstream(upstream_url, UpstreamSettings(timeouts=TimeoutSettings(first_byte=1800, idle=1800)))
     sem = asyncio.Semaphore(args.concurrency)
     out: list[dict[str, Any]] = []
     print(f"\n## c. {model} as the verifier ({', '.join(aspects)} + agreement) of {len(keys)} items' saved "
@@ -528,6 +533,8 @@ def report_files(paths: list[str], args: argparse.Namespace) -> None:
         phases["self_consistency"] = derived_sc(phases["best_of_n"])
     order = ["greedy", "self_consistency", "best_of_n"]
     done = sorted(phases.values(), key=lambda ph: order.index(ph["name"]))
+    if not done:
+        raise SystemExit("no finished phase in these files")
     if args.items:  # the common first items only
         keep = set.intersection(*({(r["task"], r["idx"]) for r in ph["rows"]} for ph in done))
         for ph in done:
