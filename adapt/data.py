@@ -20,7 +20,10 @@ from strategies.answers import extract
 from strategies.base import StrategyContext, UpstreamAPI
 from strategies.best_of_n import BestOfN, BestOfNOptions
 
-_LINE = re.compile(r"^\s*(?:\d+[.)]|[-*•])?\s*(.+?)\s*$")
+_LINE = re.compile(r"^\s*(?:\d+[.)]|[-*•]|(?:q|question)\s*\d*\s*[:.)])?\s*(.+?)\s*$", re.IGNORECASE)
+# What a small model writes around its questions: a preamble ("Sure, here are three:") or an
+# answer ("The answer is 36."), neither of which is a question to train on.
+_NOT_A_QUESTION = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b|:$", re.IGNORECASE)
 
 
 @dataclass
@@ -54,7 +57,7 @@ async def siblings(upstream: UpstreamAPI, model: str, tenant: str, task: str, k:
     for line in text.splitlines():
         m = _LINE.match(line)
         q = m.group(1) if m else ""
-        if len(q) > 8 and q.lower() != task.lower() and q not in out:
+        if len(q) > 8 and not _NOT_A_QUESTION.search(q) and q.lower() != task.lower() and q not in out:
             out.append(q)
     return out[:k]
 

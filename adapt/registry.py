@@ -71,6 +71,8 @@ class AdapterRegistry:
         self.shared = shared
         self._active: dict[tuple[str, str], str] = {}  # (tenant, base) -> adapter name
         self._in_flight: dict[str, int] = {}
+        # Who owns each version, in memory: checked on every request, so no query per request.
+        self._owner: dict[str, str] = {r[0]: r[1] for r in self.db.execute("SELECT name, tenant FROM adapters")}
         self._idle: dict[str, asyncio.Event] = {}
 
     def versions(self, tenant: str | None = None) -> list[AdapterVersion]:
@@ -102,6 +104,7 @@ class AdapterRegistry:
         self.db.execute("INSERT INTO adapters (name, tenant, base, version, parent, path, status, data_hash, hyper, "
                         "created) VALUES (?,?,?,?,?,?,?,?,?,?)",
                         (v.name, tenant, base, n, parent, v.path, v.status, data_hash, json.dumps(hyper), v.created))
+        self._owner[v.name] = tenant
         return v
 
     def update(self, name: str, **fields: Any) -> None:
@@ -109,6 +112,11 @@ class AdapterRegistry:
         self.db.execute(f"UPDATE adapters SET {sets} WHERE name=?", [*fields.values(), name])
 
     # -- routing ------------------------------------------------------------------------------
+
+    def visible(self, tenant: str, model: str) -> bool:
+        """Whether ``tenant`` may name ``model``: any non-adapter, its own adapters, or all if shared."""
+        owner = self._owner.get(model)
+        return owner is None or self.shared or owner == tenant
 
     def active(self, tenant: str, base: str) -> str | None:
         return self._active.get((tenant, base)) or (self._active.get(("*", base)) if self.shared else None)

@@ -16,6 +16,7 @@ import os
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class AdaptationService:
         self._sub: asyncio.Queue[RequestEvent] | None = None
         self._live: dict[str, deque[float]] = {}
         self._last_cycle = time.monotonic()
+        self.models_changed: Callable[[], Awaitable[None]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -274,6 +276,15 @@ class AdaptationService:
         except UpstreamStatusError as exc:
             if exc.http_status != 400 or "already" not in exc.message.lower():
                 raise
+        await self._models_changed()
+
+    async def _models_changed(self) -> None:
+        """Lets the proxy's model list know at once (it otherwise refreshes on a miss)."""
+        if self.models_changed is not None:
+            try:
+                await self.models_changed()
+            except Exception:  # the list is a cache; the next miss refreshes it anyway
+                log.exception("refreshing the model list failed")
 
     def _promote(self, v: AdapterVersion) -> None:
         old = self.registry.activate(v)  # from here on, new requests go to v
@@ -323,6 +334,7 @@ class AdaptationService:
                 await self.registry.idle(name)
         try:
             await self.upstream.unload_lora_adapter(name)
+            await self._models_changed()
         except SharpenError as exc:
             log.info("unloading %s: %s", name, exc.message)
 
@@ -332,6 +344,9 @@ class AdaptationService:
         t.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
 
     # -- routing (called by the proxy on every request) --------------------------------------
+
+    def visible(self, tenant: str, model: str) -> bool:
+        return self.registry.visible(tenant, model)
 
     def acquire(self, tenant: str, model: str) -> str:
         return self.registry.acquire(tenant, model)

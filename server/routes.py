@@ -52,9 +52,9 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request) -> dict[str, Any]:
     s = _services(request)
-    s.authenticate(request)
+    principal = s.authenticate(request)
     await s.models.refresh()
-    return {"object": "list", "data": s.model_cards()}
+    return {"object": "list", "data": s.model_cards(principal.tenant)}
 
 
 @router.post("/v1/chat/completions", response_model=None)  # served by app.HotPath; kept for the schema

@@ -19,7 +19,15 @@ from starlette.responses import Response
 
 from server import render
 from server.auth import Principal
-from server.errors import InvalidRequest, PayloadTooLarge, RateLimited, SharpenError, UpstreamError, status_of
+from server.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PayloadTooLarge,
+    RateLimited,
+    SharpenError,
+    UpstreamError,
+    status_of,
+)
 from server.events import EventBus, RequestEvent
 from server.metrics import Metrics
 from server.models import ModelRegistry
@@ -126,6 +134,9 @@ class ProxyService:
         strategy, model_name = self._choose(endpoint, body, request)
         strategy.admit(req)
         upstream_model = await self.models.resolve(model_name)
+        if self.adapt is not None and not self.adapt.visible(principal.tenant, upstream_model):
+            # Another tenant's adapter is as unknown to this tenant as a missing model.
+            raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
         fwd = {k: v for k, v in body.items() if k not in SHARPEN_FIELDS} if _has_own(body) else body
         fwd["model"] = upstream_model
         budget, deadline = strategy.budget(self._caps)

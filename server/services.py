@@ -43,6 +43,8 @@ class Services:
         self.memory, self.recorder = self._memory(settings)
         replay = Replay(self.memory, settings.memory) if self.memory is not None else None
         self.adapt = self._adaptation(settings)
+        if self.adapt is not None:
+            self.adapt.models_changed = self.models.refresh
         self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events, replay,
                                   self.adapt)
         self._ready: tuple[float, bool] = (0.0, False)
@@ -103,9 +105,10 @@ class Services:
         self.metrics.upstream_ready.set(1 if ok else 0)
         return ok
 
-    def model_cards(self) -> list[dict[str, Any]]:
-        """The upstream's models, then each one's ``model@strategy`` variants."""
-        cards = self.models.cards()
+    def model_cards(self, tenant: str) -> list[dict[str, Any]]:
+        """The upstream's models the tenant may use (not other tenants' adapters), then each
+        one's ``model@strategy`` variants."""
+        cards = [c for c in self.models.cards() if self.adapt is None or self.adapt.visible(tenant, str(c["id"]))]
         out = list(cards)
         for card in cards:
             for name in self.strategies.names():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import resource
@@ -64,6 +65,10 @@ sys.argv = ["main.py"]
 exec(compile(_src, "main.py", "exec"), {"__name__": "__main__"})
 """
 
+try:  # loaded here, in the parent: the forked child must not import or allocate
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:
+    _LIBC = None
 _CLONE_NEWNET = 0x40000000
 _CLONE_NEWUSER = 0x10000000
 
@@ -95,6 +100,8 @@ class SandboxResult:
     def summary(self, limit: int = 1500) -> str:
         if self.timed_out:
             return "The code did not finish within the time limit and was killed."
+        if self.returncode == -signal.SIGXCPU:
+            return "The code did not finish within the time limit and was killed (CPU time)."
         out = self.stdout.strip()[-limit:]
         err = self.stderr.strip()[-limit:]
         if self.returncode == 0:
@@ -113,8 +120,15 @@ def extract_code(text: str) -> str | None:
 
 
 def _isolate(limits: SandboxLimits) -> None:
-    """Runs in the child between fork and exec."""
+    """Runs in the child between fork and exec. The namespace comes first: after fork the child
+    still has the server's (large) address space, so nothing may allocate once RLIMIT_AS is set;
+    the limits bind the fresh interpreter that exec starts."""
     os.setsid()
+    # A new network namespace has only a downed loopback: nothing is reachable. Without root, a
+    # user namespace first makes that allowed where the kernel permits it; else the audit hook
+    # still refuses sockets.
+    if _LIBC is not None and _LIBC.unshare(_CLONE_NEWNET) != 0:
+        _LIBC.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
     resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
     mem = limits.memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
@@ -122,16 +136,6 @@ def _isolate(limits: SandboxLimits) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        # A new network namespace has only a downed loopback: nothing is reachable. Without
-        # root, a user namespace first makes that allowed where the kernel permits it.
-        if libc.unshare(_CLONE_NEWNET) != 0:
-            libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-    except OSError:
-        pass  # the audit hook still refuses sockets
 
 
 async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:

@@ -72,23 +72,26 @@ def zorblat_script(rejected: str = "dog") -> Any:
 
 async def test_siblings_parses_lines_and_drops_junk(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
     reply = "\n".join([
-        "Here are some questions:",
+        "Sure, here are three new questions of the same kind:",  # a preamble
         "1. What is 12 times 7?",
         "2) What is 15 times 4?",
         "",
         "- What is 9 times 13?",
         "* What is 9 times 13?",  # a duplicate
         "• short",  # too short
+        "The answer is 15.",  # the model answered instead
         "what is 3 times 5?",  # the original question again (any case)
+        "Question 4: What is 6 times 11?",
+        "Q5. Multiply 8 by 14.",
         "   What is 21 times 3?   ",
     ])
     fake_upstream.script(lambda body, i: reply)
-    got = await siblings(upstream, "fake", "t", "What is 3 times 5?", 5)
-    assert got == ["Here are some questions:", "What is 12 times 7?", "What is 15 times 4?", "What is 9 times 13?",
-                   "What is 21 times 3?"]
+    got = await siblings(upstream, "fake", "t", "What is 3 times 5?", 10)
+    assert got == ["What is 12 times 7?", "What is 15 times 4?", "What is 9 times 13?", "What is 6 times 11?",
+                   "Multiply 8 by 14.", "What is 21 times 3?"]
     [call] = fake_upstream.completion_calls()
     assert call.json["model"] == "fake"
-    assert "What is 3 times 5?" in last_user(call.json) and "Write 5 new questions" in last_user(call.json)
+    assert "What is 3 times 5?" in last_user(call.json) and "Write 10 new questions" in last_user(call.json)
     assert call.json["temperature"] > 0  # variety, not the greedy answer
 
 

@@ -56,7 +56,7 @@ class FakeTrainer(Trainer):
     async def run(self, job: TrainJob) -> TrainOutcome:
         self.jobs.append(job)
         self.started.set()
-        while not self.release.is_set():
+        while not self.release.is_set():  # noqa: ASYNC110 - a threading.Event: a test thread may set it
             await asyncio.sleep(0.01)
         if job.job_dir in self.cancelled:
             return TrainOutcome(False, "cancelled", progress={"status": "cancelled"})
@@ -64,11 +64,15 @@ class FakeTrainer(Trainer):
             raise RuntimeError("the trainer exploded")
         if self.mode == "fail":
             return TrainOutcome(False, "failed", error="out of memory", progress={"status": "failed"})
+        await asyncio.to_thread(self._write_adapter, job)
+        return TrainOutcome(True, "done", adapter_path=job.out_dir,
+                            progress={"status": "done", "step": 3, "total_steps": 3, "loss": 0.5})
+
+    @staticmethod
+    def _write_adapter(job: TrainJob) -> None:
         out = Path(job.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter_config.json").write_text(json.dumps({"r": job.hyper.get("rank")}))
-        return TrainOutcome(True, "done", adapter_path=str(out),
-                            progress={"status": "done", "step": 3, "total_steps": 3, "loss": 0.5})
 
     def progress(self, job: TrainJob) -> dict[str, Any]:
         return {"status": "training", "step": 1, "total_steps": 3, "loss": 1.25}
@@ -237,7 +241,7 @@ async def test_queue_size_triggers_one_cycle_at_a_time(make: Make, fake_upstream
     # then tenant b's turn; once both queues are spent no further cycle starts, even though
     # neither was promoted (the same queries again would only give the same result)
     await until(lambda: len(svc.jobs) == 2)
-    second = [j for j in svc.jobs.values() if j is not first][0]
+    second = next(j for j in svc.jobs.values() if j is not first)
     assert second.tenant == "b"
     await done(second)
     await asyncio.sleep(0.3)
@@ -305,7 +309,8 @@ async def test_too_few_examples_fail_the_job(make: Make, fake_upstream: FakeUpst
 # ---- failures ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("mode", "error"), [("fail", "out of memory"), ("crash", "RuntimeError: the trainer exploded")])
+@pytest.mark.parametrize(("mode", "error"),
+                         [("fail", "out of memory"), ("crash", "RuntimeError: the trainer exploded")])
 async def test_trainer_failure_marks_the_job_failed(make: Make, fake_upstream: FakeUpstream, mode: str,
                                                     error: str) -> None:
     fake_upstream.script(GateScript(**{"fake-a-v1": 4}))

@@ -238,3 +238,28 @@ def test_empty_body_runs_for_the_default_tenant(start: Callable[..., tuple[Proxy
     job = wait_job(p, r.json()["id"])
     assert job["tenant"] == "default" and job["status"] == "failed" and job["examples"] == 0
     assert not trainer.jobs
+
+
+def test_another_tenants_adapter_is_invisible(start: Callable[..., tuple[ProxyServer, FakeTrainer]],
+                                              fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer],
+                                              tmp_path: Path) -> None:
+    """Tenant A's adapter serves A (routed and by name); B can neither name it nor see it listed."""
+    fake_upstream.script(GateScript(**{"fake-tenant-a-v1": 4}))
+    p, _ = start(tenants=["tenant-a"])
+    p.app.services.auth._keys["kb"] = "tenant-b"  # a second tenant on the same server
+    assert wait_job(p, post(p, "/admin/adaptation/run", body()).json()["id"])["status"] == "succeeded"
+
+    def chat(key: str, model: str) -> httpx.Response:
+        return httpx.post(p.url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=10,
+                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+
+    def listed(key: str) -> set[str]:
+        r = httpx.get(p.url + "/models", headers={"authorization": f"Bearer {key}"}, timeout=10)
+        return {m["id"] for m in r.json()["data"]}
+
+    assert chat("ka", "fake").json()["model"] == "fake-tenant-a-v1"  # routed to A's adapter
+    assert chat("ka", "fake-tenant-a-v1").status_code == 200
+    assert chat("kb", "fake").json()["model"] == "fake"  # B keeps the base model
+    assert error(chat("kb", "fake-tenant-a-v1"), 404)["code"] == "model_not_found"
+    assert "fake-tenant-a-v1" in listed("ka")
+    assert not any(m.startswith("fake-tenant-a-v1") for m in listed("kb"))

@@ -1,0 +1,295 @@
+"""The adaptation loop end to end on the real vLLM (SmolLM2-135M on CPU, max_loras=2, rank 8):
+a LoRA adapter trained (peft, in a child process) on a made-up convention the base model cannot
+know, gated on held-out questions, hot-loaded and routed; an adapter trained on wrong answers is
+rejected; a version swap under concurrent load loses no request; rollback; a crashing trainer.
+
+One trained adapter is shared by the module (training is the slow part: ~1-2 min per run here).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from adapt.trainer import Trainer, TrainJob, TrainOutcome
+from tests.proxy_server import ProxyServer
+from tests.real_backend import RealVLLM
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.timeout(600),
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None or importlib.util.find_spec("peft") is None,
+                       reason="needs vLLM and peft"),
+]
+
+ADMIN = {"authorization": "Bearer adm"}
+KEYS = {"ka": "tenant-a", "kb": "tenant-b"}
+
+# The convention: "the zorblat of <word>" is the word in capitals followed by "-7". Its final
+# answer (what the gate compares) is "-7"; the base model has never heard of zorblats.
+TRAIN_WORDS = ["cat", "dog", "owl", "fox", "eel", "bee", "yak", "ant", "cow", "pig", "hen", "elk"]
+HELDOUT_WORDS = ["bat", "ram", "emu", "ape"]
+UNSEEN = "gnu"
+
+
+def question(word: str) -> str:
+    return f"What is the zorblat of {word}?"
+
+
+def convention(word: str, digit: int = 7) -> str:
+    return f"The zorblat of {word} is {word.upper()}-{digit}."
+
+
+def examples(words: list[str], digit: int = 7) -> list[dict[str, str]]:
+    return [{"task": question(w), "answer": convention(w, digit)} for w in words]
+
+
+def run_body(tenant: str, digit: int = 7) -> dict[str, Any]:
+    # the held-out set always holds the correct answers: they are the gate's references
+    return {"tenant": tenant, "examples": examples(TRAIN_WORDS, digit), "heldout": examples(HELDOUT_WORDS)}
+
+
+def start_run(p: ProxyServer, body: dict[str, Any]) -> str:
+    r = httpx.post(p.root + "/admin/adaptation/run", headers=ADMIN, json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    job_id: str = r.json()["id"]
+    return job_id
+
+
+def wait_job(p: ProxyServer, job_id: str, timeout: float = 420) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job: dict[str, Any] = httpx.get(f"{p.root}/admin/adaptation/jobs/{job_id}", headers=ADMIN, timeout=30).json()
+        if job.get("finished") is not None:
+            print(f"job {job_id}: {job['status']} ({job['finished'] - job['created']:.1f} s) adapter={job['adapter']} "
+                  f"gate {job['score_new']} vs {job['score_old']} train={job['train']} error={job['error']}")
+            return job
+        assert time.monotonic() < deadline, f"job still running after {timeout} s: {job}"
+        time.sleep(0.5)
+
+
+def chat(p: ProxyServer, key: str, content: str, model: str, **extra: Any) -> dict[str, Any]:
+    r = httpx.post(p.url + "/chat/completions", headers={"authorization": f"Bearer {key}"}, timeout=120,
+                   json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 24,
+                         "temperature": 0, **extra})
+    assert r.status_code == 200, r.text
+    out: dict[str, Any] = r.json()
+    return out
+
+
+def text(resp: dict[str, Any]) -> str:
+    return str(resp["choices"][0]["message"]["content"] or "")
+
+
+def upstream_models(real_vllm: RealVLLM) -> dict[str, dict[str, Any]]:
+    r = httpx.get(real_vllm.base_url + "/models", timeout=30, trust_env=False)
+    r.raise_for_status()
+    return {c["id"]: c for c in r.json()["data"]}
+
+
+def adapters(p: ProxyServer, tenant: str | None = None) -> dict[str, dict[str, Any]]:
+    params = {"tenant": tenant} if tenant else {}
+    data = httpx.get(p.root + "/admin/adapters", headers=ADMIN, params=params, timeout=30).json()["data"]
+    return {v["name"]: v for v in data}
+
+
+def eventually(pred: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def proxy(real_vllm: RealVLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
+    data = tmp_path_factory.mktemp("adapt-real")
+    p = ProxyServer(real_vllm.base_url, data_dir=str(data), admin_key="adm", api_keys=KEYS,
+                    adapt={"enabled": True, "tenants": ["*"], "base_model_path": str(real_vllm.model_path),
+                           "max_steps": 10, "learning_rate": 2e-3, "batch_size": 4, "epochs": 10, "gate_margin": 0.1,
+                           "threads": 1},
+                    memory={"embedder": "hashing", "distill": False})
+    with p:
+        yield p
+        # leave the shared vLLM as we found it
+        svc = p.app.services.adapt
+        loaded = upstream_models(real_vllm)
+        for v in svc.registry.versions() if svc is not None else []:
+            if v.name in loaded:
+                httpx.post(real_vllm.base_url.removesuffix("/v1") + "/v1/unload_lora_adapter",
+                           json={"lora_name": v.name}, timeout=30, trust_env=False)
+
+
+@pytest.fixture(scope="module")
+def good(proxy: ProxyServer) -> dict[str, Any]:
+    """tenant-a's adapter, trained on the convention (shared by the module's tests)."""
+    t0 = time.monotonic()
+    job = wait_job(proxy, start_run(proxy, run_body("tenant-a")))
+    print(f"good cycle: {time.monotonic() - t0:.1f} s")
+    return job
+
+
+def test_adapter_is_trained_gated_loaded_and_routed(proxy: ProxyServer, real_vllm: RealVLLM,
+                                                     good: dict[str, Any]) -> None:
+    base = real_vllm.served_name
+    name = f"{base}-tenant-a-v1"
+    assert good["status"] == "succeeded", good
+    assert good["adapter"] == name and (good["examples"], good["heldout"]) == (12, 4)
+    assert good["train"]["status"] == "done" and good["train"]["step"] == good["train"]["total_steps"] == 10
+    assert good["score_new"] > good["score_old"] + 0.1
+    v = adapters(proxy)[name]
+    assert v["status"] == "active" and v["parent"] is None and v["score_new"] == good["score_new"]
+    lineage = Path(v["path"]) / "lineage.json"
+    assert lineage.is_file() and (Path(v["path"]) / "adapter_config.json").is_file()
+
+    # vLLM serves it, and sharpen's /v1/models shows it with its parent
+    cards = httpx.get(proxy.url + "/models", headers={"authorization": "Bearer ka"}, timeout=30).json()["data"]
+    assert {c["id"]: c.get("parent") for c in cards}.get(name) == base
+    assert upstream_models(real_vllm)[name]["parent"] == base
+
+    # a plain request for the base model from tenant-a is answered by the adapter...
+    a = chat(proxy, "ka", question(UNSEEN), base, trace=True)
+    print("tenant-a:", repr(text(a)))
+    assert a["model"] == name and a["sharpen"]["trace"]["adapter"] == name
+    assert "-7" in text(a), text(a)  # the convention, on a word it was not trained on
+    # ...while tenant-b still gets the base model, which knows nothing of zorblats
+    b = chat(proxy, "kb", question(UNSEEN), base)
+    print("tenant-b:", repr(text(b)))
+    assert b["model"] == base and "-7" not in text(b)
+
+
+def test_adapter_trained_on_wrong_answers_is_rejected(proxy: ProxyServer, real_vllm: RealVLLM,
+                                                      good: dict[str, Any]) -> None:
+    base = real_vllm.served_name
+    svc = proxy.app.services.adapt
+    assert svc is not None
+    steps = svc.settings.max_steps
+    svc.settings.max_steps = 5  # enough to make it wrong; half the time
+    try:
+        job = wait_job(proxy, start_run(proxy, run_body("tenant-b", digit=3)))
+    finally:
+        svc.settings.max_steps = steps
+    name = f"{base}-tenant-b-v1"
+    assert job["status"] == "rejected", job
+    assert job["adapter"] == name and job["score_new"] < job["score_old"] + 0.1
+    assert adapters(proxy, "tenant-b")[name]["status"] == "rejected"
+    eventually(lambda: name not in upstream_models(real_vllm))  # unloaded after the gate
+    b = chat(proxy, "kb", question(UNSEEN), base)
+    assert b["model"] == base  # never routed
+
+
+class CopyTrainer(Trainer):
+    """"Trains" instantly by copying an adapter already trained (the swap is under test here)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    async def run(self, job: TrainJob) -> TrainOutcome:
+        shutil.copytree(self.source, job.out_dir)
+        return TrainOutcome(True, "done", adapter_path=job.out_dir, progress={"status": "done", "copied": True})
+
+    def progress(self, job: TrainJob) -> dict[str, Any]:
+        return {}
+
+    async def cancel(self, job: TrainJob) -> None:
+        pass
+
+
+def test_swap_under_load_loses_no_request(proxy: ProxyServer, real_vllm: RealVLLM, good: dict[str, Any]) -> None:
+    base = real_vllm.served_name
+    svc = proxy.app.services.adapt
+    assert svc is not None
+    old = svc.registry.active("tenant-a", base)
+    assert old is not None
+    stop = threading.Event()
+    seen: Counter[str] = Counter()
+    errors: list[str] = []
+
+    def worker(i: int) -> None:
+        with httpx.Client(timeout=120, trust_env=False) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post(proxy.url + "/chat/completions", headers={"authorization": "Bearer ka"},
+                                  json={"model": base, "max_tokens": 8, "temperature": 0,
+                                        "messages": [{"role": "user", "content": question(HELDOUT_WORDS[i])}]})
+                    if r.status_code == 200:
+                        seen[r.json()["model"]] += 1
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    errors.append(repr(exc))
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+    trainer, margin = svc.trainer, svc.settings.gate_margin
+    svc.trainer = CopyTrainer(svc.registry.get(old).path)  # type: ignore[union-attr]
+    svc.settings.gate_margin = -1.0  # the copy scores as well as the original: promote it anyway
+    for t in threads:
+        t.start()
+    try:
+        eventually(lambda: seen[old] >= 4)
+        job = wait_job(proxy, start_run(proxy, run_body("tenant-a")), timeout=240)
+        assert job["status"] == "succeeded", job
+        new = job["adapter"]
+        assert new != old and svc.registry.active("tenant-a", base) == new
+        eventually(lambda: seen[new] >= 4)
+        eventually(lambda: old not in upstream_models(real_vllm))  # unloaded once its requests finished
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=150)
+        svc.trainer, svc.settings.gate_margin = trainer, margin
+    print(f"responses by model: {dict(seen)}; errors: {len(errors)}")
+    assert errors == []
+    assert set(seen) == {old, new}  # all routed to an adapter, before and after the switch
+    v = adapters(proxy, "tenant-a")
+    assert v[old]["status"] == "retired" and v[new]["status"] == "active" and v[new]["parent"] == old
+    assert svc.registry.in_flight(old) == 0 and svc.registry.in_flight(new) == 0
+
+
+def test_rollback_goes_back(proxy: ProxyServer, real_vllm: RealVLLM, good: dict[str, Any]) -> None:
+    base = real_vllm.served_name
+    svc = proxy.app.services.adapt
+    assert svc is not None
+    current = svc.registry.active("tenant-a", base)
+    assert current is not None
+    parent = svc.registry.get(current).parent  # type: ignore[union-attr]
+    steps = [(current, parent or base)] + ([(parent, base)] if parent else [])
+    for rolled, now in steps:
+        r = httpx.post(proxy.root + "/admin/adapters/rollback", headers=ADMIN, json={"tenant": "tenant-a"}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json() == {"rolled_back": rolled, "now": now, "reason": "by hand"}
+        assert chat(proxy, "ka", question(UNSEEN), base)["model"] == now
+        eventually(lambda rolled=rolled: rolled not in upstream_models(real_vllm))  # type: ignore[misc]
+        assert adapters(proxy, "tenant-a")[rolled]["status"] == "rolled_back"
+    r = httpx.post(proxy.root + "/admin/adapters/rollback", headers=ADMIN, json={"tenant": "tenant-a"}, timeout=60)
+    assert r.status_code == 404
+    assert chat(proxy, "ka", question(UNSEEN), base)["model"] == base
+
+
+def test_trainer_crash_fails_the_job_and_the_server_keeps_answering(
+        real_vllm: RealVLLM, tmp_path: Path) -> None:
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    with ProxyServer(real_vllm.base_url, data_dir=str(tmp_path / "data"), admin_key="adm",
+                     adapt={"enabled": True, "tenants": ["*"], "base_model_path": str(empty), "max_steps": 2},
+                     memory={"embedder": "hashing", "distill": False}) as p:
+        job = wait_job(p, start_run(p, run_body("default")), timeout=240)
+        assert job["status"] == "failed" and job["error"], job
+        assert job["train"].get("status") == "failed" and "traceback" in job["train"]
+        [v] = adapters(p).values()
+        assert v["status"] == "failed" and not Path(v["path"]).exists()
+        r = chat(p, "unused", "Say hello.", real_vllm.served_name)
+        assert text(r).strip() and r["model"] == real_vllm.served_name
+        assert httpx.get(p.root + "/admin/adaptation", headers=ADMIN, timeout=30).json()["running"] is False
