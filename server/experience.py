@@ -66,7 +66,9 @@ class ExperienceRecorder:
         self._events = events
         self._queue: asyncio.Queue[RequestEvent] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._recent: OrderedDict[str, RequestEvent] = OrderedDict()
+        # response id -> (tenant, task, answer, model): strings only, so this long-lived map adds
+        # nothing for the garbage collector to traverse (whole events here lengthened GC pauses).
+        self._recent: OrderedDict[str, tuple[str, str, str, str]] = OrderedDict()
         self.model_of: dict[str, str] = {}
 
     async def start(self) -> None:
@@ -99,7 +101,7 @@ class ExperienceRecorder:
 
     def _handle(self, ev: RequestEvent) -> None:
         if ev.request_id and ev.answer is not None:
-            self._recent[ev.request_id] = ev
+            self._recent[ev.request_id] = (ev.tenant, task_of(ev.messages), ev.answer, ev.model)
             self._recent.move_to_end(ev.request_id)
             while len(self._recent) > self.settings.recent_responses:
                 self._recent.popitem(last=False)
@@ -112,14 +114,14 @@ class ExperienceRecorder:
             kind = "pitfall"
         else:
             return
-        self._remember(ev, confidence, kind, "strategy")
+        self._remember(ev.tenant, task_of(ev.messages), ev.answer, ev.model, confidence, kind, "strategy")
 
-    def _remember(self, ev: RequestEvent, score: float, kind: str, source: str) -> asyncio.Future[Experience | None]:
-        task = task_of(ev.messages)
-        exp = Experience(tenant=ev.tenant, task=task, answer=ev.answer or "", score=score, kind=kind, source=source)
+    def _remember(self, tenant: str, task: str, answer: str, model: str, score: float, kind: str,
+                  source: str) -> asyncio.Future[Experience | None]:
+        exp = Experience(tenant=tenant, task=task, answer=answer, score=score, kind=kind, source=source)
         fut = self.memory.remember(exp)
         if self.settings.distill:
-            self.model_of[exp.uid] = ev.model
+            self.model_of[exp.uid] = model
             fut.add_done_callback(lambda f: self._forget_model(exp.uid, f))
         return fut
 
@@ -132,11 +134,12 @@ class ExperienceRecorder:
 
     async def feedback(self, tenant: str, response_id: str, score: float) -> Experience:
         """Stores the answer ``response_id`` with an explicit score; returns once committed."""
-        ev = self._recent.get(response_id)
-        if ev is None or ev.tenant != tenant:  # another tenant's id is as unknown as a missing one
+        recent = self._recent.get(response_id)
+        if recent is None or recent[0] != tenant:  # another tenant's id is as unknown as a missing one
             raise NotFound(f"No recent response with id '{response_id}'.", param="id", code="response_not_found")
+        _, task, answer, model = recent
         kind = "success" if score >= self.settings.success_threshold else "pitfall"
-        row = await self._remember(ev, score, kind, "feedback")
+        row = await self._remember(tenant, task, answer, model, score, kind, "feedback")
         if row is None:
             raise SharpenError("The memory write queue is full; try again shortly.")
         return row
