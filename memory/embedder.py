@@ -107,9 +107,9 @@ class MiniLMEmbedder(Embedder):
         return np.asarray(vecs, dtype=np.float32).reshape(len(texts), self.dim)
 
 
-def make_embedder(kind: str) -> Embedder:
+def make_embedder(kind: str, *, threads: int = 1) -> Embedder:
     if kind == "minilm":
-        return MiniLMEmbedder()
+        return MiniLMEmbedder(threads=threads)
     if kind == "hashing":
         return HashingEmbedder()
     raise ValueError(f"unknown embedder {kind!r} (minilm or hashing)")

@@ -38,6 +38,7 @@ class MemoryConfig:
 
     directory: Path
     embedder: str = "minilm"
+    embed_threads: int = 1
     max_entries_per_tenant: int = 10_000
     max_text_chars: int = 4_000
     dedup_similarity: float = 0.97
@@ -61,7 +62,7 @@ class MemoryService:
     def __init__(self, config: MemoryConfig, *, embedder: Embedder | None = None,
                  distiller: Distiller | None = None) -> None:
         self.config = config
-        self.embedder = embedder or make_embedder(config.embedder)
+        self.embedder = embedder or make_embedder(config.embedder, threads=config.embed_threads)
         self.distiller = distiller
         self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="memory-write")
         self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="memory-read")

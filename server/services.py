@@ -61,6 +61,7 @@ class Services:
             log.warning("memory disabled: %s (install the 'memory' extra)", exc)
             return None, None
         config = MemoryConfig(directory=settings.data_dir / "memory", embedder=s.embedder,
+                              embed_threads=s.embed_threads,
                               max_entries_per_tenant=s.max_entries_per_tenant, max_text_chars=s.max_text_chars,
                               dedup_similarity=s.dedup_similarity, hnsw_threshold=s.hnsw_threshold,
                               persist_interval_s=s.persist_interval_s)

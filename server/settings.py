@@ -108,6 +108,7 @@ class MemorySettings(BaseModel):
 
     enabled: bool = True
     embedder: Literal["minilm", "hashing"] = "minilm"
+    embed_threads: int = 1  # torch threads for embedding; 2 brings recall p99 under 15 ms at 100k
     recall: bool = False  # server default for requests that do not say (body ``memory``)
     remember: bool = True
     k: int = 4
