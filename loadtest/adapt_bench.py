@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from adapt.data import Example  # noqa: E402
 from adapt.service import AdaptationService  # noqa: E402
 from adapt.trainer import LocalProcessTrainer  # noqa: E402
+from evals.report import wilson  # noqa: E402
 from server.errors import SharpenError  # noqa: E402
 from server.events import EventBus  # noqa: E402
 from server.settings import AdaptSettings, UpstreamSettings  # noqa: E402
@@ -89,16 +89,6 @@ def problems(n: int, seed: int) -> list[tuple[str, str, str]]:
         gold, steps = solve(a, b)
         out.append((text.format(a=a, b=b) + INSTRUCTION, str(gold), f"{steps}\nThe answer is {gold}."))
     return out
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 async def accuracy(up: Upstream, model: str, items: list[tuple[str, str, str]], max_tokens: int,

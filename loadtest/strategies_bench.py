@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import math
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from evals.report import wilson  # noqa: E402
 from strategies.answers import extract  # noqa: E402
 
 VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agreement"]
@@ -98,16 +98,6 @@ def load_items(tasks: list[str], total: int, seed: int) -> list[Item]:
 
 def messages(item: Item) -> list[dict[str, str]]:
     return [{"role": "user", "content": item.question + INSTRUCTION}]
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 0.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:
