@@ -15,10 +15,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY protocol ./protocol
 COPY server ./server
 COPY strategies ./strategies
 COPY memory ./memory
 COPY adapt ./adapt
+COPY evals ./evals
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /data --create-home sharpen
 

@@ -13,11 +13,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from server.errors import SharpenError
+from protocol.errors import SharpenError
+from protocol.upstream import UpstreamAPI
+from protocol.wire import ChatCompletionRequest
 from server.settings import AdaptSettings
-from server.wire import ChatCompletionRequest
 from strategies.answers import extract
-from strategies.base import StrategyContext, UpstreamAPI
+from strategies.base import StrategyContext
 from strategies.best_of_n import BestOfN, BestOfNOptions
 
 _LINE = re.compile(r"^\s*(?:\d+[.)]|[-*•]|(?:q|question)\s*\d*\s*[:.)])?\s*(.+?)\s*$", re.IGNORECASE)

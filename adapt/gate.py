@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapt.data import Example
-from server.errors import SharpenError
+from protocol.errors import SharpenError
+from protocol.upstream import UpstreamAPI
 from strategies.answers import extract
-from strategies.base import Candidate, StrategyContext, UpstreamAPI
+from strategies.base import Candidate, StrategyContext
 from strategies.verifiers.aspect import AspectVerifier
 from strategies.verifiers.base import VerificationTask
 

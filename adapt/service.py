@@ -28,8 +28,8 @@ from adapt.queue import UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from memory.embedder import Embedder, HashingEmbedder
-from server.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
-from server.events import EventBus, RequestEvent
+from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
+from protocol.events import EventBus, RequestEvent
 from server.settings import AdaptSettings
 from server.upstream import Upstream
 

@@ -48,8 +48,8 @@ from adapt.data import Example  # noqa: E402
 from adapt.service import AdaptationService  # noqa: E402
 from adapt.trainer import LocalProcessTrainer  # noqa: E402
 from evals.report import wilson  # noqa: E402
-from server.errors import SharpenError  # noqa: E402
-from server.events import EventBus  # noqa: E402
+from protocol.errors import SharpenError  # noqa: E402
+from protocol.events import EventBus  # noqa: E402
 from server.settings import AdaptSettings, UpstreamSettings  # noqa: E402
 from server.upstream import Upstream  # noqa: E402
 from strategies.answers import extract  # noqa: E402

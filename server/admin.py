@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
-from server.errors import InvalidRequest, NotFound, ServiceUnavailable
+from protocol.errors import InvalidRequest, NotFound, ServiceUnavailable
+from protocol.wire import parse_json, validate
 from server.services import Services
-from server.wire import validate
 
 if TYPE_CHECKING:
     from adapt.data import Example
@@ -162,10 +162,7 @@ def _adapt(request: Request) -> AdaptationService:
 
 async def _json_body(request: Request) -> Any:
     """The JSON body (``{}`` when empty); malformed JSON is a 400, not an internal error."""
-    try:
-        return orjson.loads(await request.body() or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
+    return parse_json(await request.body() or b"{}")
 
 
 def _examples(items: list[_Example] | None) -> list[Example] | None:

@@ -12,8 +12,9 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from protocol.errors import InvalidRequest, NotFound, SharpenError
 from server.admin import router as admin_router
-from server.errors import InvalidRequest, NotFound, SharpenError, status_of
+from server.responses import error_response
 from server.routes import router
 from server.services import Services
 from server.settings import Settings
@@ -33,15 +34,6 @@ class Backend(Protocol):
     async def stop(self) -> None: ...
 
 
-def error_response(err: SharpenError) -> Response:
-    return Response(err.body_bytes(), status_code=status_of(err), media_type="application/json",
-                    headers=err.headers())
-
-
-_INTERNAL_ERROR = (
-    b'{"error":{"message":"Internal error in sharpen; see the server log.","type":"server_error",'
-    b'"param":null,"code":"internal_error"}}'
-)
 _HOT_ROUTES = {"/v1/chat/completions": "/chat/completions", "/v1/completions": "/completions"}
 
 
@@ -68,13 +60,10 @@ class HotPath:
         try:
             principal = self.services.authenticate(request)
             response = await self.services.proxy.handle(endpoint, request, principal)
-        except SharpenError as exc:
-            response = error_response(exc)
         except ClientGone:
             return
-        except Exception:
-            log.exception("unexpected error on POST %s", scope["path"])
-            response = Response(_INTERNAL_ERROR, status_code=500, media_type="application/json")
+        except Exception as exc:
+            response = error_response(exc, where=f"POST {scope['path']}")
         await response(scope, receive, send)
 
 
@@ -144,7 +133,6 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return Response(_INTERNAL_ERROR, status_code=500, media_type="application/json")
+        return error_response(exc, where=f"{request.method} {request.url.path}")
 
     return HotPath(app, services)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from server.errors import AuthenticationFailed, PermissionDenied
+from protocol.errors import AuthenticationFailed, PermissionDenied
 from server.settings import Settings
 
 DEFAULT_TENANT = "default"

@@ -17,8 +17,8 @@ from typing import Any
 
 from memory.service import MemoryService
 from memory.store import Experience
-from server.errors import NotFound, SharpenError
-from server.events import EventBus, RequestEvent
+from protocol.errors import NotFound, SharpenError
+from protocol.events import EventBus, RequestEvent
 from server.replay import task_of
 from server.settings import MemorySettings
 from server.upstream import Upstream

@@ -6,7 +6,7 @@ import logging
 import time
 from typing import Any
 
-from server.errors import ModelNotFound, SharpenError, UpstreamError
+from protocol.errors import ModelNotFound, SharpenError, UpstreamError
 from server.upstream import Upstream
 
 log = logging.getLogger(__name__)

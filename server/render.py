@@ -6,23 +6,30 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from server.routing import Routing
 from strategies.base import Strategy, StrategyContext, StrategyResult
 
 
-def summary(strategy: Strategy, ctx: StrategyContext, result: StrategyResult) -> dict[str, Any]:
+def summary(strategy: Strategy[Any], ctx: StrategyContext, result: StrategyResult, routing: Routing
+            ) -> dict[str, Any]:
+    """The short ``sharpen`` object every strategy answer carries."""
     u = result.uncertainty
     out: dict[str, Any] = {
         "strategy": strategy.name,
         "upstream_calls": len(ctx.calls),
         "uncertainty": None if u is None else round(u.score, 4),
     }
-    if "memory" in ctx.meta:
-        out["memory"] = [m["id"] for m in ctx.meta["memory"]]
+    if routing.memory is not None:
+        out["memory"] = routing.memory_ids()
     return out
 
 
-def trace(strategy: Strategy, ctx: StrategyContext, result: StrategyResult, wall_s: float) -> dict[str, Any]:
-    return {
+def trace(strategy: Strategy[Any], ctx: StrategyContext, result: StrategyResult, routing: Routing,
+          wall_s: float) -> dict[str, Any]:
+    """The documented trace (README, "Strategies"): options, candidates, calls, uncertainty,
+    notes, wall_seconds, the memories replayed and the adapter that answered (when any), then
+    the strategy's own fields. Nothing else of the server's leaks in."""
+    out: dict[str, Any] = {
         "options": strategy.options.model_dump(),
         "candidates": [asdict(c) for c in result.candidates],
         "calls": [
@@ -33,19 +40,22 @@ def trace(strategy: Strategy, ctx: StrategyContext, result: StrategyResult, wall
         "uncertainty": None if result.uncertainty is None else asdict(result.uncertainty),
         "notes": list(result.notes),
         "wall_seconds": round(wall_s, 4),
-        **ctx.meta,
-        **result.extra_trace,
     }
+    if routing.memory is not None:
+        out["memory"] = routing.memory
+    if routing.adapter is not None:
+        out["adapter"] = routing.adapter
+    return {**out, **result.extra_trace}
 
 
-def finish(response: dict[str, Any], strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
-           *, with_trace: bool, wall_s: float) -> dict[str, Any]:
+def finish(response: dict[str, Any], strategy: Strategy[Any], ctx: StrategyContext, result: StrategyResult,
+           routing: Routing, *, with_trace: bool, wall_s: float) -> dict[str, Any]:
     """The final chat.completion object: honest usage and the sharpen summary (and trace)."""
     out = dict(response)
     out["usage"] = ctx.usage.model_dump()
-    s = summary(strategy, ctx, result)
+    s = summary(strategy, ctx, result, routing)
     if with_trace:
-        s["trace"] = trace(strategy, ctx, result, wall_s)
+        s["trace"] = trace(strategy, ctx, result, routing, wall_s)
     out["sharpen"] = s
     return out
 

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import InvalidRequest
+from protocol.errors import InvalidRequest
+from protocol.wire import ChatCompletionRequest, ChatMessage, first_problem, text_of
 from server.settings import MemorySettings
-from server.wire import ChatCompletionRequest, ChatMessage
 
 if TYPE_CHECKING:  # the memory package pulls in numpy and faiss: only where memory is enabled
     from memory.service import Hit, MemoryService
@@ -19,10 +19,7 @@ def task_of(messages: list[dict[str, Any]]) -> str:
     """The task an experience is about: the last user message's text."""
     for m in reversed(messages):
         if m.get("role") == "user":
-            c = m.get("content")
-            if isinstance(c, list):
-                return " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
-            return str(c or "")
+            return text_of(m.get("content"))
     return ""
 
 
@@ -80,9 +77,8 @@ class Replay:
         try:
             out = MemoryOptions.model_validate(opts)
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise InvalidRequest(f"Invalid memory option '{field}': {err['msg']}.", param=f"memory.{field}") from None
+            field, msg, _ = first_problem(exc)
+            raise InvalidRequest(f"Invalid memory option '{field}': {msg}.", param=f"memory.{field}") from None
         if self.memory is None and asked not in (None, False) and (out.recall or out.remember):
             raise InvalidRequest("Memory is not enabled on this server.", param="memory")
         return out

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from server.errors import InvalidRequest
+from protocol.errors import InvalidRequest
+from protocol.wire import parse_json, validate
 from server.services import Services
-from server.wire import validate
 
 router = APIRouter()
 
@@ -82,7 +81,4 @@ async def feedback(request: Request) -> dict[str, Any]:
 
 
 async def _json(request: Request) -> Any:
-    try:
-        return orjson.loads(await request.body())
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
+    return parse_json(await request.body())

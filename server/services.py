@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 
+from protocol.events import EventBus
 from server.auth import Authenticator, Principal
-from server.events import EventBus
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.proxy import ProxyService
 from server.replay import Replay
-from server.service import ProxyService
 from server.settings import Settings
 from server.upstream import Upstream
 from strategies import builtin_strategies

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 import orjson
 from starlette.responses import Response
 
-from server.errors import SharpenError
+from protocol.errors import SharpenError, as_sharpen_error
+from server.responses import error_event
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ class ClientGone(Exception):
 def sse_event(obj: Any, event: str | None = None) -> bytes:
     head = b"event: " + event.encode() + b"\n" if event else b""
     return head + b"data: " + orjson.dumps(obj) + b"\n\n"
-
-
-def error_event(err: SharpenError) -> bytes:
-    return sse_event(err.body(), event="error")
 
 
 async def _watch(receive: Receive, task: asyncio.Task[Any], flag: list[bool]) -> None:
@@ -109,9 +106,9 @@ class SSEResponse(Response):
                     if tap is not None:
                         tap(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except SharpenError as exc:
+            except Exception as exc:
                 # The status line is gone already: report in-band, then end the stream.
-                failure = exc
+                failure = as_sharpen_error(exc)
                 await send({"type": "http.response.body", "body": error_event(exc) + DONE, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:

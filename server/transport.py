@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import httpx
 
-from server.errors import UpstreamError
+from protocol.errors import UpstreamError
 
 
 class UpstreamConnectError(UpstreamError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from server.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout
+from protocol.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout
 from server.settings import UpstreamSettings
 from server.transport import Transport, TransportResponse, UpstreamConnectError, make_transport
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from strategies.base import Strategy
 
 
-def builtin_strategies() -> list[type[Strategy]]:
+def builtin_strategies() -> list[type[Strategy[Any]]]:
     """Every strategy sharpen ships, imported here so modules stay independent."""
     from strategies.auto import Auto
     from strategies.best_of_n import BestOfN

@@ -9,27 +9,19 @@ reused) and verifies them all. The thresholds are calibrated from eval results w
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from server.errors import InvalidRequest
-from server.wire import ChatCompletionRequest
-from strategies import sampling, verifiers
+from protocol.errors import InvalidRequest
+from protocol.uncertainty import Uncertainty
+from protocol.wire import ChatCompletionRequest
+from strategies import sampling
 from strategies.answers import majority
-from strategies.base import (
-    AnyRequest,
-    Candidate,
-    Caps,
-    Strategy,
-    StrategyContext,
-    StrategyOptions,
-    StrategyResult,
-    Uncertainty,
-)
+from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.best_of_n import DEFAULT_VERIFIERS, BestOfN, BestOfNOptions
-from strategies.self_consistency import form_key
+from strategies.chat import rank_by_votes
+from strategies.verifiers import VerifierNames
 
 
 class AutoOptions(StrategyOptions):
@@ -38,46 +30,33 @@ class AutoOptions(StrategyOptions):
     min_logprob: float | None = None  # and, if set, the majority's mean token logprob at least this
     n: int = Field(default=8, ge=2, le=256)  # candidates in all when escalating
     temperature: float = Field(default=0.7, gt=0, le=2)
-    verifiers: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
-
-    @field_validator("verifiers")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:  # as best_of_n's: a bad name is a 400, not a 500 in check()
-        bad = [x for x in v if x not in verifiers.NAMES]
-        if bad:
-            raise ValueError(f"unknown verifier(s) {bad}; valid: {', '.join(verifiers.NAMES)}")
-        return list(dict.fromkeys(v))
+    verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
 
 
-class Auto(Strategy):
+
+class Auto(Strategy[AutoOptions]):
     """Probe, then answer or escalate to best_of_n."""
 
     name = "auto"
     Options = AutoOptions
 
-    @property
-    def opts(self) -> AutoOptions:
-        o: AutoOptions = self.options  # type: ignore[assignment]
-        return o
-
     def check(self, caps: Caps) -> None:
         super().check(caps)
         self._bon().check(caps)
-        if self.opts.probe_n > self.opts.n:
+        if self.options.probe_n > self.options.n:
             raise InvalidRequest("probe_n cannot exceed n.", param="strategy.probe_n")
 
-    def admit(self, request: AnyRequest) -> None:
-        if isinstance(request, ChatCompletionRequest):  # a confident probe answers from its own samples
-            sampling.check_n(request, self.opts.probe_n)
+    def max_choices(self) -> int:
+        return self.options.probe_n  # a confident probe answers from its own samples
 
     def _bon(self) -> BestOfN:
-        o = self.opts
+        o = self.options
         return BestOfN(BestOfNOptions(n=o.n, temperature=o.temperature, verifiers=o.verifiers,
                                       max_upstream_tokens=o.max_upstream_tokens, deadline_s=o.deadline_s))
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
-        o = self.opts
+        o = self.options
         notes: list[str] = []
         probe, cands = await sampling.sample(request, ctx, o.probe_n, o.temperature, notes)
         best, share = majority([c.answer for c in cands])
@@ -88,14 +67,13 @@ class Auto(Strategy):
         probe_trace: dict[str, Any] = {"probe_n": o.probe_n, "probe_answer": best, "probe_agreement": share,
                                        "probe_mean_logprob": mean_lp, "escalated": not confident}
         if confident:
-            votes = Counter(c.answer for c in cands if c.answer is not None)
-            ranked = sorted(cands, key=lambda c: (-votes.get(c.answer, 0) if c.answer else 0, *form_key(c)))
+            ranked = rank_by_votes(cands)
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=cands,
                                   uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
                                   extra_trace=probe_trace)
         upstream, merged = probe, cands
         if o.n > o.probe_n:  # probe_n == n: nothing to top up (an n=0 call would be refused)
-            # the client's n is checked against the probe (admit), not against this top-up alone
+            # the client's n was checked against the probe (admit), not against this top-up alone
             more, extra = await sampling.sample(request.model_copy(update={"n": None}), ctx, o.n - o.probe_n,
                                                 o.temperature, notes)
             upstream, merged = _merge(probe, cands, more, extra)

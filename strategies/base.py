@@ -11,7 +11,9 @@ Contract for implementers:
 - Ask for N candidates in one call with ``n=N`` (vLLM shares the prompt's KV cache).
 - Return ``StrategyResult`` with exactly one of ``response`` (a chat.completion object you built),
   ``raw`` (upstream bytes passed on unchanged) or ``stream`` (a live upstream SSE stream).
-- Raise ``server.errors.SharpenError`` subclasses for failures a client should see.
+- Raise ``protocol.errors.SharpenError`` subclasses for failures a client should see.
+- Say how many choices you can return (``max_choices``); the client's ``n`` is checked against it
+  once, in ``admit``, with the same 400 for every strategy.
 """
 
 from __future__ import annotations
@@ -19,31 +21,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.errors import InvalidRequest, UpstreamError, UpstreamTimeout
-from server.wire import ChatCompletionRequest, CompletionRequest, Usage
+from protocol.errors import InvalidRequest, UpstreamError, UpstreamTimeout
+from protocol.uncertainty import Uncertainty
+from protocol.upstream import Reply, UpstreamAPI
+from protocol.wire import ChatCompletionRequest, CompletionRequest, Usage
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
-
-
-class Reply(Protocol):
-    """What the upstream returns once headers are in (see ``server.upstream.UpstreamReply``)."""
-
-    async def read(self) -> bytes: ...
-    def chunks(self) -> AsyncIterator[bytes]: ...
-    async def close(self) -> None: ...
-
-
-class UpstreamAPI(Protocol):
-    """The part of the upstream client strategies may use."""
-
-    async def request(self, method: str, path: str, body: bytes | None = None, *, root: bool = False) -> Reply: ...
 
 
 @dataclass
@@ -92,16 +82,6 @@ class Candidate:
 
 
 @dataclass
-class Uncertainty:
-    """How unsure the model was; 0 is certain, 1 is a coin toss. None where not measured."""
-
-    score: float
-    agreement: float | None = None
-    approval_margin: float | None = None
-    logprob_margin: float | None = None
-
-
-@dataclass
 class StrategyResult:
     """What a strategy returns: ``response`` (a chat.completion object), or ``stream`` (a live
     upstream stream), or ``raw`` (upstream bytes to pass on unchanged, with ``response`` their
@@ -130,7 +110,6 @@ class StrategyContext:
     calls: list[UpstreamCall] = field(default_factory=list)
     usage: Usage = field(default_factory=Usage)
     resolver: Callable[[str], Awaitable[str]] | None = None  # client model name -> upstream name
-    meta: dict[str, Any] = field(default_factory=dict)  # server-side facts for the trace (memories used)
 
     async def resolve(self, model: str) -> str:
         """The upstream name of a model a request names (e.g. a verifier model)."""
@@ -197,10 +176,15 @@ class StrategyContext:
         return await self.upstream.request("POST", path, orjson.dumps(body))
 
 
-class Strategy(abc.ABC):
-    """A test-time strategy. Subclasses set ``name`` and ``Options`` and implement ``run``.
+OptionsT = TypeVar("OptionsT", bound=StrategyOptions)
 
-    One instance serves one request: the constructor takes the validated options.
+
+class Strategy(abc.ABC, Generic[OptionsT]):
+    """A test-time strategy. Subclasses set ``name`` and ``Options`` (the options type they are
+    generic over) and implement ``run``.
+
+    One instance serves one request: the constructor takes the validated options (already fitted
+    to the server's caps by ``fit``).
     """
 
     name: ClassVar[str]
@@ -208,11 +192,18 @@ class Strategy(abc.ABC):
     streams_natively: ClassVar[bool] = False  # True: can relay the upstream stream as it comes
     endpoints: ClassVar[frozenset[str]] = frozenset({"/chat/completions"})
 
-    def __init__(self, options: StrategyOptions) -> None:
-        self.options = options
+    def __init__(self, options: OptionsT) -> None:
+        self.options: OptionsT = options
+
+    @classmethod
+    def fit(cls, options: OptionsT, caps: Caps) -> OptionsT:
+        """The options to run with: defaults the request did not set may be lowered to the caps
+        (a default must not make a plain request fail on a capped server). Returns a copy; the
+        default changes nothing."""
+        return options
 
     def check(self, caps: Caps) -> None:
-        """Raises ``InvalidRequest`` when the options exceed the server's caps."""
+        """Raises ``InvalidRequest`` when the options exceed the server's caps. No side effects."""
         o = self.options
         if o.max_upstream_tokens is not None and o.max_upstream_tokens > caps.max_upstream_tokens:
             raise InvalidRequest(f"max_upstream_tokens is capped at {caps.max_upstream_tokens} on this server.",
@@ -221,10 +212,19 @@ class Strategy(abc.ABC):
             raise InvalidRequest(f"deadline_s is capped at {caps.deadline_s:g} on this server.",
                                  param="strategy.deadline_s")
 
+    def max_choices(self) -> int | None:
+        """The most choices (the client's ``n``) this strategy returns; None: as many as the
+        upstream does. One by default: the strategy builds one answer."""
+        return 1
+
     def admit(self, request: AnyRequest) -> None:
         """Raises ``InvalidRequest`` for a request this strategy cannot answer. Called before
-        ``run``, so a streamed request is refused with a plain 400 rather than mid-stream."""
-        return None
+        ``run``, so a streamed request is refused with a plain 400 rather than mid-stream. The
+        one place the client's ``n`` is checked."""
+        limit = self.max_choices()
+        if limit is not None and request.n is not None and request.n > limit:
+            raise InvalidRequest(f"n={request.n} choices asked for, but the strategy '{self.name}' returns at most "
+                                 f"{limit}.", param="n")
 
     def budget(self, caps: Caps) -> tuple[int, float]:
         """The request's upstream token budget and deadline (seconds), within the caps."""

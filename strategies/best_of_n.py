@@ -10,26 +10,18 @@ from agreement alone and the trace says so.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from server.errors import InvalidRequest
-from server.wire import ChatCompletionRequest
+from protocol.errors import InvalidRequest
+from protocol.uncertainty import Uncertainty
+from protocol.wire import ChatCompletionRequest
 from strategies import sampling, verifiers
 from strategies.answers import majority
-from strategies.base import (
-    AnyRequest,
-    Candidate,
-    Caps,
-    Strategy,
-    StrategyContext,
-    StrategyOptions,
-    StrategyResult,
-    Uncertainty,
-)
-from strategies.verifiers import Verdict, VerificationTask, Verifier
+from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
+from strategies.chat import votes
+from strategies.verifiers import Verdict, VerificationTask, Verifier, VerifierNames
 
 DEFAULT_VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agreement"]
 
@@ -37,20 +29,13 @@ DEFAULT_VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agree
 class BestOfNOptions(StrategyOptions):
     n: int = Field(default=8, ge=1, le=256)
     temperature: float = Field(default=0.7, gt=0, le=2)
-    verifiers: list[str] = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
+    verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
     weights: dict[str, float] = Field(default_factory=dict)  # verifier name -> weight (default 1)
     verifier_model: str | None = None  # another upstream model or adapter; the request's by default
     verifier_style: Literal["brief", "reasoned"] = "brief"
     verifier_regex: str | None = None
     soft: bool = True  # use the verdict token's probability where the upstream gives logprobs
 
-    @field_validator("verifiers")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if x not in verifiers.NAMES]
-        if bad:
-            raise ValueError(f"unknown verifier(s) {bad}; valid: {', '.join(verifiers.NAMES)}")
-        return list(dict.fromkeys(v))
 
     @field_validator("weights")
     @classmethod
@@ -63,28 +48,28 @@ class BestOfNOptions(StrategyOptions):
         return v
 
 
-class BestOfN(Strategy):
+class BestOfN(Strategy[BestOfNOptions]):
     """Picks the candidate the verifiers approve most."""
 
     name = "best_of_n"
     Options = BestOfNOptions
 
-    @property
-    def opts(self) -> BestOfNOptions:
-        o: BestOfNOptions = self.options  # type: ignore[assignment]
-        return o
+    @classmethod
+    def fit(cls, options: BestOfNOptions, caps: Caps) -> BestOfNOptions:
+        if "n" in options.model_fields_set:
+            return options
+        n = min(options.n, caps.max_n)
+        llm = sum(1 for v in options.verifiers if v in verifiers.ASPECTS)
+        if llm and n * llm > caps.max_verifier_calls:
+            n = max(1, caps.max_verifier_calls // llm)
+        return options if n == options.n else options.model_copy(update={"n": n})
 
     def check(self, caps: Caps) -> None:
         super().check(caps)
-        o = self.opts
-        explicit = "n" in o.model_fields_set
+        o = self.options
         if o.n > caps.max_n:
-            if explicit:
-                raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
-            o.n = caps.max_n  # defaults must not make a plain request fail on a capped server
+            raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
         llm = sum(1 for v in o.verifiers if v in verifiers.ASPECTS)
-        if not explicit and llm and o.n * llm > caps.max_verifier_calls:
-            o.n = max(1, caps.max_verifier_calls // llm)
         calls = o.n * llm
         if calls > caps.max_verifier_calls:
             raise InvalidRequest(f"{o.n} candidates x {calls // max(o.n, 1)} LLM verifiers = {calls} verifier calls; "
@@ -92,12 +77,11 @@ class BestOfN(Strategy):
         if "regex" in o.verifiers and not o.verifier_regex:
             raise InvalidRequest("the regex verifier needs 'verifier_regex'.", param="strategy.verifier_regex")
 
-    def admit(self, request: AnyRequest) -> None:
-        if isinstance(request, ChatCompletionRequest):
-            sampling.check_n(request, self.opts.n)
+    def max_choices(self) -> int:
+        return self.options.n
 
     def _verifiers(self, request: ChatCompletionRequest, model: str | None) -> list[Verifier]:
-        o = self.opts
+        o = self.options
         names = list(o.verifiers)
         if request.response_format and request.response_format.get("type") in ("json_object", "json_schema") \
                 and "json_schema" not in names:
@@ -107,7 +91,7 @@ class BestOfN(Strategy):
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
-        o = self.opts
+        o = self.options
         notes: list[str] = []
         upstream, cands = await sampling.sample(request, ctx, o.n, o.temperature, notes)
         return await self.judge(request, ctx, upstream, cands, notes)
@@ -115,7 +99,7 @@ class BestOfN(Strategy):
     async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],
                     cands: list[Candidate], notes: list[str]) -> StrategyResult:
         """Scores candidates already drawn (``upstream`` holds their choices) and ranks them."""
-        o = self.opts
+        o = self.options
         model = await ctx.resolve(o.verifier_model) if o.verifier_model else None
         vs = self._verifiers(request, model)
         task = VerificationTask(messages=[m.model_dump() for m in request.messages], candidates=cands,
@@ -137,9 +121,9 @@ class BestOfN(Strategy):
                 total += w * d.score
                 weight += w
             cand.scores["verifiers"] = total / weight if weight else 0.0
-        votes = Counter(c.answer for c in cands if c.answer is not None)
+        counts = votes(cands)
         for c in cands:
-            c.scores["agreement"] = votes.get(c.answer, 0) / len(cands) if c.answer else 0.0
+            c.scores["agreement"] = counts.get(c.answer, 0) / len(cands) if c.answer else 0.0
         ranked = sorted(cands, key=lambda c: (-c.scores["verifiers"], -c.scores["agreement"],
                                               -(c.logprob if c.logprob is not None else -1e9)))
         return StrategyResult(

@@ -10,22 +10,15 @@ answers and critiques. Also stops when the answer stops changing, or after ``max
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 from pydantic import Field
 
-from server.wire import ChatCompletionRequest
+from protocol.uncertainty import Uncertainty
+from protocol.wire import ChatCompletionRequest
 from strategies.answers import normalize
-from strategies.base import (
-    AnyRequest,
-    Candidate,
-    Strategy,
-    StrategyContext,
-    StrategyOptions,
-    StrategyResult,
-    Uncertainty,
-)
+from strategies.base import AnyRequest, Candidate, Strategy, StrategyContext, StrategyOptions, StrategyResult
+from strategies.chat import completion, first_finish, first_text, question
 from strategies.sandbox import SandboxLimits, extract_code, run_python
 from strategies.verifiers.aspect import parse_verdict
 
@@ -42,26 +35,21 @@ class CritiqueRefineOptions(StrategyOptions):
     tool_timeout_s: float = Field(default=5.0, gt=0, le=60)
 
 
-class CritiqueRefine(Strategy):
+class CritiqueRefine(Strategy[CritiqueRefineOptions]):
     """Answer -> critique -> refine, until approved, unchanged, or out of rounds."""
 
     name = "critique_refine"
     Options = CritiqueRefineOptions
 
-    @property
-    def opts(self) -> CritiqueRefineOptions:
-        o: CritiqueRefineOptions = self.options  # type: ignore[assignment]
-        return o
-
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
-        o = self.opts
+        o = self.options
         critic = await ctx.resolve(o.critic_model) if o.critic_model else ctx.model
-        question = _question(request)
+        asked = question(request)
         base = {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options", "n")}
         data = await ctx.chat(dict(base), purpose="answer")
-        answer = _content(data)
-        checklist = await self._checklist(question, critic, ctx) if o.checklist else []
+        answer = first_text(data)
+        checklist = await self._checklist(asked, critic, ctx) if o.checklist else []
         history: list[tuple[str, str]] = []
         rounds: list[dict[str, Any]] = []
         cands = [Candidate(index=0, content=answer)]
@@ -69,7 +57,7 @@ class CritiqueRefine(Strategy):
         stop = "max_rounds"
         for r in range(o.max_rounds):
             tool = await self._tool_feedback(answer, ctx) if o.tools else None
-            critique, approved = await self._critique(question, answer, checklist, tool, critic, ctx)
+            critique, approved = await self._critique(asked, answer, checklist, tool, critic, ctx)
             rounds.append({"round": r, "answer": answer, "critique": critique, "approved": approved, "tool": tool})
             cands[-1].verdicts["critique"] = {"approved": approved, "critique": critique[-500:]}
             if approved:
@@ -79,16 +67,13 @@ class CritiqueRefine(Strategy):
                 break
             history.append((answer, critique))
             data = await ctx.chat(dict(base, messages=self._refine_messages(request, history)), purpose="refine")
-            new = _content(data)
+            new = first_text(data)
             cands.append(Candidate(index=len(cands), content=new))
             if normalize(new) == normalize(answer):
                 answer, stop = new, "unchanged"
                 break
             answer = new
-        response = {"id": data.get("id", f"chatcmpl-sharpen-{int(time.time() * 1000)}"), "object": "chat.completion",
-                    "created": data.get("created", int(time.time())), "model": data.get("model", ctx.model),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                 "finish_reason": _finish(data), "logprobs": None}]}
+        response = completion(answer, like=data, model=ctx.model, finish_reason=first_finish(data))
         # Approved at once: sure; approved after refining: less so; never approved: unsure.
         u = 0.0 if approved_at == 0 else (0.5 if approved_at is not None else 1.0)
         return StrategyResult(response=response, candidates=cands, uncertainty=Uncertainty(score=u),
@@ -100,7 +85,7 @@ class CritiqueRefine(Strategy):
                   f"Instruction:\n{question}")
         data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": prompt}],
                                "max_tokens": 256, "temperature": 0.0}, purpose="checklist")
-        items = [m.group(1) for ln in _content(data).splitlines() if (m := _CHECK_ITEM.match(ln))]
+        items = [m.group(1) for ln in first_text(data).splitlines() if (m := _CHECK_ITEM.match(ln))]
         return items[:6]
 
     async def _tool_feedback(self, answer: str, ctx: StrategyContext) -> str | None:
@@ -108,9 +93,9 @@ class CritiqueRefine(Strategy):
         if code is None:
             return None
         # The tool's time comes out of the request's deadline too.
-        wall = min(self.opts.tool_timeout_s, max(ctx.remaining(), 0.05))
+        wall = min(self.options.tool_timeout_s, max(ctx.remaining(), 0.05))
         result = await run_python(code, SandboxLimits(wall_s=wall,
-                                                      cpu_s=max(1, int(self.opts.tool_timeout_s))))
+                                                      cpu_s=max(1, int(self.options.tool_timeout_s))))
         return result.summary()
 
     async def _critique(self, question: str, answer: str, checklist: list[str], tool: str | None, model: str,
@@ -127,8 +112,8 @@ class CritiqueRefine(Strategy):
                  "needs no change, or 'FINAL VERIFICATION ANSWER: False' otherwise.")
         parts.append(task)
         data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": "\n\n".join(parts)}],
-                               "max_tokens": self.opts.critique_max_tokens, "temperature": 0.0}, purpose="critique")
-        text = _content(data)
+                               "max_tokens": self.options.critique_max_tokens, "temperature": 0.0}, purpose="critique")
+        text = first_text(data)
         approved = parse_verdict(text) is True
         if checklist:
             marks = [m.upper() for m in _CHECK_ANSWER.findall(text)]
@@ -147,24 +132,3 @@ class CritiqueRefine(Strategy):
                 "Give only the answer." if last else "Try again.")})
         return msgs
 
-
-def _question(request: ChatCompletionRequest) -> str:
-    for m in reversed(request.messages):
-        if m.role == "user":
-            c = m.content
-            return c if isinstance(c, str) else " ".join(str(p.get("text", "")) for p in c or [])
-    return ""
-
-
-def _content(data: dict[str, Any]) -> str:
-    try:
-        return str((data["choices"][0].get("message") or {}).get("content") or "")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return ""
-
-
-def _finish(data: dict[str, Any]) -> str:
-    try:
-        return str(data["choices"][0].get("finish_reason") or "stop")
-    except (KeyError, IndexError, TypeError, AttributeError):
-        return "stop"

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyResult
+from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyOptions, StrategyResult
 
 
-class Passthrough(Strategy):
+class Passthrough(Strategy[StrategyOptions]):
     """Sends the body upstream unchanged. Non-streamed answers come back byte for byte (the
     parsed copy in ``response`` is for events); streamed ones are relayed chunk by chunk as the
     upstream produces them."""
@@ -13,6 +13,9 @@ class Passthrough(Strategy):
     name = "passthrough"
     streams_natively = True
     endpoints = frozenset({"/chat/completions", "/completions"})
+
+    def max_choices(self) -> int | None:
+        return None  # the upstream's own n
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         if request.stream:

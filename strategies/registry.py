@@ -7,14 +7,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.errors import InvalidRequest
+from protocol.errors import InvalidRequest
+from protocol.wire import first_problem
 from strategies.base import Caps, Strategy
 
 
 class StrategyRegistry:
     """Builds a strategy for one request from a name or ``{"name": ..., **options}``."""
 
-    def __init__(self, strategies: Iterable[type[Strategy]]) -> None:
+    def __init__(self, strategies: Iterable[type[Strategy[Any]]]) -> None:
         self._classes = {s.name: s for s in strategies}
 
     def names(self) -> list[str]:
@@ -24,7 +25,7 @@ class StrategyRegistry:
         return name in self._classes
 
     def build(self, spec: str | dict[str, Any], *, endpoint: str = "/chat/completions",
-              defaults: Mapping[str, dict[str, Any]] | None = None, caps: Caps | None = None) -> Strategy:
+              defaults: Mapping[str, dict[str, Any]] | None = None, caps: Caps | None = None) -> Strategy[Any]:
         """Raises ``InvalidRequest`` (param ``strategy``) for unknown names or bad options.
         ``defaults`` maps a strategy name to the options it gets unless the request sets them."""
         if isinstance(spec, str):
@@ -46,11 +47,11 @@ class StrategyRegistry:
         try:
             opts = cls.Options.model_validate({**(defaults or {}).get(name, {}), **options})
         except ValidationError as exc:
-            err = exc.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in err["loc"])
+            field, msg, _ = first_problem(exc)
             raise InvalidRequest(
-                f"Invalid option '{field}' for strategy '{name}': {err['msg']}.", param=f"strategy.{field}"
+                f"Invalid option '{field}' for strategy '{name}': {msg}.", param=f"strategy.{field}"
             ) from None
-        strategy = cls(opts)
-        strategy.check(caps or Caps())
+        caps = caps or Caps()
+        strategy = cls(cls.fit(opts, caps))
+        strategy.check(caps)
         return strategy

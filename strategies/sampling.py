@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.errors import InvalidRequest, UpstreamError
-from server.wire import ChatCompletionRequest
+from protocol.errors import UpstreamError
+from protocol.wire import ChatCompletionRequest
 from strategies.answers import extract
 from strategies.base import Candidate, StrategyContext
 
@@ -16,12 +16,6 @@ def mean_logprob(choice: dict[str, Any]) -> float | None:
     return sum(lps) / len(lps) if lps else None
 
 
-def check_n(request: ChatCompletionRequest, n: int) -> None:
-    """The client's ``n`` (choices returned) cannot exceed the ``n`` candidates drawn."""
-    if request.n is not None and request.n > n:
-        raise InvalidRequest(f"n={request.n} choices asked for, but only {n} candidates are drawn.", param="n")
-
-
 async def sample(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
                  notes: list[str]) -> tuple[dict[str, Any], list[Candidate]]:
     """N candidates from ONE upstream call with ``n=N`` (vLLM shares the prompt's KV cache).
@@ -29,7 +23,6 @@ async def sample(request: ChatCompletionRequest, ctx: StrategyContext, n: int, t
     The client's sampling parameters are kept; a temperature of 0 (or none) would make every
     candidate the same, so it is replaced by ``temperature`` and the trace says so.
     """
-    check_n(request, n)
     body = {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options")}
     body["n"] = n
     if not request.temperature:

@@ -11,20 +11,13 @@ from collections import Counter
 
 from pydantic import Field
 
-from server.errors import InvalidRequest, SharpenError
-from server.wire import ChatCompletionRequest
+from protocol.errors import InvalidRequest, SharpenError
+from protocol.uncertainty import Uncertainty
+from protocol.wire import ChatCompletionRequest
 from strategies import sampling
 from strategies.answers import extract, majority
-from strategies.base import (
-    AnyRequest,
-    Candidate,
-    Caps,
-    Strategy,
-    StrategyContext,
-    StrategyOptions,
-    StrategyResult,
-    Uncertainty,
-)
+from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
+from strategies.chat import first_text, form_key, question, rank_by_votes
 
 
 class SelfConsistencyOptions(StrategyOptions):
@@ -33,35 +26,32 @@ class SelfConsistencyOptions(StrategyOptions):
     usc: bool = True  # universal self-consistency when answers cannot be extracted
 
 
-def form_key(c: Candidate) -> tuple[int, float]:
-    """Best-formed first: finished normally, then most confident."""
-    return (0 if c.finish_reason == "stop" else 1, -(c.logprob if c.logprob is not None else -1e9))
-
-
 _PICK = re.compile(r"\d+")
 
 
-class SelfConsistency(Strategy):
+class SelfConsistency(Strategy[SelfConsistencyOptions]):
     """Majority vote over N candidates drawn in one ``n=N`` call."""
 
     name = "self_consistency"
     Options = SelfConsistencyOptions
 
+    @classmethod
+    def fit(cls, options: SelfConsistencyOptions, caps: Caps) -> SelfConsistencyOptions:
+        if options.n > caps.max_n and "n" not in options.model_fields_set:
+            return options.model_copy(update={"n": caps.max_n})
+        return options
+
     def check(self, caps: Caps) -> None:
         super().check(caps)
-        opts: SelfConsistencyOptions = self.options  # type: ignore[assignment]
-        if opts.n > caps.max_n:
-            if "n" in opts.model_fields_set:
-                raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
-            opts.n = caps.max_n  # the default must not make a plain request fail on a capped server
+        if self.options.n > caps.max_n:
+            raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
 
-    def admit(self, request: AnyRequest) -> None:
-        if isinstance(request, ChatCompletionRequest):
-            sampling.check_n(request, self.options.n)  # type: ignore[attr-defined]
+    def max_choices(self) -> int:
+        return self.options.n
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
         assert isinstance(request, ChatCompletionRequest)
-        opts: SelfConsistencyOptions = self.options  # type: ignore[assignment]
+        opts = self.options
         notes: list[str] = []
         upstream, cands = await sampling.sample(request, ctx, opts.n, opts.temperature, notes)
         best, share = majority([c.answer for c in cands])
@@ -71,8 +61,7 @@ class SelfConsistency(Strategy):
         if opts.usc and len(cands) > 1 and (best is None or parsed < len(cands) / 2):
             ranked = await self._universal(request, ctx, cands, notes)
         else:
-            votes = Counter(c.answer for c in cands if c.answer is not None)
-            ranked = sorted(cands, key=lambda c: (-votes.get(c.answer, 0) if c.answer else 0, *form_key(c)))
+            ranked = rank_by_votes(cands)
             best = ranked[0].answer if ranked[0].answer is not None else best  # a tie goes where the answer went
         for c in cands:
             c.scores["votes"] = float(Counter(x.answer for x in cands)[c.answer]) if c.answer else 0.0
@@ -88,8 +77,7 @@ class SelfConsistency(Strategy):
                          notes: list[str]) -> list[Candidate]:
         """Asks the model which candidate agrees most with the rest; falls back to form order."""
         listing = "\n\n".join(f"Response {i + 1}:\n{c.content}" for i, c in enumerate(cands))
-        question = request.messages[-1].content if isinstance(request.messages[-1].content, str) else ""
-        prompt = (f"Question:\n{question}\n\nI have generated the following responses to the question:\n\n"
+        prompt = (f"Question:\n{question(request)}\n\nI have generated the following responses to the question:\n\n"
                   f"{listing}\n\nEvaluate these responses. Select the most consistent response based on majority "
                   "consensus. Reply with only the number of that response.")
         body = {"model": ctx.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
@@ -97,8 +85,7 @@ class SelfConsistency(Strategy):
         notes.append("answers could not be extracted: universal self-consistency")
         try:
             data = await ctx.chat(body, purpose="usc")
-            text = (data["choices"][0].get("message") or {}).get("content") or ""
-            m = _PICK.search(text)
+            m = _PICK.search(first_text(data))
             pick = int(m.group()) - 1 if m else -1
         except (SharpenError, KeyError, IndexError, TypeError):
             pick = -1

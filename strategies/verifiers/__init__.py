@@ -6,7 +6,9 @@ programmatic ``agreement``, ``json_schema`` and ``regex``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from strategies.verifiers.agreement import Agreement
 from strategies.verifiers.aspect import ASPECTS, AspectVerifier
@@ -17,7 +19,20 @@ from strategies.verifiers.regex import RegexMatch
 PROGRAMMATIC = ("agreement", "json_schema", "regex")
 NAMES = (*ASPECTS, *PROGRAMMATIC)
 
-__all__ = ["ASPECTS", "NAMES", "PROGRAMMATIC", "Verdict", "VerificationTask", "Verifier", "build"]
+__all__ = ["ASPECTS", "NAMES", "PROGRAMMATIC", "Verdict", "VerificationTask", "Verifier", "VerifierNames", "build",
+           "known_names"]
+
+
+def known_names(v: list[str]) -> list[str]:
+    """Verifier names, checked and deduplicated: an unknown name is a 400 when options are
+    validated, not a 500 later."""
+    bad = [x for x in v if x not in NAMES]
+    if bad:
+        raise ValueError(f"unknown verifier(s) {bad}; valid: {', '.join(NAMES)}")
+    return list(dict.fromkeys(v))
+
+
+VerifierNames = Annotated[list[str], AfterValidator(known_names)]
 
 
 def build(name: str, *, model: str | None = None, style: Literal["brief", "reasoned"] = "brief",

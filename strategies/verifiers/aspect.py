@@ -10,7 +10,7 @@ import math
 import re
 from typing import Any, Literal
 
-from server.errors import SharpenError
+from protocol.errors import SharpenError
 from strategies.base import Candidate, StrategyContext
 from strategies.verifiers.base import Verdict, VerificationTask, Verifier
 

@@ -12,6 +12,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from protocol.wire import text_of
 from strategies.base import Candidate, StrategyContext
 
 
@@ -40,9 +41,7 @@ class VerificationTask:
         """The conversation as plain text, last user turn last."""
         parts = []
         for m in self.messages:
-            content = m.get("content")
-            if isinstance(content, list):
-                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            content = text_of(m.get("content"))
             if content:
                 parts.append(f"{m.get('role', 'user')}: {content}" if len(self.messages) > 1 else str(content))
         return "\n".join(parts)

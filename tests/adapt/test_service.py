@@ -21,11 +21,11 @@ import adapt.service
 from adapt.data import Example
 from adapt.service import AdaptationService, Job
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob, TrainOutcome
-from server.errors import InvalidRequest, NotFound
-from server.events import EventBus, RequestEvent
+from protocol.errors import InvalidRequest, NotFound
+from protocol.events import EventBus, RequestEvent
+from protocol.uncertainty import Uncertainty
 from server.settings import AdaptSettings, UpstreamSettings
 from server.upstream import Upstream
-from strategies.base import Uncertainty
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer
 

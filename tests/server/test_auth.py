@@ -9,8 +9,8 @@ import openai
 import orjson
 import pytest
 
+from protocol.errors import AuthenticationFailed, PermissionDenied, status_of
 from server.auth import DEFAULT_TENANT, Authenticator, Principal
-from server.errors import AuthenticationFailed, PermissionDenied, status_of
 from server.settings import Settings
 from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyResult
 from strategies.passthrough import Passthrough

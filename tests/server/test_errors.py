@@ -14,7 +14,7 @@ import openai
 import orjson
 import pytest
 
-from server.errors import (
+from protocol.errors import (
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,

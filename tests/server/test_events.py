@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from server.events import RequestEvent
+from protocol.events import RequestEvent
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer
 

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from server.errors import UpstreamStatusError
+from protocol.errors import UpstreamStatusError
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from tests.proxy_server import ProxyServer

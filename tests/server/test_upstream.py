@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from server.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout, status_of
+from protocol.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout, status_of
 from server.settings import UpstreamSettings
 from server.transport import (
     AiohttpTransport,

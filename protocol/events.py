@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from strategies.base import Uncertainty
+from protocol.uncertainty import Uncertainty
 
 
 @dataclass

@@ -8,11 +8,12 @@ before anything goes upstream.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import InvalidRequest
+from protocol.errors import InvalidRequest
 
 # Fields that belong to sharpen, never forwarded upstream.
 SHARPEN_FIELDS = ("strategy", "trace", "memory")
@@ -25,6 +26,13 @@ class ChatMessage(BaseModel):
 
     role: str = Field(min_length=1)
     content: str | list[dict[str, Any]] | None = None
+
+
+def text_of(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's text: list-valued content (content parts) joined as text, never a list repr."""
+    if isinstance(content, list):
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("text"))
+    return content or ""
 
 
 class _Sampling(BaseModel):
@@ -65,17 +73,33 @@ class CompletionRequest(_Sampling):
     strategy: str | dict[str, Any] | None = None
 
 
-def validate(model: type[BaseModel], body: Any) -> Any:
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON; malformed JSON is a 400 (the one place that says so)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def first_problem(exc: ValidationError) -> tuple[str, str, str]:
+    """The dotted location, message and kind of a pydantic error's first problem (the one place
+    that reads pydantic errors; callers word the 400)."""
+    err = exc.errors(include_url=False)[0]
+    return ".".join(str(p) for p in err["loc"]), str(err["msg"]), str(err["type"])
+
+
+def validate(model: type[M], body: Any) -> M:
     """Validates ``body`` against ``model``; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        kind = err["type"]
-        msg = "is required" if kind == "missing" else err["msg"]
+        loc, msg, kind = first_problem(exc)
+        msg = "is required" if kind == "missing" else msg
         raise InvalidRequest(f"Invalid request: '{loc}' {msg}.", param=loc or None) from None
 
 

@@ -1,6 +1,21 @@
 """The one error hierarchy. Foreign exceptions are translated into these at the boundary that
-meets them (the upstream transport, request parsing); one handler turns them into OpenAI-shaped
-responses: ``{"error": {"message", "type", "param", "code"}}``."""
+meets them (the upstream transport, request parsing); ``server.responses.error_response`` turns
+any of them into an OpenAI-shaped response: ``{"error": {"message", "type", "param", "code"}}``.
+
+    SharpenError (500 server_error)
+    ├── InternalError (500, code internal_error: a bug, details only in the server log)
+    ├── InvalidRequest (400 invalid_request_error)
+    ├── AuthenticationFailed (401)
+    ├── PermissionDenied (403)
+    ├── NotFound (404)
+    │   └── ModelNotFound
+    ├── PayloadTooLarge (413)
+    ├── RateLimited (429, Retry-After)
+    ├── ServiceUnavailable (503)
+    ├── UpstreamError (502: unreachable or unreadable upstream)
+    │   └── UpstreamTimeout (504)
+    └── UpstreamStatusError (the upstream's own 4xx/5xx, passed on)
+"""
 
 from __future__ import annotations
 
@@ -30,6 +45,15 @@ class SharpenError(Exception):
 
     def headers(self) -> dict[str, str]:
         return {}
+
+
+class InternalError(SharpenError):
+    """An unexpected exception: the client learns only that sharpen failed."""
+
+    default_code = "internal_error"
+
+    def __init__(self, message: str = "Internal error in sharpen; see the server log.") -> None:
+        super().__init__(message)
 
 
 class InvalidRequest(SharpenError):
@@ -151,4 +175,11 @@ def _str_or_none(v: object) -> str | None:
 
 
 def status_of(err: SharpenError) -> int:
+    """The HTTP status ``err`` is answered with."""
     return err.http_status if isinstance(err, UpstreamStatusError) else err.status
+
+
+def as_sharpen_error(exc: BaseException) -> SharpenError:
+    """Any exception as the error the client sees: ours as they are, anything else a 500 that
+    keeps its details in the server log."""
+    return exc if isinstance(exc, SharpenError) else InternalError()

@@ -1,8 +1,9 @@
-"""The request pipeline behind the completion routes.
+"""The request pipeline behind the completion routes, as stages:
 
-route -> body read and validated -> strategy chosen and validated -> model mapped -> strategy
-runs against the upstream -> response (bytes, JSON or SSE) with usage summed over every upstream
-call -> metrics and events, off the critical path.
+admit (capacity: a 429 before any work) -> parse (body read, JSON, wire model) -> choose the
+strategy (and map the model) -> route (memory recall, the tenant's adapter: a typed ``Routing``)
+-> run the strategy against the upstream -> render (bytes, JSON or SSE, usage summed over every
+upstream call) -> metrics and events, off the critical path.
 """
 
 from __future__ import annotations
@@ -11,15 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from server import render
-from server.auth import Principal
-from server.errors import (
+from protocol.errors import (
     InvalidRequest,
     ModelNotFound,
     PayloadTooLarge,
@@ -28,10 +28,14 @@ from server.errors import (
     UpstreamError,
     status_of,
 )
-from server.events import EventBus, RequestEvent
+from protocol.events import EventBus, RequestEvent
+from protocol.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, parse_json, validate
+from server import render
+from server.auth import Principal
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.replay import Replay
+from server.routing import Routing
 from server.settings import Settings
 from server.streaming import (
     DONE,
@@ -43,7 +47,6 @@ from server.streaming import (
     sse_event,
 )
 from server.upstream import Upstream
-from server.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, validate
 from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyResult
 from strategies.registry import StrategyRegistry
 
@@ -57,6 +60,22 @@ _REQUEST_MODELS: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]
     "/completions": CompletionRequest,
 }
 _DRAIN_CAP = 1 << 30  # past this a too-large body is not even read to the end
+
+
+@dataclass
+class Job:
+    """One admitted request on its way through the pipeline."""
+
+    endpoint: str
+    req: AnyRequest
+    strategy: Strategy[Any]
+    ctx: StrategyContext
+    t0: float
+    routing: Routing = field(default_factory=Routing)
+
+    @property
+    def with_trace(self) -> bool:
+        return isinstance(self.req, ChatCompletionRequest) and self.req.trace
 
 
 class ProxyService:
@@ -77,6 +96,38 @@ class ProxyService:
         c = settings.strategies
         self._caps = Caps(max_n=c.max_n, max_verifier_calls=c.max_verifier_calls,
                           max_upstream_tokens=c.max_upstream_tokens, deadline_s=c.deadline_s)
+
+    async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
+        t0 = time.perf_counter()
+        self._admit()
+        try:
+            req, body = await self._parse(endpoint, request)
+            strategy, model_name = self._choose(endpoint, body, request)
+            strategy.admit(req)
+            job = await self._route(endpoint, req, body, strategy, model_name, principal, t0)
+        except BaseException:
+            self._release()
+            raise
+        return await self._run(job, request)
+
+    # -- stages --------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        """The capacity check, first: a refused request costs no body read, model resolution or
+        memory recall. Takes a slot, released in ``_finish`` (or at once if a later stage fails)."""
+        if self._in_flight >= self.settings.max_concurrency:
+            raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
+        self._in_flight += 1
+        self.metrics.in_flight.inc()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        self.metrics.in_flight.dec()
+
+    async def _parse(self, endpoint: str, request: Request) -> tuple[AnyRequest, dict[str, Any]]:
+        body = parse_json(await self.read_body(request))
+        req: AnyRequest = validate(_REQUEST_MODELS[endpoint], body)
+        return req, body
 
     async def read_body(self, request: Request) -> bytes:
         """The body, refusing (413) anything over the limit without holding it in memory."""
@@ -99,7 +150,7 @@ class ProxyService:
             raise PayloadTooLarge(f"The request body is over the {limit}-byte limit.")
         return b"".join(parts)
 
-    def _choose(self, endpoint: str, body: dict[str, Any], request: Request) -> tuple[Strategy, str | None]:
+    def _choose(self, endpoint: str, body: dict[str, Any], request: Request) -> tuple[Strategy[Any], str | None]:
         """The strategy and the model name. The strategy comes from the body field, else the
         ``X-Sharpen-Strategy`` header, else a ``model@strategy`` suffix, else a preset alias,
         else the server default (passthrough unless configured)."""
@@ -123,16 +174,10 @@ class ProxyService:
             spec = cfg.default if endpoint == "/chat/completions" else "passthrough"
         return self.strategies.build(spec, endpoint=endpoint, defaults=cfg.options, caps=self._caps), model
 
-    async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
-        t0 = time.perf_counter()
-        raw = await self.read_body(request)
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
-        req: AnyRequest = validate(_REQUEST_MODELS[endpoint], body)
-        strategy, model_name = self._choose(endpoint, body, request)
-        strategy.admit(req)
+    async def _route(self, endpoint: str, req: AnyRequest, body: dict[str, Any], strategy: Strategy[Any],
+                     model_name: str | None, principal: Principal, t0: float) -> Job:
+        """Maps the model, builds the strategy's context, recalls memories and picks the tenant's
+        adapter: everything the strategy needs, and the ``Routing`` the server keeps beside it."""
         upstream_model = await self.models.resolve(model_name)
         if self.adapt is not None and not self.adapt.visible(principal.tenant, upstream_model):
             # Another tenant's adapter is as unknown to this tenant as a missing model.
@@ -144,71 +189,76 @@ class ProxyService:
                               tenant=principal.tenant, deadline=time.monotonic() + deadline,
                               max_upstream_tokens=None if strategy.streams_natively else budget,
                               resolver=self.models.resolve)
-        if self.replay is None and isinstance(req, ChatCompletionRequest) and req.memory not in (None, False):
-            raise InvalidRequest("Memory is not enabled on this server.", param="memory")
-        if self.replay is not None and isinstance(req, ChatCompletionRequest):
-            mem = self.replay.options(req)
-            ctx.meta["remember"] = mem.remember
-            if mem.recall:
-                if fwd is body:
-                    fwd = ctx.body = dict(body)
-                req, used = await self.replay.inject(principal.tenant, req, fwd, mem.k)
-                ctx.meta["memory"] = used
-        if self._in_flight >= self.settings.max_concurrency:
-            raise RateLimited(f"Over the limit of {self.settings.max_concurrency} requests in flight; retry shortly.")
+        job = Job(endpoint, req, strategy, ctx, t0)
+        if isinstance(req, ChatCompletionRequest):
+            await self._recall(job, req, body, principal)
         if self.adapt is not None:
             # The tenant's active adapter, if any, answers for the base model; counted in flight
-            # (released in _finish) so a replaced version is unloaded only once idle.
-            routed = self.adapt.acquire(principal.tenant, upstream_model)
-            ctx.meta["routed"] = routed
+            # (released in _finish) so a replaced version is unloaded only once idle. Last: nothing
+            # after it can fail before the job is run.
+            routed = job.routing.acquired = self.adapt.acquire(principal.tenant, upstream_model)
             if routed != upstream_model:
-                fwd["model"] = ctx.model = routed
-                ctx.meta["adapter"] = routed
-        self._in_flight += 1
-        self.metrics.in_flight.inc()
+                ctx.body["model"] = ctx.model = job.routing.adapter = routed
+        return job
+
+    async def _recall(self, job: Job, req: ChatCompletionRequest, body: dict[str, Any], principal: Principal) -> None:
+        if self.replay is None:
+            if req.memory not in (None, False):
+                raise InvalidRequest("Memory is not enabled on this server.", param="memory")
+            return
+        mem = self.replay.options(req)
+        job.routing.remember = mem.remember
+        if mem.recall:
+            if job.ctx.body is body:
+                job.ctx.body = dict(body)
+            job.req, job.routing.memory = await self.replay.inject(principal.tenant, req, job.ctx.body, mem.k)
+
+    async def _run(self, job: Job, request: Request) -> Response | SSEResponse:
+        strategy, ctx, req = job.strategy, job.ctx, job.req
         if req.stream and not strategy.streams_natively:
-            return self._stream_when_done(endpoint, req, strategy, ctx, t0)
+            return self._stream_when_done(job)
         try:
             t_run = time.perf_counter()
             result = await cancel_on_disconnect(request.receive, strategy.run(req, ctx))
             ran = time.perf_counter() - t_run
         except BaseException as exc:
-            self._finish(endpoint, strategy, ctx, t0, exc)
+            self._finish(job, exc)
             raise
         if result.stream is not None:
-            return self._stream(endpoint, strategy, ctx, result, t0, ran)
+            return self._stream(job, result, ran)
         try:
-            resp = self._respond(req, strategy, ctx, result, time.perf_counter() - t0)
+            resp = self._respond(job, result, time.perf_counter() - job.t0)
         except BaseException as exc:
-            self._finish(endpoint, strategy, ctx, t0, exc)
+            self._finish(job, exc)
             raise
-        overhead = time.perf_counter() - t0 - ran
+        overhead = time.perf_counter() - job.t0 - ran
         resp.headers["x-sharpen-overhead-ms"] = f"{overhead * 1000:.3f}"
-        self.metrics.overhead.labels(endpoint).observe(overhead)
-        self._finish(endpoint, strategy, ctx, t0, None, req, result)
+        self.metrics.overhead.labels(job.endpoint).observe(overhead)
+        self._finish(job, None, result)
         return resp
 
-    def _render(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
-                wall_s: float) -> dict[str, Any]:
-        if result.response is None:
-            raise UpstreamError(f"strategy '{strategy.name}' produced no answer")
-        with_trace = isinstance(req, ChatCompletionRequest) and req.trace
-        return render.finish(result.response, strategy, ctx, result, with_trace=with_trace, wall_s=wall_s)
+    # -- render ------------------------------------------------------------------------------
 
-    def _respond(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
-                 wall_s: float) -> Response:
+    @staticmethod
+    def _render(job: Job, result: StrategyResult, wall_s: float) -> dict[str, Any]:
+        if result.response is None:
+            raise UpstreamError(f"strategy '{job.strategy.name}' produced no answer")
+        return render.finish(result.response, job.strategy, job.ctx, result, job.routing,
+                             with_trace=job.with_trace, wall_s=wall_s)
+
+    def _respond(self, job: Job, result: StrategyResult, wall_s: float) -> Response:
         # Passthrough bytes go back untouched unless the client asked for the trace, or memory
         # was injected (the answer then says which memories were used).
-        if result.raw is not None and not ("memory" in ctx.meta or getattr(req, "trace", False)):
+        if result.raw is not None and not (job.routing.memory is not None or job.with_trace):
             return Response(result.raw, media_type="application/json")
-        body = self._render(req, strategy, ctx, result, wall_s)
+        body = self._render(job, result, wall_s)
         return Response(orjson.dumps(body), media_type="application/json")
 
-    def _stream_when_done(self, endpoint: str, req: AnyRequest, strategy: Strategy, ctx: StrategyContext,
-                          t0: float) -> SSEResponse:
+    def _stream_when_done(self, job: Job) -> SSEResponse:
         """A strategy that must finish before answering: the SSE response starts at once, sends
         keep-alive comments while the strategy works, then the chosen answer as content chunks
         and the usage. A client that leaves cancels the strategy and its upstream calls."""
+        strategy, ctx, req = job.strategy, job.ctx, job.req
         keepalive = self.settings.strategies.keepalive_s
         outcome: list[BaseException | None] = [None]
 
@@ -220,11 +270,11 @@ class ProxyService:
                     if not task.done():
                         yield KEEPALIVE
                 result = task.result()
-                body = self._render(req, strategy, ctx, result, time.perf_counter() - t0)
+                body = self._render(job, result, time.perf_counter() - job.t0)
                 for event in render.chunks(body):
                     yield sse_event(event)
                 yield DONE
-                self._publish(req, strategy, ctx, result)
+                self._publish(job, result)
             except BaseException as exc:
                 outcome[0] = exc
                 raise
@@ -235,19 +285,19 @@ class ProxyService:
         def on_close(gone: bool, failure: SharpenError | None) -> None:
             if gone:
                 self.metrics.disconnects.inc()
-            self._finish(endpoint, strategy, ctx, t0, asyncio.CancelledError() if gone else failure or outcome[0])
+            self._finish(job, asyncio.CancelledError() if gone else failure or outcome[0])
 
-        overhead = time.perf_counter() - t0
+        overhead = time.perf_counter() - job.t0
         return SSEResponse(produce(), on_close=on_close,
                            headers=[(b"x-sharpen-overhead-ms", f"{overhead * 1000:.3f}".encode())])
 
-    def _stream(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, result: StrategyResult,
-                t0: float, ran: float) -> SSEResponse:
+    def _stream(self, job: Job, result: StrategyResult, ran: float) -> SSEResponse:
         assert result.stream is not None
+        ctx = job.ctx
         opened = time.monotonic() - ran  # when the strategy opened the upstream stream (monotonic, as record wants)
         sniffer = UsageSniffer()
-        overhead = time.perf_counter() - t0 - ran
-        self.metrics.overhead.labels(endpoint).observe(overhead)
+        overhead = time.perf_counter() - job.t0 - ran
+        self.metrics.overhead.labels(job.endpoint).observe(overhead)
 
         def on_close(gone: bool, failure: SharpenError | None) -> None:
             error = None if failure is None else failure.message
@@ -256,13 +306,16 @@ class ProxyService:
             if gone:
                 self.metrics.disconnects.inc()
                 exc = asyncio.CancelledError()
-            self._finish(endpoint, strategy, ctx, t0, exc)
+            self._finish(job, exc)
 
         return SSEResponse(result.stream.chunks(), tap=sniffer.feed, on_close=on_close,
                            headers=[(b"x-sharpen-overhead-ms", f"{overhead * 1000:.3f}".encode())])
 
-    def _publish(self, req: AnyRequest, strategy: Strategy, ctx: StrategyContext, result: StrategyResult) -> None:
+    # -- after -------------------------------------------------------------------------------
+
+    def _publish(self, job: Job, result: StrategyResult) -> None:
         """Hands the finished request to the event stream (adaptation, metrics); never blocks."""
+        req, strategy, ctx = job.req, job.strategy, job.ctx
         if result.uncertainty is not None:
             self.metrics.uncertainty.labels(strategy.name).observe(result.uncertainty.score)
         if not self.events.active or not isinstance(req, ChatCompletionRequest) or result.response is None:
@@ -272,19 +325,20 @@ class ProxyService:
         self.events.publish(RequestEvent(
             request_id=str(result.response.get("id", "")), tenant=ctx.tenant, model=ctx.model, strategy=strategy.name,
             messages=[m.model_dump(exclude_none=True) for m in req.messages], answer=answer,
-            uncertainty=result.uncertainty, usage=ctx.usage.model_dump(), remember=bool(ctx.meta.get("remember")),
-            memory_used=[m["id"] for m in ctx.meta.get("memory", [])]))
+            uncertainty=result.uncertainty, usage=ctx.usage.model_dump(), remember=job.routing.remember,
+            memory_used=job.routing.memory_ids()))
 
-    def _finish(self, endpoint: str, strategy: Strategy, ctx: StrategyContext, t0: float,
-                exc: BaseException | None, req: AnyRequest | None = None, result: StrategyResult | None = None) -> None:
-        """Metrics (and the event) for one finished request: success, failure or disconnect."""
-        if req is not None and result is not None:
-            self._publish(req, strategy, ctx, result)
-        if self.adapt is not None and "routed" in ctx.meta:
-            self.adapt.release(ctx.meta.pop("routed"))
-        self._in_flight -= 1
+    def _finish(self, job: Job, exc: BaseException | None, result: StrategyResult | None = None) -> None:
+        """Metrics (and the event) for one finished request: success, failure or disconnect;
+        releases its slot and its adapter."""
+        endpoint, strategy, ctx, t0 = job.endpoint, job.strategy, job.ctx, job.t0
+        if result is not None:
+            self._publish(job, result)
+        if self.adapt is not None and job.routing.acquired is not None:
+            self.adapt.release(job.routing.acquired)
+            job.routing.acquired = None
+        self._release()
         m = self.metrics
-        m.in_flight.dec()
         if exc is None:
             status = "200"
         elif isinstance(exc, SharpenError):
