@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from adapt.config import AdaptConfig
 from protocol.errors import SharpenError
 from protocol.upstream import UpstreamAPI
 from protocol.wire import ChatCompletionRequest
-from server.settings import AdaptSettings
 from strategies.answers import extract
 from strategies.base import StrategyContext
 from strategies.best_of_n import BestOfN, BestOfNOptions
@@ -63,7 +63,7 @@ async def siblings(upstream: UpstreamAPI, model: str, tenant: str, task: str, k:
     return out[:k]
 
 
-async def answer(upstream: UpstreamAPI, model: str, tenant: str, task: str, settings: AdaptSettings,
+async def answer(upstream: UpstreamAPI, model: str, tenant: str, task: str, settings: AdaptConfig,
                  origin: int | None) -> Example | None:
     """The best verified answer to ``task`` from best_of_n, or None if the verifiers reject all."""
     body = {"model": model, "messages": [{"role": "user", "content": task}], "max_tokens": 384}
@@ -86,7 +86,7 @@ async def answer(upstream: UpstreamAPI, model: str, tenant: str, task: str, sett
 
 
 async def synthesize(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
-                     settings: AdaptSettings, *, answerer: UpstreamAPI | None = None,
+                     settings: AdaptConfig, *, answerer: UpstreamAPI | None = None,
                      answer_model: str | None = None, concurrency: int = 4) -> list[Example]:
     """Examples for every query and its siblings that the verifiers approve."""
     sem = asyncio.Semaphore(concurrency)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from adapt import data as datamod
+from adapt.config import AdaptConfig
 from adapt.gate import evaluate
 from adapt.queue import UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion
@@ -30,8 +31,7 @@ from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from memory.embedder import Embedder, HashingEmbedder
 from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
 from protocol.events import EventBus, RequestEvent
-from server.settings import AdaptSettings
-from server.upstream import Upstream
+from protocol.upstream import AdapterHost, UpstreamAPI
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +62,18 @@ class Job:
 class AdaptationService:
     """Owns the queue, the adapter registry, the jobs and the routes to active adapters."""
 
-    def __init__(self, settings: AdaptSettings, directory: Path, upstream: Upstream, events: EventBus, *,
+    def __init__(self, config: AdaptConfig, directory: Path, upstream: AdapterHost, events: EventBus, *,
                  embedder: Embedder | None = None, trainer: Trainer | None = None,
-                 teacher: Upstream | None = None) -> None:
-        self.settings = settings
+                 teacher: UpstreamAPI | None = None) -> None:
+        self.config = config
         self.dir = directory.absolute()
         self.upstream = upstream
         self.teacher = teacher
         self.events = events
         self.trainer = trainer or LocalProcessTrainer()
-        self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=settings.shared)
+        self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
         self.queue = UncertainQueue(directory / "queue.sqlite3", embedder or HashingEmbedder(),
-                                    dedup_similarity=settings.dedup_similarity)
+                                    dedup_similarity=config.dedup_similarity)
         self.jobs: dict[str, Job] = {}
         self.base: str | None = None  # the upstream's base model name, set at start
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapt")
@@ -106,7 +106,7 @@ class AdaptationService:
         self._pool.shutdown(wait=False)
 
     def opted_in(self, tenant: str) -> bool:
-        return "*" in self.settings.tenants or tenant in self.settings.tenants
+        return "*" in self.config.tenants or tenant in self.config.tenants
 
     # -- detect ------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ class AdaptationService:
             try:
                 self._watch_live(ev)
                 u = ev.uncertainty
-                if u is None or u.score < self.settings.uncertainty_threshold or not self.opted_in(ev.tenant):
+                if u is None or u.score < self.config.uncertainty_threshold or not self.opted_in(ev.tenant):
                     continue
                 task = next((str(m.get("content")) for m in reversed(ev.messages) if m.get("role") == "user"), "")
                 if task:
@@ -135,10 +135,10 @@ class AdaptationService:
                 continue
             try:
                 counts = await loop.run_in_executor(self._pool, self.queue.counts)
-                period = self.settings.period_s
+                period = self.config.period_s
                 due = period is not None and time.monotonic() - self._last_cycle >= period
                 for tenant, n in counts.items():
-                    if self.opted_in(tenant) and (n >= self.settings.queue_trigger or (due and n > 0)):
+                    if self.opted_in(tenant) and (n >= self.config.queue_trigger or (due and n > 0)):
                         self.run_cycle(tenant)
                         break
             except Exception as exc:  # e.g. no base_model_path: say so, and keep the scheduler alive
@@ -153,7 +153,7 @@ class AdaptationService:
         """Starts a cycle now (one at a time); returns its job."""
         if self._running is not None and not self._running.done():
             raise InvalidRequest("An adaptation cycle is already running.", code="adaptation_busy")
-        if not self.settings.base_model_path:
+        if not self.config.base_model_path:
             raise InvalidRequest("Adaptation needs adapt.base_model_path (the base model's Hugging Face folder).",
                                  code="adaptation_unavailable")
         if self.base is None:
@@ -166,7 +166,7 @@ class AdaptationService:
 
     async def _cycle(self, job: Job, examples: list[datamod.Example] | None,
                      heldout: list[datamod.Example] | None) -> None:
-        s = self.settings
+        s = self.config
         loop = asyncio.get_running_loop()
         version: AdapterVersion | None = None
         used: list[int] = []
@@ -289,7 +289,7 @@ class AdaptationService:
     def _promote(self, v: AdapterVersion) -> None:
         old = self.registry.activate(v)  # from here on, new requests go to v
         self.registry.update(v.name, status="active", promoted_at=time.time())
-        self._live[v.name] = deque(maxlen=self.settings.rollback_window)
+        self._live[v.name] = deque(maxlen=self.config.rollback_window)
         if old is not None and old != v.name:
             self.registry.update(old, status="retired")
             self._spawn(self._unload_when_idle(old))
@@ -324,7 +324,7 @@ class AdaptationService:
         if v is None or v.score_new is None or window.maxlen is None or len(window) < window.maxlen:
             return
         live = sum(window) / len(window)
-        if live < v.score_new - self.settings.rollback_drop:
+        if live < v.score_new - self.config.rollback_drop:
             self._live.pop(ev.model, None)
             self._spawn(self.rollback(v.tenant, reason=f"live confidence {live:.3f} < gate {v.score_new:.3f}"))
 
@@ -355,7 +355,7 @@ class AdaptationService:
         self.registry.release(name)
 
     def status(self) -> dict[str, Any]:
-        return {"enabled": True, "base": self.base, "tenants": self.settings.tenants,
+        return {"enabled": True, "base": self.base, "tenants": self.config.tenants,
                 "queue": self.queue.counts(), "running": self._running is not None and not self._running.done(),
                 "jobs": len(self.jobs)}
 

@@ -16,11 +16,10 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-from server.settings import inherited_environ
 
 
 @dataclass
@@ -65,7 +64,9 @@ class Trainer(abc.ABC):
 class LocalProcessTrainer(Trainer):
     """Trains in a child process on this machine (CPU here, the GPU where there is one)."""
 
-    def __init__(self, *, python: str = sys.executable, grace_s: float = 10.0) -> None:
+    def __init__(self, *, environ: Mapping[str, str] | None = None, python: str = sys.executable,
+                 grace_s: float = 10.0) -> None:
+        self.environ = dict(environ or {})  # the server's environment (settings read it), which the child extends
         self.python = python
         self.grace_s = grace_s
         self._procs: dict[str, asyncio.subprocess.Process] = {}
@@ -80,7 +81,7 @@ class LocalProcessTrainer(Trainer):
         job_file = d / "job.json"
         job_file.write_text(json.dumps(asdict(job)))
         threads = str(job.hyper.get("threads", 1))
-        env = inherited_environ() | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+        env = self.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
                                      "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                      "TRANSFORMERS_OFFLINE": "1"}
         root = str(Path(__file__).resolve().parent.parent)

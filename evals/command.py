@@ -5,28 +5,31 @@
     sharpen calibrate --results evals-out/results.jsonl
 
 With ``--server`` the items go to a running sharpen; otherwise a sharpen is started in this
-process on a loopback port, in front of ``--upstream`` or of the embedded default backend.
+process on a loopback port, in front of ``--upstream`` or of the embedded default backend, by the
+``LocalServer`` the CLI (the composition root) hands in: evals never import the server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from evals import datasets, report
 from evals.calibrate import calibrate
 from evals.runner import Runner, parse_strategies
-from server.settings import load_settings
+
+LocalServer = Callable[[str | None, str | None], AbstractContextManager[str]]
+"""Starts a sharpen for the eval's duration: ``(config path, upstream URL or None for the
+embedded backend) -> context manager yielding its base URL (…/v1)``."""
 
 
-def add_parsers(sub: Any) -> None:
+def add_parsers(sub: Any, local_server: LocalServer) -> None:
     e = sub.add_parser("eval", help="measure strategies on a dataset")
     e.add_argument("--dataset", required=True, help="JSONL path or reasoning-gym names joined by '+' "
                    f"(built in: {', '.join(datasets.BUILTIN)})")
@@ -42,7 +45,7 @@ def add_parsers(sub: Any) -> None:
     e.add_argument("--max-tokens", type=int, default=512)
     e.add_argument("--baseline", default=None, help="strategy label to compare against (default: the first)")
     e.add_argument("--config", default=None)
-    e.set_defaults(func=run_eval)
+    e.set_defaults(func=functools.partial(run_eval, local_server=local_server))
     c = sub.add_parser("calibrate", help="choose auto's thresholds from eval results")
     c.add_argument("--results", required=True)
     c.add_argument("--gain", type=float, default=0.9, help="share of best_of_n's accuracy gain to keep")
@@ -50,57 +53,14 @@ def add_parsers(sub: Any) -> None:
     c.set_defaults(func=run_calibrate)
 
 
-@contextmanager
-def _local_server(args: argparse.Namespace) -> Iterator[str]:
-    """A sharpen on a loopback port for the duration of the eval."""
-    import socket
-
-    import uvicorn
-
-    from server.app import create_app
-
-    settings = load_settings(config=args.config, upstream={"url": args.upstream} if args.upstream else None,
-                             memory={"enabled": False})
-    backend = None
-    if not settings.upstream.url:
-        from server.backend.vllm_process import VLLMProcess
-        from server.backend.weights import prepare_model
-
-        prepared = prepare_model(settings.backend.model, settings.cache_dir)
-        backend = VLLMProcess(settings.backend, prepared, settings.log_dir / "vllm-eval.log")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, backend=backend), host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    import httpx
-
-    deadline = time.monotonic() + settings.backend.start_timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        raise SystemExit("the in-process sharpen did not become ready")
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
-def run_eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace, local_server: LocalServer) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     items = datasets.load(args.dataset, limit=args.limit, seed=args.seed)
     specs = parse_strategies(args.strategies)
     out = Path(args.out)
-    with _local_server(args) if not args.server else _given(args.server) as base:
+    server = local_server(args.config, args.upstream) if not args.server else _given(args.server)
+    with server as base:
         runner = Runner(base, model=args.model, api_key=args.api_key, out=out, concurrency=args.concurrency,
                         max_tokens=args.max_tokens)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -44,13 +44,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from adapt.config import AdaptConfig  # noqa: E402
 from adapt.data import Example  # noqa: E402
 from adapt.service import AdaptationService  # noqa: E402
 from adapt.trainer import LocalProcessTrainer  # noqa: E402
 from evals.report import wilson  # noqa: E402
 from protocol.errors import SharpenError  # noqa: E402
 from protocol.events import EventBus  # noqa: E402
-from server.settings import AdaptSettings, UpstreamSettings  # noqa: E402
+from server.settings import UpstreamSettings  # noqa: E402
 from server.upstream import Upstream  # noqa: E402
 from strategies.answers import extract  # noqa: E402
 
@@ -153,7 +154,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report["before"] = {"right": k, "n": len(evalset), "seconds": round(secs, 1)}
             print(f"  base: {k}/{len(evalset)} ({secs:.0f} s)", flush=True)
 
-            settings = AdaptSettings(
+            settings = AdaptConfig(
                 enabled=True, tenants=[TENANT], base_model_path=base_path, siblings=args.siblings, bon_n=args.bon_n,
                 max_queries=args.queries, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
                 threads=args.threads, learning_rate=args.learning_rate, gate_margin=args.gate_margin)

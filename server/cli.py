@@ -13,6 +13,7 @@ import argparse
 import ipaddress
 import logging
 import sys
+from contextlib import AbstractContextManager
 from typing import Any
 
 from server.settings import Settings, load_settings
@@ -105,6 +106,13 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_server(config: str | None, upstream: str | None) -> AbstractContextManager[str]:
+    """The in-process sharpen ``sharpen eval`` runs against (imported only when an eval runs)."""
+    from server.local import local_server
+
+    return local_server(config, upstream)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharpen", description="OpenAI-compatible proxy that sharpens a vLLM model.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=models)
     from evals.command import add_parsers
 
-    add_parsers(sub)
+    add_parsers(sub, _local_server)
     return p
 
 

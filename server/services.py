@@ -14,7 +14,7 @@ from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.proxy import ProxyService
 from server.replay import Replay
-from server.settings import Settings
+from server.settings import Settings, inherited_environ
 from server.upstream import Upstream
 from strategies import builtin_strategies
 from strategies.registry import StrategyRegistry
@@ -75,13 +75,15 @@ class Services:
         if not settings.adapt.enabled:
             return None
         from adapt.service import AdaptationService
+        from adapt.trainer import LocalProcessTrainer
 
         embedder = self.memory.embedder if self.memory is not None else None
         teacher = None
         if settings.adapt.teacher_url:
             teacher = Upstream(settings.adapt.teacher_url, settings.upstream)
         return AdaptationService(settings.adapt, settings.data_dir / "adapt", self.upstream, self.events,
-                                 embedder=embedder, teacher=teacher)
+                                 embedder=embedder, teacher=teacher,
+                                 trainer=LocalProcessTrainer(environ=inherited_environ()))
 
     async def start(self) -> None:
         if self.memory is not None and self.recorder is not None:

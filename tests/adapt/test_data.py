@@ -9,14 +9,15 @@ from typing import Any
 
 import pytest
 
+from adapt.config import AdaptConfig
 from adapt.data import Example, data_hash, siblings, split, synthesize
-from server.settings import AdaptSettings, UpstreamSettings
+from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from tests.fakes.upstream import FakeUpstream
 
 pytestmark = pytest.mark.timeout(60)
 
-SETTINGS = AdaptSettings(enabled=True, bon_n=4, siblings=3)
+SETTINGS = AdaptConfig(enabled=True, bon_n=4, siblings=3)
 
 
 @pytest.fixture

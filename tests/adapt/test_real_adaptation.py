@@ -174,12 +174,12 @@ def test_adapter_trained_on_wrong_answers_is_rejected(proxy: ProxyServer, real_v
     base = real_vllm.served_name
     svc = proxy.app.services.adapt
     assert svc is not None
-    steps = svc.settings.max_steps
-    svc.settings.max_steps = 5  # enough to make it wrong; half the time
+    steps = svc.config.max_steps
+    svc.config.max_steps = 5  # enough to make it wrong; half the time
     try:
         job = wait_job(proxy, start_run(proxy, run_body("tenant-b", digit=3)))
     finally:
-        svc.settings.max_steps = steps
+        svc.config.max_steps = steps
     name = f"{base}-tenant-b-v1"
     assert job["status"] == "rejected", job
     assert job["adapter"] == name and job["score_new"] < job["score_old"] + 0.1
@@ -231,9 +231,9 @@ def test_swap_under_load_loses_no_request(proxy: ProxyServer, real_vllm: RealVLL
                     errors.append(repr(exc))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
-    trainer, margin = svc.trainer, svc.settings.gate_margin
+    trainer, margin = svc.trainer, svc.config.gate_margin
     svc.trainer = CopyTrainer(svc.registry.get(old).path)  # type: ignore[union-attr]
-    svc.settings.gate_margin = -1.0  # the copy scores as well as the original: promote it anyway
+    svc.config.gate_margin = -1.0  # the copy scores as well as the original: promote it anyway
     for t in threads:
         t.start()
     try:
@@ -249,7 +249,7 @@ def test_swap_under_load_loses_no_request(proxy: ProxyServer, real_vllm: RealVLL
         stop.set()
         for t in threads:
             t.join(timeout=150)
-        svc.trainer, svc.settings.gate_margin = trainer, margin
+        svc.trainer, svc.config.gate_margin = trainer, margin
     print(f"responses by model: {dict(seen)}; errors: {len(errors)}")
     assert errors == []
     assert set(seen) == {old, new}  # all routed to an adapter, before and after the switch

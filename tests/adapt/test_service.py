@@ -18,13 +18,14 @@ import httpx
 import pytest
 
 import adapt.service
+from adapt.config import AdaptConfig
 from adapt.data import Example
 from adapt.service import AdaptationService, Job
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob, TrainOutcome
 from protocol.errors import InvalidRequest, NotFound
 from protocol.events import EventBus, RequestEvent
 from protocol.uncertainty import Uncertainty
-from server.settings import AdaptSettings, UpstreamSettings
+from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer
@@ -140,7 +141,7 @@ async def make(fake_upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Mak
         values = {"enabled": True, "tenants": ["a"], "base_model_path": str(tmp_path), "gate_margin": 0.1,
                   **settings}
         up = Upstream(upstream_url or fake_upstream.url, UpstreamSettings())
-        svc = AdaptationService(AdaptSettings(**values), directory or tmp_path / "adapt", up, EventBus(),
+        svc = AdaptationService(AdaptConfig(**values), directory or tmp_path / "adapt", up, EventBus(),
                                 trainer=trainer or FakeTrainer())
         made.append((svc, up))
         if start:
@@ -382,7 +383,7 @@ async def test_scheduler_survives_a_cycle_that_cannot_start(make: Make, fake_ups
     svc.queue.add("a", "What is the zorblat of cat?", "", 0.9, BASE)
     await until(lambda: "could not start an adaptation cycle" in caplog.text)
     assert not svc.jobs
-    svc.settings.base_model_path = str(svc.dir)  # configured now: the next tick starts it
+    svc.config.base_model_path = str(svc.dir)  # configured now: the next tick starts it
     await until(lambda: svc.jobs)
 
 
