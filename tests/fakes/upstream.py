@@ -291,6 +291,17 @@ class FakeUpstream:
         """
         self._pushed.append((status, json_body))
 
+    def reset(self) -> None:
+        """Back to a fresh fake's behaviour (script, knobs, adapters) with nothing recorded: a
+        fake shared by a module's tests (``SHARED_SERVER``) starts every test like this."""
+        self.script(None)
+        self.clear()
+        fresh = FakeUpstream()
+        for knob in ("answers", "fault", "fault_scope", "ttft", "tok", "length", "fail_n", "slow_ttft", "slow_tok",
+                     "verify_suffix", "logprob_fn"):
+            setattr(self, knob, getattr(fresh, knob))
+        self.adapters.clear()
+
     def clear(self) -> None:
         """Forget recorded requests and counters (not adapters, script or knobs)."""
         self.requests.clear()

@@ -245,6 +245,28 @@ def test_over_max_concurrency_is_429(fake_upstream: FakeUpstream, make_proxy: Ca
     assert post(p, CHAT).status_code == 200  # the slot is free again
 
 
+def test_429_comes_before_any_other_work(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -> None:
+    """Admission is the pipeline's first stage: a refused request does not resolve its model (an
+    unknown one would cost an upstream /models call and answer 404), validate or recall."""
+    p = make_proxy(fake_upstream.url, max_concurrency=1)
+    fake_upstream.ttft = 1.0
+    first: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: first.append(post(p, CHAT)))
+    t.start()
+    try:
+        assert fake_upstream.wait_until(lambda: fake_upstream.in_flight == 1, timeout=3)
+        seen = len(fake_upstream.requests)
+        error_of(post(p, {**CHAT, "model": "no-such-model"}), 429, code="rate_limit_exceeded")
+        error_of(post(p, {"messages": []}), 429, code="rate_limit_exceeded")
+        assert len(fake_upstream.requests) == seen
+    finally:
+        t.join()
+    fake_upstream.ttft = 0
+    error_of(post(p, {**CHAT, "model": "no-such-model"}), 404, code="model_not_found")
+    error_of(post(p, {"messages": []}), 400)
+    assert post(p, CHAT).status_code == 200  # refused requests gave their slots back
+
+
 # ------------------------------------------------------------------------ 502, 504
 
 

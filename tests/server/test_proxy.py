@@ -299,6 +299,21 @@ def test_metrics_in_flight_gauge_while_a_request_runs(fake_upstream: FakeUpstrea
 # ------------------------------------------------------------------------ /health and /ready
 
 
+TRACE_FIELDS = {"options", "candidates", "calls", "uncertainty", "notes", "wall_seconds"}  # README, "Strategies"
+
+
+def test_the_trace_carries_only_documented_fields(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    """Server bookkeeping (whether to remember, the model acquired for routing) stays inside."""
+    fake_upstream.answers = ["The answer is 4."]
+    r = httpx.post(proxy.url + "/chat/completions", timeout=20, json={
+        "messages": MESSAGES, "strategy": {"name": "self_consistency", "n": 2}, "trace": True,
+        "memory": {"recall": True, "remember": True}})
+    assert r.status_code == 200, r.text
+    trace = r.json()["sharpen"]["trace"]
+    assert set(trace) == TRACE_FIELDS | {"memory", "majority_answer", "answers_parsed"}
+    assert trace["memory"] == []  # recall ran and found nothing yet
+
+
 def test_health(proxy: ProxyServer) -> None:
     r = httpx.get(proxy.root + "/health", timeout=5)
     assert r.status_code == 200

@@ -3,7 +3,6 @@ strict validation of that choice, and the server's caps."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,35 +20,7 @@ HTTP = httpx.Client(timeout=20)  # one client: a new one per request costs more 
 NO_MEMORY = {"enabled": False}
 
 
-@pytest.fixture
-def make_proxy(make_proxy: Callable[..., ProxyServer]) -> Callable[..., ProxyServer]:
-    """Experience memory off: its remember/distil calls reach the fake after the response."""
-    return functools.partial(make_proxy, memory=NO_MEMORY)
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[tuple[FakeUpstream, ProxyServer]]:
-    """One fake and one default proxy for the module (starting them is most of a test's time)."""
-    with FakeUpstream() as fake, ProxyServer(fake.url, memory=NO_MEMORY) as proxy:
-        yield fake, proxy
-
-
-@pytest.fixture
-def fake_upstream(_server: tuple[FakeUpstream, ProxyServer]) -> FakeUpstream:
-    """The module's fake, back to its defaults (proxies with other settings use it too)."""
-    fake = _server[0]
-    fake.script(None)
-    fake.clear()
-    fresh = FakeUpstream()
-    for knob in ("answers", "fault", "ttft", "tok", "length", "fail_n", "verify_suffix", "logprob_fn"):
-        setattr(fake, knob, getattr(fresh, knob))
-    fake.adapters.clear()
-    return fake
-
-
-@pytest.fixture
-def proxy(_server: tuple[FakeUpstream, ProxyServer]) -> ProxyServer:
-    return _server[1]
+SHARED_SERVER = True  # one fake and one proxy for the module (tests/conftest.py)
 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
 VALID = ["best_of_n", "passthrough", "self_consistency"]
@@ -249,12 +220,23 @@ def test_bad_option_values(fake_upstream: FakeUpstream, proxy: ProxyServer, stra
     assert fake_upstream.completion_calls() == []
 
 
+@pytest.mark.parametrize("strategy", ["critique_refine", "mcts", {"name": "self_consistency", "n": 2}])
+def test_an_n_the_strategy_cannot_serve_is_the_same_400(proxy: ProxyServer, strategy: Any) -> None:
+    """critique_refine and mcts build one answer: n=3 is refused like any strategy's, never
+    silently answered with one choice."""
+    r = post(proxy, {"messages": MESSAGES, "strategy": strategy, "n": 3})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "n" and err["type"] == "invalid_request_error"
+    assert "returns at most" in err["message"]
+
+
 CAPS = {"max_n": 4, "max_verifier_calls": 8, "max_upstream_tokens": 1000, "deadline_s": 5}
 
 
 @pytest.fixture(scope="module")
-def capped(_server: tuple[FakeUpstream, ProxyServer]) -> Iterator[ProxyServer]:
-    with ProxyServer(_server[0].url, memory=NO_MEMORY, strategies=CAPS) as proxy:
+def capped(module_server: tuple[FakeUpstream, ProxyServer]) -> Iterator[ProxyServer]:
+    with ProxyServer(module_server[0].url, memory=NO_MEMORY, strategies=CAPS) as proxy:
         yield proxy
 
 

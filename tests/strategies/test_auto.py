@@ -10,7 +10,7 @@ requests are recognised by the verifier system prompt.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -26,24 +26,7 @@ TRUE = "FINAL VERIFICATION ANSWER: True"
 FALSE = "FINAL VERIFICATION ANSWER: False"
 
 
-@pytest.fixture(scope="module")
-def _server() -> Iterator[tuple[FakeUpstream, ProxyServer]]:
-    with FakeUpstream() as fake, ProxyServer(fake.url, memory={"enabled": False}) as proxy:
-        yield fake, proxy
-
-
-@pytest.fixture
-def fake_upstream(_server: tuple[FakeUpstream, ProxyServer]) -> FakeUpstream:
-    fake = _server[0]
-    fake.script(None)
-    fake.clear()
-    fake.logprob_fn = None
-    return fake
-
-
-@pytest.fixture
-def proxy(_server: tuple[FakeUpstream, ProxyServer]) -> ProxyServer:
-    return _server[1]
+SHARED_SERVER = True  # one fake and one proxy for the module (tests/conftest.py)
 
 
 @functools.cache

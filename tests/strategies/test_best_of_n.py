@@ -7,7 +7,7 @@ requests (recognised by the verifier system prompt) with whatever verdict a test
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -20,38 +20,7 @@ from tests.proxy_server import ProxyServer
 pytestmark = pytest.mark.timeout(30)
 
 
-NO_MEMORY = {"enabled": False}
-
-
-@pytest.fixture
-def make_proxy(make_proxy: Callable[..., ProxyServer]) -> Callable[..., ProxyServer]:
-    """Experience memory off: its remember/distil calls reach the fake after the response."""
-    return functools.partial(make_proxy, memory=NO_MEMORY)
-
-
-@pytest.fixture(scope="module")
-def _server() -> Iterator[tuple[FakeUpstream, ProxyServer]]:
-    """One fake and one proxy for the module (starting them is most of a test's time)."""
-    with FakeUpstream() as fake, ProxyServer(fake.url, memory=NO_MEMORY) as proxy:
-        yield fake, proxy
-
-
-@pytest.fixture
-def fake_upstream(_server: tuple[FakeUpstream, ProxyServer]) -> FakeUpstream:
-    """The module's fake, back to its defaults."""
-    fake = _server[0]
-    fake.script(None)
-    fake.clear()
-    fresh = FakeUpstream()
-    for knob in ("answers", "fault", "ttft", "tok", "length", "fail_n", "verify_suffix", "logprob_fn"):
-        setattr(fake, knob, getattr(fresh, knob))
-    fake.adapters.clear()
-    return fake
-
-
-@pytest.fixture
-def proxy(_server: tuple[FakeUpstream, ProxyServer]) -> ProxyServer:
-    return _server[1]
+SHARED_SERVER = True  # one fake and one proxy for the module (tests/conftest.py)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "What is 3 + 4?"}]
 TRUE = "FINAL VERIFICATION ANSWER: True"
