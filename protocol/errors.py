@@ -13,6 +13,7 @@ any of them into an OpenAI-shaped response: ``{"error": {"message", "type", "par
     ├── RateLimited (429, Retry-After)
     ├── ServiceUnavailable (503)
     ├── UpstreamError (502: unreachable or unreadable upstream)
+    │   ├── UpstreamConnectError (nothing came back: safe to retry)
     │   └── UpstreamTimeout (504)
     └── UpstreamStatusError (the upstream's own 4xx/5xx, passed on)
 """
@@ -113,6 +114,11 @@ class UpstreamError(SharpenError):
     status = 502
     type = "upstream_error"
     default_code = "bad_gateway"
+
+
+class UpstreamConnectError(UpstreamError):
+    """Nothing usable came back: the connection failed or was dropped before the headers.
+    Safe to retry, since nothing has reached the client yet."""
 
 
 class UpstreamTimeout(UpstreamError):

@@ -15,12 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import httpx
 
-from protocol.errors import UpstreamError
-
-
-class UpstreamConnectError(UpstreamError):
-    """Nothing usable came back: the connection failed or was dropped before the headers.
-    Safe to retry, since nothing has reached the client yet."""
+from protocol.errors import UpstreamConnectError, UpstreamError
 
 
 class TransportResponse(abc.ABC):

@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from protocol.errors import UpstreamError, UpstreamStatusError, UpstreamTimeout
+from protocol.errors import UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 from server.settings import UpstreamSettings
-from server.transport import Transport, TransportResponse, UpstreamConnectError, make_transport
+from server.transport import Transport, TransportResponse, make_transport
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 

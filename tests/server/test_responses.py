@@ -14,17 +14,6 @@ import openai
 import orjson
 import pytest
 
-from protocol.errors import (
-    InvalidRequest,
-    ModelNotFound,
-    PayloadTooLarge,
-    RateLimited,
-    SharpenError,
-    UpstreamError,
-    UpstreamStatusError,
-    UpstreamTimeout,
-    status_of,
-)
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer, free_port
 
@@ -428,49 +417,3 @@ def test_unexpected_exception_is_an_openai_shaped_500(fake_upstream: FakeUpstrea
     error_of(post(proxy, CHAT), 500, code="internal_error", err_type="server_error")
     monkeypatch.setattr(proxy.app.services, "model_cards", boom)
     error_of(httpx.get(proxy.url + "/models", timeout=5), 500, code="internal_error")
-
-
-# ------------------------------------------------------------------------ the error classes
-
-
-@pytest.mark.parametrize(
-    ("err", "status", "code"),
-    [
-        (InvalidRequest("x", param="n"), 400, None),
-        (ModelNotFound("x"), 404, "model_not_found"),
-        (PayloadTooLarge("x"), 413, "request_too_large"),
-        (RateLimited("x"), 429, "rate_limit_exceeded"),
-        (UpstreamError("x"), 502, "bad_gateway"),
-        (UpstreamTimeout("x"), 504, "upstream_timeout"),
-        (InvalidRequest("x", code="custom"), 400, "custom"),
-    ],
-)
-def test_error_classes(err: SharpenError, status: int, code: str | None) -> None:
-    assert status_of(err) == status
-    body = orjson.loads(err.body_bytes())
-    assert body == {"error": {"message": "x", "type": err.type, "param": err.param, "code": code}}
-
-
-@pytest.mark.parametrize(
-    ("status", "raw", "want_status", "want"),
-    [
-        (404, b'{"error":{"message":"no route","type":"NotFoundError","code":404}}', 404,
-         {"type": "invalid_request_error", "code": "model_not_found"}),
-        (400, b'{"error":{"message":"bad","type":"BadRequestError","param":"n","code":"400"}}', 400,
-         {"type": "invalid_request_error", "param": "n", "code": None}),
-        (503, b"", 503, {"type": "upstream_error", "message": "upstream: upstream answered HTTP 503"}),
-        (200, b"{}", 502, {"type": "upstream_error"}),
-        (401, b'{"error":{"message":"who","type":"authentication_error","code":"invalid_api_key"}}', 401,
-         {"type": "authentication_error", "code": "invalid_api_key"}),
-        (500, b'{"message":"flat shape"}', 500, {"message": "upstream: flat shape"}),
-    ],
-)
-def test_upstream_status_error_normalisation(status: int, raw: bytes, want_status: int,
-                                             want: dict[str, Any]) -> None:
-    err = UpstreamStatusError.from_upstream(status, raw)
-    assert status_of(err) == want_status
-    inner = err.body()["error"]
-    assert set(inner) == {"message", "type", "param", "code"}
-    for k, v in want.items():
-        assert inner[k] == v
-
