@@ -3,6 +3,8 @@ completions built from the wire models."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from protocol.wire import ChatCompletion, ChatCompletionRequest
 from strategies.base import Candidate
 from strategies.chat import completion, first_finish, first_text, question, rank_by_votes
@@ -29,7 +31,8 @@ def test_list_valued_content_is_joined_as_text_never_a_list_repr() -> None:
 def test_first_text_and_finish_tolerate_odd_answers() -> None:
     data = {"choices": [{"message": {"content": "hi"}, "finish_reason": "length"}]}
     assert (first_text(data), first_finish(data)) == ("hi", "length")
-    for odd in ({}, {"choices": []}, {"choices": [None]}, {"choices": [{"message": None}]}):
+    odds: list[dict[str, Any]] = [{}, {"choices": []}, {"choices": [None]}, {"choices": [{"message": None}]}]
+    for odd in odds:
         assert (first_text(odd), first_finish(odd)) == ("", "stop")
 
 
