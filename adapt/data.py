@@ -20,6 +20,7 @@ from protocol.wire import ChatCompletionRequest
 from strategies.answers import extract
 from strategies.base import StrategyContext
 from strategies.best_of_n import BestOfN, BestOfNOptions
+from strategies.chat import first_text
 
 _LINE = re.compile(r"^\s*(?:\d+[.)]|[-*•]|(?:q|question)\s*\d*\s*[:.)])?\s*(.+?)\s*$", re.IGNORECASE)
 # What a small model writes around its questions: a preamble ("Sure, here are three:") or an
@@ -53,7 +54,7 @@ async def siblings(upstream: UpstreamAPI, model: str, tenant: str, task: str, k:
     ctx = _ctx(upstream, model, tenant, {})
     data = await ctx.chat({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 80 * k,
                            "temperature": 0.8}, purpose="synthesize")
-    text = str(((data.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+    text = first_text(data)
     out = []
     for line in text.splitlines():
         m = _LINE.match(line)

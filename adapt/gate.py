@@ -17,6 +17,7 @@ from protocol.errors import SharpenError
 from protocol.upstream import UpstreamAPI
 from strategies.answers import extract
 from strategies.base import Candidate, StrategyContext
+from strategies.chat import first_text
 from strategies.verifiers.aspect import AspectVerifier
 from strategies.verifiers.base import VerificationTask
 
@@ -44,7 +45,7 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
                                        "max_tokens": max_tokens, "temperature": 0.0}, purpose="gate")
             except SharpenError:
                 return 0.0
-            text = str(((data.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+            text = first_text(data)
             if ex.reference is not None:
                 return 1.0 if extract(text) == ex.reference else 0.0
             task = VerificationTask(messages=[{"role": "user", "content": ex.task}],

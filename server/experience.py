@@ -22,6 +22,7 @@ from protocol.events import EventBus, RequestEvent
 from server.replay import task_of
 from server.settings import MemorySettings
 from server.upstream import Upstream
+from strategies.chat import first_text
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class UpstreamDistiller:
         if model:
             body["model"] = model
         data = await self._upstream.post_json("/chat/completions", body)
-        text = str(((data.get("choices") or [{}])[0].get("message") or {}).get("content") or "")
+        text = first_text(data)
         return parse_distilled(text)
 
 
