@@ -3,11 +3,13 @@ its settings (``server.settings.AdaptSettings`` extends it with what only the se
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field
 
 
 class AdaptConfig(BaseModel):
-    """Continual adaptation: uncertain queries -> synthesized examples -> LoRA -> gate -> swap."""
+    """Continual adaptation: uncertain queries -> consensus labels -> LoRA -> gate (+ canary) -> swap."""
 
     tenants: list[str] = Field(default_factory=list)  # opt-in; ["*"] for every tenant
     shared: bool = False  # adapters serve every tenant, not only the one whose data trained them
@@ -17,6 +19,23 @@ class AdaptConfig(BaseModel):
     queue_trigger: int = 16  # start a cycle once a tenant has this many pending queries
     period_s: float | None = None  # or on a period
     max_queries: int = 32  # uncertain queries used by one cycle
+    # Where training data comes from: "consensus" (the model's own vote over label_n samples,
+    # clear majorities only, its agreeing rationales) or "best_of_n" (verifier-approved answers).
+    labeller: Literal["consensus", "best_of_n"] = "consensus"
+    # consensus: "ttrl" labels the uncertain queries alone; "ttsi" adds `siblings` synthesized ones each
+    mode: Literal["ttrl", "ttsi"] = "ttrl"
+    label_n: int = Field(default=8, ge=2, le=64)  # samples per question (one n=N call)
+    label_temperature: float = 0.8
+    label_max_tokens: int = 256
+    min_share: float = 0.5  # keep a question only if its winning answer has this share of the votes
+    min_confidence: float = 0.0  # and this confidence (the winners' mean token probability)
+    rationales: int = Field(default=2, ge=1, le=4)  # agreeing rationales trained on per kept question
+    canary: str | None = None  # JSONL of {"question", "answer"}: the gate must not lose accuracy on it
+    canary_tolerance: float = 0.0  # the canary may drop this much (fraction) and still promote
+    canary_vote: bool = True  # also measure the vote (self-consistency@label_n) on the canary, for the report
+    gate_max_tokens: int = 384
+    retry_after_s: float = 300.0  # a failed cycle's queries wait this long before the next attempt
+    max_attempts: int = 3  # then they are set aside as "failed" (kept, not retried)
     siblings: int = 3  # similar new queries the model writes per uncertain query
     bon_n: int = 4  # candidates per training question (best_of_n)
     verifiers: list[str] = Field(default_factory=lambda: ["approval", "agreement"])

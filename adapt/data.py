@@ -11,6 +11,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from adapt.config import AdaptConfig
@@ -123,3 +124,19 @@ def split(examples: list[Example], holdout: float, seed: int = 0) -> tuple[list[
 def data_hash(examples: list[Example]) -> str:
     blob = json.dumps([asdict(e) for e in examples], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_job_files(job_dir: Path, examples: list[Example], heldout: list[Example]) -> Path:
+    """``train.jsonl`` (chat examples, in training order) and ``heldout.jsonl`` for the job; returns the first."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    ex_file = job_dir / "train.jsonl"
+    ex_file.write_text("".join(json.dumps(e.chat()) + "\n" for e in examples))
+    (job_dir / "heldout.jsonl").write_text("".join(json.dumps(e.__dict__) + "\n" for e in heldout))
+    return ex_file
+
+
+def hyperparameters(s: AdaptConfig, *, curriculum: bool) -> dict[str, Any]:
+    """The trainer's hyperparameters; ``curriculum`` keeps the examples' (easy-to-hard) order."""
+    return {"rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules, "learning_rate": s.learning_rate,
+            "epochs": s.epochs, "max_steps": s.max_steps, "batch_size": s.batch_size, "threads": s.threads,
+            "curriculum": curriculum}

@@ -2,7 +2,9 @@
 
 Each held-out question is answered greedily by both models. Where the example has a known final
 answer, the score is exact agreement with it; otherwise the ``approval`` verifier (asked of the
-base model) scores the answer. The candidate is promoted only if it wins by ``margin``.
+base model) scores the answer. The candidate is promoted only if it wins by ``margin`` and,
+when the operator supplied a labelled canary set, its canary accuracy drops by no more than
+``canary_tolerance`` (a labeller that is confidently wrong fools the held-out split, not the canary).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class GateResult:
     score_old: float
     promote: bool
     items: list[dict[str, Any]] = field(default_factory=list)
+    canary_new: float | None = None
+    canary_old: float | None = None
+    canary_items: int = 0
+    reason: str = ""
 
 
 async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: list[Example], *,
@@ -58,9 +64,23 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
 
 
 async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: str, heldout: list[Example],
-                   margin: float) -> GateResult:
-    (new, per_new), (old, per_old) = await asyncio.gather(score_model(upstream, candidate, judge, heldout),
-                                                          score_model(upstream, current, judge, heldout))
+                   margin: float, *, canary: list[Example] | None = None, canary_tolerance: float = 0.0,
+                   max_tokens: int = 384) -> GateResult:
+    sets = [heldout] + ([canary] if canary else [])
+    runs = await asyncio.gather(*(score_model(upstream, m, judge, exs, max_tokens=max_tokens)
+                                  for exs in sets for m in (candidate, current)))
+    (new, per_new), (old, per_old) = runs[0], runs[1]
     items = [{"task": e.task[:200], "reference": e.reference, "new": a, "old": b}
              for e, a, b in zip(heldout, per_new, per_old, strict=True)]
-    return GateResult(score_new=new, score_old=old, promote=bool(heldout) and new >= old + margin, items=items)
+    out = GateResult(score_new=new, score_old=old, promote=bool(heldout) and new >= old + margin, items=items)
+    if not heldout:
+        out.reason = "no held-out items"
+    elif not out.promote:
+        out.reason = f"held-out {new:.3f} < {old:.3f} + {margin}"
+    if canary:
+        out.canary_new, out.canary_old, out.canary_items = runs[2][0], runs[3][0], len(canary)
+        if out.canary_new < out.canary_old - canary_tolerance - 1e-9:
+            out.promote = False
+            out.reason = "; ".join(r for r in (out.reason, f"canary {out.canary_new:.3f} < {out.canary_old:.3f}"
+                                               f" - {canary_tolerance}") if r)
+    return out

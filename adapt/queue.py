@@ -21,8 +21,9 @@ CREATE TABLE IF NOT EXISTS uncertain (
     uncertainty REAL NOT NULL,
     model       TEXT NOT NULL,
     vector      BLOB NOT NULL,
-    status      TEXT NOT NULL DEFAULT 'pending',   -- pending, used
-    created     REAL NOT NULL
+    status      TEXT NOT NULL DEFAULT 'pending',   -- pending, used, failed
+    created     REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS uncertain_tenant ON uncertain (tenant, status);
 """
@@ -47,6 +48,9 @@ class UncertainQueue:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(uncertain)")}
+        if "attempts" not in cols:  # a queue written before attempts were counted
+            self.db.execute("ALTER TABLE uncertain ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
         self.embedder = embedder
         self.dedup = dedup_similarity
 
@@ -74,6 +78,18 @@ class UncertainQueue:
         if ids:
             q = ",".join("?" * len(ids))
             self.db.execute(f"UPDATE uncertain SET status='used' WHERE id IN ({q})", ids)
+
+    def release(self, ids: list[int], max_attempts: int) -> int:
+        """A failed cycle's queries go back to pending, or, after ``max_attempts`` failures, to
+        ``failed`` (kept for the operator, not retried). Returns how many went back."""
+        if not ids:
+            return 0
+        q = ",".join("?" * len(ids))
+        self.db.execute(f"UPDATE uncertain SET attempts=attempts+1 WHERE id IN ({q})", ids)
+        self.db.execute(f"UPDATE uncertain SET status=CASE WHEN attempts>=? THEN 'failed' ELSE 'pending' END "
+                        f"WHERE id IN ({q})", [max_attempts, *ids])
+        row = self.db.execute(f"SELECT COUNT(*) FROM uncertain WHERE status='pending' AND id IN ({q})", ids).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         self.db.close()

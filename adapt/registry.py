@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import sqlite3
 import time
@@ -32,7 +33,8 @@ CREATE TABLE IF NOT EXISTS adapters (
     score_old   REAL,
     created     REAL NOT NULL,
     promoted_at REAL,
-    note        TEXT NOT NULL DEFAULT ''
+    note        TEXT NOT NULL DEFAULT '',
+    report      TEXT NOT NULL DEFAULT '{}'  -- the cycle's figures (JSON): labelling, gate, canary, phases
 );
 """
 
@@ -53,6 +55,7 @@ class AdapterVersion:
     created: float = field(default_factory=time.time)
     promoted_at: float | None = None
     note: str = ""
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def _slug(s: str) -> str:
@@ -68,6 +71,8 @@ class AdapterRegistry:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
+        if "report" not in {r[1] for r in self.db.execute("PRAGMA table_info(adapters)")}:  # an older registry
+            self.db.execute("ALTER TABLE adapters ADD COLUMN report TEXT NOT NULL DEFAULT '{}'")
         self.shared = shared
         self._active: dict[tuple[str, str], str] = {}  # (tenant, base) -> adapter name
         self._in_flight: dict[str, int] = {}
@@ -88,7 +93,8 @@ class AdapterRegistry:
         return AdapterVersion(name=r["name"], tenant=r["tenant"], base=r["base"], version=r["version"],
                               parent=r["parent"], path=r["path"], status=r["status"], data_hash=r["data_hash"],
                               hyper=json.loads(r["hyper"]), score_new=r["score_new"], score_old=r["score_old"],
-                              created=r["created"], promoted_at=r["promoted_at"], note=r["note"])
+                              created=r["created"], promoted_at=r["promoted_at"], note=r["note"],
+                              report=json.loads(r["report"] or "{}"))
 
     def new_version(self, tenant: str, base: str, root: Path, *, parent: str | None, data_hash: str,
                     hyper: dict[str, Any]) -> AdapterVersion:
@@ -109,7 +115,8 @@ class AdapterRegistry:
 
     def update(self, name: str, **fields: Any) -> None:
         sets = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE adapters SET {sets} WHERE name=?", [*fields.values(), name])
+        values = [json.dumps(v) if k == "report" else v for k, v in fields.items()]
+        self.db.execute(f"UPDATE adapters SET {sets} WHERE name=?", [*values, name])
 
     # -- routing ------------------------------------------------------------------------------
 
@@ -164,3 +171,19 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self.db.close()
+
+
+def name_base_model(adapter_dir: Path, served_base: str) -> None:
+    """Records the served base model's name in ``adapter_config.json``: vLLM's filesystem
+    resolver (replicas pulling adapters from shared storage) only serves an adapter whose
+    ``base_model_name_or_path`` matches the base model a request names. The training-time path
+    stays in ``lineage.json``."""
+    cfg_path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return
+    cfg["base_model_name_or_path"] = served_base
+    tmp = cfg_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, cfg_path)

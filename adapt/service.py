@@ -1,9 +1,13 @@
-"""The adaptation loop (TT-SI; Huang et al., "Large Language Models Can Self-Improve").
+"""The adaptation loop (consensus self-training: TTRL, arXiv 2504.16084; TT-SI, arXiv 2510.07841).
 
-detect (uncertain requests -> durable queue) -> synthesize (siblings + verified best_of_n answers)
--> train (LoRA in a separate process) -> gate (held-out split, new vs current) -> swap (load under
+detect (uncertain requests -> durable queue) -> label (the model's own vote over N samples, clear
+majorities only; or, with ``adapt.labeller: best_of_n``, siblings + verified answers) -> train
+(LoRA on the agreeing rationales, easy-to-hard, in a separate process) -> gate (pseudo-labelled
+held-out split must rise by the margin, the operator's canary must not drop) -> swap (load under
 a new immutable name, switch the route atomically, unload the old version once idle) -> roll back
-(by hand, or when live confidence drops after a promotion). One cycle at a time.
+(by hand, or when live confidence drops after a promotion). One cycle at a time; every phase is
+timed. A cycle that fails puts its queries back (up to ``adapt.max_attempts``) and the tenant
+waits ``adapt.retry_after_s`` before the next.
 """
 
 from __future__ import annotations
@@ -12,21 +16,24 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapt import canary as canarymod
+from adapt import consensus
 from adapt import data as datamod
 from adapt.config import AdaptConfig
+from adapt.data import Example
 from adapt.gate import evaluate
+from adapt.job import Job
+from adapt.labeller import Labeller, MajorityVote
 from adapt.queue import UncertainQueue
-from adapt.registry import AdapterRegistry, AdapterVersion
+from adapt.registry import AdapterRegistry, AdapterVersion, name_base_model
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from memory.embedder import Embedder, HashingEmbedder
 from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
@@ -36,41 +43,20 @@ from protocol.upstream import AdapterHost, UpstreamAPI
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Job:
-    """One adaptation cycle, as the admin API reports it."""
-
-    id: str
-    tenant: str
-    base: str
-    status: str = "queued"  # queued, running, succeeded, rejected, failed, cancelled
-    stage: str = "queued"  # synthesize, train, load, gate, swap, done
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-    adapter: str | None = None
-    examples: int = 0
-    heldout: int = 0
-    score_new: float | None = None
-    score_old: float | None = None
-    error: str | None = None
-    train: dict[str, Any] = field(default_factory=dict)
-
-    def public(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
 class AdaptationService:
     """Owns the queue, the adapter registry, the jobs and the routes to active adapters."""
 
     def __init__(self, config: AdaptConfig, directory: Path, upstream: AdapterHost, events: EventBus, *,
                  embedder: Embedder | None = None, trainer: Trainer | None = None,
-                 teacher: UpstreamAPI | None = None) -> None:
+                 teacher: UpstreamAPI | None = None, labeller: Labeller | None = None) -> None:
         self.config = config
         self.dir = directory.absolute()
         self.upstream = upstream
         self.teacher = teacher
         self.events = events
         self.trainer = trainer or LocalProcessTrainer()
+        self.labeller = labeller or MajorityVote(config.label_n, temperature=config.label_temperature,
+                                                 max_tokens=config.label_max_tokens)
         self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
         self.queue = UncertainQueue(directory / "queue.sqlite3", embedder or HashingEmbedder(),
                                     dedup_similarity=config.dedup_similarity)
@@ -82,7 +68,9 @@ class AdaptationService:
         self._sub: asyncio.Queue[RequestEvent] | None = None
         self._live: dict[str, deque[float]] = {}
         self._last_cycle = time.monotonic()
+        self._cooldown: dict[str, float] = {}  # tenant -> monotonic time before which no cycle starts
         self.models_changed: Callable[[], Awaitable[None]] | None = None
+        self.on_cycle: Callable[[Job], None] | None = None  # e.g. the metrics; called when a cycle ends
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -137,7 +125,10 @@ class AdaptationService:
                 counts = await loop.run_in_executor(self._pool, self.queue.counts)
                 period = self.config.period_s
                 due = period is not None and time.monotonic() - self._last_cycle >= period
+                now = time.monotonic()
                 for tenant, n in counts.items():
+                    if now < self._cooldown.get(tenant, 0.0):
+                        continue
                     if self.opted_in(tenant) and (n >= self.config.queue_trigger or (due and n > 0)):
                         self.run_cycle(tenant)
                         break
@@ -166,64 +157,57 @@ class AdaptationService:
 
     async def _cycle(self, job: Job, examples: list[datamod.Example] | None,
                      heldout: list[datamod.Example] | None) -> None:
-        s = self.config
-        loop = asyncio.get_running_loop()
-        version: AdapterVersion | None = None
-        used: list[int] = []
+        s, loop, version, used = self.config, asyncio.get_running_loop(), None, []
         job.status = "running"
         try:
+            canary = canarymod.load(s.canary) if s.canary else None  # refused before any work
+            current = self.registry.active(job.tenant, job.base)
+            curriculum = examples is None and s.labeller == "consensus"  # labelled data comes easy-to-hard
             if examples is None:
-                job.stage = "synthesize"
-                pending = await loop.run_in_executor(self._pool, self.queue.pending, job.tenant, s.max_queries)
-                used = [q.id for q in pending]
-                queries = [(q.id, q.task) for q in pending]
-                examples = await datamod.synthesize(self.upstream, job.base, job.tenant, queries, s,
-                                                    answerer=self.teacher, answer_model=s.teacher_model)
+                with job.phase("label", "label" if s.labeller == "consensus" else "synthesize"):
+                    pending = await loop.run_in_executor(self._pool, self.queue.pending, job.tenant, s.max_queries)
+                    if not pending:
+                        raise InvalidRequest(f"tenant '{job.tenant}' has no queued uncertain queries to learn from",
+                                             code="adaptation_empty_queue")
+                    used = [q.id for q in pending]
+                    examples, heldout = await self._data(job, [(q.id, q.task) for q in pending], current, heldout)
+            if canary and s.canary_vote:
+                with job.phase("label"):
+                    job.report["canary"] = {"n": len(canary), "vote_before": await consensus.vote_accuracy(
+                        self.upstream, current or job.base, job.tenant, self.labeller, canary)}
             if heldout is None:
                 examples, heldout = datamod.split(examples, s.holdout_fraction)
             job.examples, job.heldout = len(examples), len(heldout)
             if not examples or not heldout:
                 raise InvalidRequest(f"not enough verified examples to train and gate ({len(examples)} train, "
                                      f"{len(heldout)} held out)")
-            job.stage = "train"
-            current = self.registry.active(job.tenant, job.base)
-            hyper = {"rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules, "learning_rate":
-                     s.learning_rate, "epochs": s.epochs, "max_steps": s.max_steps, "batch_size": s.batch_size,
-                     "threads": s.threads}
-            dh = datamod.data_hash(examples)
-            version = self.registry.new_version(job.tenant, job.base, self.dir / "adapters", parent=current,
-                                                data_hash=dh, hyper=hyper)
-            job.adapter = version.name
-            jdir = self.dir / "jobs" / job.id
-            jdir.mkdir(parents=True, exist_ok=True)
-            ex_file = jdir / "train.jsonl"
-            ex_file.write_text("".join(json.dumps(e.chat()) + "\n" for e in examples))
-            (jdir / "heldout.jsonl").write_text("".join(json.dumps(e.__dict__) + "\n" for e in heldout))
-            tj = TrainJob(job_dir=str(jdir), base_model_path=str(s.base_model_path), examples=str(ex_file),
-                          out_dir=version.path, data_hash=dh, hyper=hyper)
-            self._train_job = tj
-            outcome = await self.trainer.run(tj)
-            job.train = outcome.progress
-            if not outcome.ok:
-                self.registry.update(version.name, status=outcome.status, note=outcome.error or "")
-                job.status, job.error = ("cancelled" if outcome.status == "cancelled" else "failed"), outcome.error
+            with job.phase("train"):
+                version, jdir = await self._train(job, examples, heldout, current, curriculum)
+            if version is None:
                 return
-            name_base_model(Path(version.path), job.base)
-            job.stage = "load"
-            await self._load(version)
-            job.stage = "gate"
-            gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout, s.gate_margin)
+            with job.phase("gate", "load"):
+                name_base_model(Path(version.path), job.base)
+                await self._load(version)
+                job.stage = "gate"
+                gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout,
+                                      s.gate_margin, canary=canary, canary_tolerance=s.canary_tolerance,
+                                      max_tokens=s.gate_max_tokens)
             job.score_new, job.score_old = gate.score_new, gate.score_old
+            job.report["heldout"] = {"n": len(heldout), "greedy_before": gate.score_old,
+                                     "greedy_after": gate.score_new, "vote": 1.0 if s.labeller == "consensus" else None}
+            if canary:
+                job.report.setdefault("canary", {"n": len(canary)}).update(
+                    greedy_before=gate.canary_old, greedy_after=gate.canary_new)
+            job.report["promoted"], job.report["reason"] = gate.promote, gate.reason
             self.registry.update(version.name, score_new=gate.score_new, score_old=gate.score_old)
             (jdir / "gate.json").write_text(json.dumps(gate.items))
             if not gate.promote:
-                self.registry.update(version.name, status="rejected",
-                                     note=f"{gate.score_new:.3f} < {gate.score_old:.3f} + {s.gate_margin}")
+                self.registry.update(version.name, status="rejected", note=gate.reason)
                 job.status = "rejected"
                 await self._unload_when_idle(version.name)
                 return
-            job.stage = "swap"
-            self._promote(version)
+            with job.phase("swap"):
+                self._promote(version)
             job.status = "succeeded"
         except asyncio.CancelledError:
             job.status = "cancelled"
@@ -236,18 +220,70 @@ class AdaptationService:
             job.status = "failed"
             job.error = exc.message if isinstance(exc, SharpenError) else f"{type(exc).__name__}: {exc}"
             log.warning("adaptation job %s failed: %s", job.id, job.error)
+            version = version or (self.registry.get(job.adapter) if job.adapter else None)  # the trainer raised
             if version is not None:
                 self.registry.update(version.name, status="failed", note=job.error)
                 if job.stage == "gate":
                     self._spawn(self._unload_when_idle(version.name))
         finally:
-            if used and job.status in ("succeeded", "rejected", "failed"):
-                # Consumed by this attempt whatever its outcome: left pending, the same queries
-                # would start the same cycle again at the scheduler's next tick, forever.
+            await self._settle(job, used, version)
+
+    async def _data(self, job: Job, queries: list[tuple[int, str]], current: str | None,
+                    heldout: list[Example] | None) -> tuple[list[Example], list[Example] | None]:
+        s = self.config
+        if s.labeller == "best_of_n":
+            return await datamod.synthesize(self.upstream, job.base, job.tenant, queries, s,
+                                            answerer=self.teacher, answer_model=s.teacher_model), heldout
+        return await consensus.cycle_data(self.upstream, current or job.base, job.tenant, queries, self.labeller,
+                                          s, job.report, heldout)
+
+    async def _train(self, job: Job, examples: list[Example], heldout: list[Example], current: str | None,
+                     curriculum: bool) -> tuple[AdapterVersion | None, Path]:
+        """Trains the next version; None (with the job's status set) when the trainer failed."""
+        s = self.config
+        hyper = datamod.hyperparameters(s, curriculum=curriculum)
+        dh = datamod.data_hash(examples)
+        version = self.registry.new_version(job.tenant, job.base, self.dir / "adapters", parent=current,
+                                            data_hash=dh, hyper=hyper)
+        job.adapter = version.name
+        jdir = self.dir / "jobs" / job.id
+        ex_file = datamod.write_job_files(jdir, examples, heldout)
+        tj = TrainJob(job_dir=str(jdir), base_model_path=str(s.base_model_path), examples=str(ex_file),
+                      out_dir=version.path, data_hash=dh, hyper=hyper)
+        self._train_job = tj
+        outcome = await self.trainer.run(tj)
+        job.train = outcome.progress
+        if not outcome.ok:
+            self.registry.update(version.name, status=outcome.status, note=outcome.error or "")
+            job.status = "cancelled" if outcome.status == "cancelled" else "failed"
+            job.error = outcome.error or f"the trainer ended with status {outcome.status}"
+            return None, jdir
+        return version, jdir
+
+    async def _settle(self, job: Job, used: list[int], version: AdapterVersion | None) -> None:
+        """Ends the job: queries spent or put back, the figures recorded and handed to ``on_cycle``."""
+        loop = asyncio.get_running_loop()
+        job.report["phases_s"] = dict(job.phases_s)
+        if job.status in ("failed", "cancelled"):
+            # Put back, not lost; the tenant waits, and queries that keep failing are set aside.
+            self._cooldown[job.tenant] = time.monotonic() + self.config.retry_after_s
+            if used:
                 with contextlib.suppress(Exception):
-                    await loop.run_in_executor(self._pool, self.queue.mark_used, used)
-            job.stage = "done"
-            job.finished = time.time()
+                    back = await loop.run_in_executor(self._pool, self.queue.release, used, self.config.max_attempts)
+                    job.report["queue"] = {"returned": back, "set_aside": len(used) - back}
+        elif used:  # a verdict was reached: spent
+            with contextlib.suppress(Exception):
+                await loop.run_in_executor(self._pool, self.queue.mark_used, used)
+        with contextlib.suppress(Exception):
+            if version is not None:
+                self.registry.update(version.name, report=job.report)
+        job.stage = "done"
+        job.finished = time.time()
+        try:
+            if self.on_cycle is not None:
+                self.on_cycle(job)
+        except Exception:
+            log.exception("reporting the cycle failed")
 
     def progress(self, job: Job) -> dict[str, Any]:
         out = job.public()
@@ -359,18 +395,3 @@ class AdaptationService:
                 "queue": self.queue.counts(), "running": self._running is not None and not self._running.done(),
                 "jobs": len(self.jobs)}
 
-
-def name_base_model(adapter_dir: Path, served_base: str) -> None:
-    """Records the served base model's name in ``adapter_config.json``: vLLM's filesystem
-    resolver (replicas pulling adapters from shared storage) only serves an adapter whose
-    ``base_model_name_or_path`` matches the base model a request names. The training-time path
-    stays in ``lineage.json``."""
-    cfg_path = adapter_dir / "adapter_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
-        return
-    cfg["base_model_name_or_path"] = served_base
-    tmp = cfg_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, cfg_path)

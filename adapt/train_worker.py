@@ -79,7 +79,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     _write(progress, state)
     step = 0
     while step < total:
-        random.shuffle(data)
+        if not hp.get("curriculum"):  # curriculum: the examples come easy-to-hard, keep that order
+            random.shuffle(data)
         for i in range(0, len(data), bs):
             if step >= total:
                 break

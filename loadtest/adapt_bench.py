@@ -1,29 +1,27 @@
-"""One full adaptation cycle on CPU, timed per stage, with held-out accuracy before and after.
+"""One consensus self-training cycle on a reasoning-gym family, measured on unseen items.
 
-    .venv/bin/python loadtest/adapt_bench.py [--model qwen2.5-coder-0.5b-instruct]
-        [--upstream URL --base-model-path DIR] [--queries 12] [--siblings 3] [--bon-n 4]
-        [--given 0] [--eval 40] [--max-steps 60] [--epochs 3] [--batch-size 4] [--threads 2]
-        [--kv-cache-gib 2] [--seed 7] [--scratch /tmp/adapt_bench] [--out FILE.json]
+    .venv/bin/python loadtest/adapt_bench.py [--family basic_arithmetic] [--unrelated letter_counting]
+        [--queries 32] [--eval 150] [--eval-unrelated 100] [--sc-items 50] [--canary-items 16]
+        [--mode ttrl|ttsi] [--label-n 8] [--min-share 0.5] [--rationales 2] [--max-steps 40]
+        [--learning-rate 5e-4] [--before FILE.json] [--upstream URL --base-model-path DIR]
+        [--scratch /tmp/adapt_bench] [--out FILE.json]
 
-Starts the model on the embedded vLLM (``prepare_model`` + ``VLLMProcess``, runtime LoRA,
-``--max-lora-rank 8``) unless ``--upstream`` names a running one (then ``--base-model-path``
-is its Hugging Face folder). Then, with ``adapt.service.AdaptationService`` and the real
-``LocalProcessTrainer`` (peft, a child process):
+Starts the model on the embedded vLLM (runtime LoRA) unless ``--upstream`` names a running one,
+and sharpen itself in front of it (``tests.proxy_server.ProxyServer``, adaptation on for every
+tenant, cycles started by hand). Then:
 
-1. Held-out accuracy of the base model: ``--eval`` arithmetic word problems (seeded, gold
-   answers computed), greedy, final answer extracted with ``strategies.answers.extract``.
-2. One cycle, the production code path: ``--queries`` such problems (other numbers) are put in
-   the tenant's uncertain-query queue as the proxy would; the cycle writes ``--siblings``
-   similar questions per query, answers each with best_of_n (``--bon-n``, approval + agreement
-   verifiers) and keeps the approved ones, splits off a held-out part, trains a rank-8 LoRA,
-   loads it, gates it against the base and (if it wins) swaps it in. With ``--given N`` the
-   cycle instead trains on N gold-answered problems (the upper bound a perfect teacher gives).
-   Each stage is timed from the job's stage changes; the total is compared with 10 minutes.
-3. Held-out accuracy of the adapter (loaded again under a scratch name if the gate rejected
-   it), on the same problems as 1.
-
-What it measures is what it prints: on a small model, self-generated data verified by the same
-small model can help, do nothing, or hurt; the gate is there to catch the last two.
+1. Before (skipped with ``--before``, a previous run's JSON for the same items): greedy accuracy
+   of the base model on ``--eval`` unseen items of the family (seed B) and ``--eval-unrelated``
+   items of an unrelated family (regression check), and self-consistency@8 on the first
+   ``--sc-items`` of the unseen ones (the accuracy the vote reaches, which the adapter chases).
+2. Live traffic: ``--queries`` items of the family (seed A) through sharpen with
+   ``self_consistency`` n=4; those whose vote was split (uncertainty >= 0.25) are queued.
+3. One cycle through the admin API: consensus labels (one n=``--label-n`` call per query),
+   clear majorities kept, agreeing rationales easy-to-hard, LoRA in its own process, the gate
+   (pseudo-labelled held-out split + a canary of ``--canary-items`` gold items, seed C), swap.
+   Phases timed from the job's own ``phases_s``; the total compared with 10 minutes.
+4. After: greedy accuracy of the adapter on the same items as 1 (loaded under a scratch name if
+   the gate rejected it), with 95% Wilson intervals and an exact paired McNemar test.
 """
 
 from __future__ import annotations
@@ -33,94 +31,101 @@ import asyncio
 import contextlib
 import json
 import os
-import random
 import signal
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapt.config import AdaptConfig  # noqa: E402
-from adapt.data import Example  # noqa: E402
-from adapt.service import AdaptationService  # noqa: E402
-from adapt.trainer import LocalProcessTrainer  # noqa: E402
-from evals.report import wilson  # noqa: E402
-from protocol.errors import SharpenError  # noqa: E402
-from protocol.events import EventBus  # noqa: E402
-from server.settings import UpstreamSettings  # noqa: E402
-from server.upstream import Upstream  # noqa: E402
+from evals.checkers import score  # noqa: E402
+from evals.datasets import Item  # noqa: E402
+from evals.report import mcnemar, wilson  # noqa: E402
 from strategies.answers import extract  # noqa: E402
 
 TARGET_S = 600.0
-# The questions go as users would ask them. Measured on this model: adding "End your reply with
-# 'The answer is X.'" makes the 0.5B model skip its working (4/20 right, against 13/20 without),
-# and makes it answer the question instead of writing siblings of it.
-INSTRUCTION = ""
-TENANT = "bench"
-
-# ---- the problems: short arithmetic word problems the 0.5B model often gets wrong ----------------
-
-Solve = Callable[[int, int], tuple[int, str]]  # (a, b) -> (answer, worked solution)
-
-_TEMPLATES: list[tuple[str, Solve]] = [
-    ("A box holds {a} pencils. How many pencils are in {b} boxes?",
-     lambda a, b: (a * b, f"{b} boxes x {a} pencils = {a * b} pencils.")),
-    ("A train travels {a} km every hour. How many km does it travel in {b} hours?",
-     lambda a, b: (a * b, f"{a} km x {b} hours = {a * b} km.")),
-    ("Tom has {a} marbles and buys {b} bags of 6 marbles. How many marbles does he have now?",
-     lambda a, b: (a + 6 * b, f"{b} bags x 6 = {6 * b} marbles; {a} + {6 * b} = {a + 6 * b}.")),
-    ("A farmer has {a} eggs and packs them in cartons of {b}. How many eggs are left over?",
-     lambda a, b: (a % b, f"{a} = {a // b} x {b} + {a % b}, so {a % b} eggs are left over.")),
-    ("A ticket costs {a} dollars. How much do {b} tickets cost, minus a 10 dollar discount?",
-     lambda a, b: (a * b - 10, f"{b} x {a} = {a * b} dollars; {a * b} - 10 = {a * b - 10} dollars.")),
-]
+SEED_A, SEED_B, SEED_C, SEED_U = 101, 202, 303, 404
+FAMILY_CONFIG: dict[str, dict[str, Any]] = {
+    "basic_arithmetic": {"min_terms": 2, "max_terms": 4, "min_digits": 2, "max_digits": 2},
+}
 
 
-def problems(n: int, seed: int) -> list[tuple[str, str, str]]:
-    """``n`` (question, gold answer, worked solution) triples, seeded."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        text, solve = _TEMPLATES[i % len(_TEMPLATES)]
-        a, b = rng.randint(12, 97), rng.randint(3, 19)
-        gold, steps = solve(a, b)
-        out.append((text.format(a=a, b=b) + INSTRUCTION, str(gold), f"{steps}\nThe answer is {gold}."))
-    return out
+def items(family: str, n: int, seed: int) -> list[Item]:
+    import reasoning_gym
+
+    ds = reasoning_gym.create_dataset(family, seed=seed, size=n, **FAMILY_CONFIG.get(family, {}))
+    return [Item(id=f"{family}-{seed}-{i}", question=str(ds[i]["question"]), answer=str(ds[i]["answer"]),
+                 checker="reasoning_gym", entry=ds[i], dataset=ds) for i in range(n)]
 
 
-async def accuracy(up: Upstream, model: str, items: list[tuple[str, str, str]], max_tokens: int,
-                   concurrency: int = 8) -> tuple[int, float, list[str | None]]:
+def cpu() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return f"{info.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, flags {' '.join(keep)}"
+
+
+async def greedy(client: httpx.AsyncClient, model: str, its: list[Item], max_tokens: int,
+                 concurrency: int = 8) -> dict[str, float]:
+    """item id -> score (0/1), greedy, directly against vLLM."""
     sem = asyncio.Semaphore(concurrency)
 
-    async def one(q: str) -> str | None:
+    async def one(it: Item) -> tuple[str, float]:
         async with sem:
-            body = {"model": model, "messages": [{"role": "user", "content": q}], "max_tokens": max_tokens,
+            body = {"model": model, "messages": [{"role": "user", "content": it.prompt()}], "max_tokens": max_tokens,
                     "temperature": 0.0}
-            try:
-                reply = await up.request("POST", "/chat/completions", json.dumps(body).encode())
-                data = await reply.json()
-            except SharpenError as exc:
-                print(f"  eval call failed: {exc.message}", flush=True)
-                return None
-            return extract(str((data["choices"][0].get("message") or {}).get("content") or ""))
+            r = await client.post("/chat/completions", json=body, timeout=1800)
+            r.raise_for_status()
+            return it.id, await score(it, str(r.json()["choices"][0]["message"]["content"] or ""))
 
-    t0 = time.perf_counter()
-    got = await asyncio.gather(*(one(q) for q, _, _ in items))
-    right = sum(g == gold for g, (_, gold, _) in zip(got, items, strict=True))
-    return right, time.perf_counter() - t0, list(got)
+    return dict(await asyncio.gather(*(one(it) for it in its)))
+
+
+async def self_consistency(client: httpx.AsyncClient, model: str, its: list[Item], n: int, max_tokens: int,
+                           concurrency: int = 2) -> dict[str, float]:
+    """item id -> score of the majority answer over n samples (one n=N call)."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(it: Item) -> tuple[str, float]:
+        async with sem:
+            body = {"model": model, "messages": [{"role": "user", "content": it.prompt()}], "max_tokens": max_tokens,
+                    "temperature": 0.8, "n": n}
+            r = await client.post("/chat/completions", json=body, timeout=1800)
+            r.raise_for_status()
+            answers = [extract(c["message"]["content"] or "") for c in r.json()["choices"]]
+            votes = Counter(a for a in answers if a is not None)
+            if not votes:
+                return it.id, 0.0
+            return it.id, await score(it, f"The answer is {votes.most_common(1)[0][0]}.")
+
+    return dict(await asyncio.gather(*(one(it) for it in its)))
+
+
+def summary(scores: dict[str, float], base: dict[str, float] | None = None) -> dict[str, Any]:
+    k, n = sum(scores.values()), len(scores)
+    lo, hi = wilson(k, n)
+    out: dict[str, Any] = {"right": k, "n": n, "accuracy": k / n if n else 0.0, "ci95": [lo, hi]}
+    if base is not None:
+        out["vs_base"] = mcnemar(base, scores)
+    return out
 
 
 @contextlib.asynccontextmanager
 async def backend(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
     """(upstream base URL, base model's HF folder)."""
     if args.upstream:
-        if not args.base_model_path:
-            raise SystemExit("--upstream needs --base-model-path (the served model's Hugging Face folder)")
-        yield args.upstream.rstrip("/"), args.base_model_path  # absolute (parse() makes it so)
+        yield args.upstream.rstrip("/"), args.base_model_path
         return
     from server.backend.vllm_process import VLLMProcess
     from server.backend.weights import prepare_model
@@ -136,115 +141,179 @@ async def backend(args: argparse.Namespace) -> AsyncIterator[tuple[str, str]]:
         yield proc.base_url, str(prepared.path)
 
 
-async def main(args: argparse.Namespace) -> dict[str, Any]:
+def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) -> dict[str, Any]:
+    return {"enabled": True, "tenants": ["*"], "base_model_path": base_path, "queue_trigger": 10**6,
+            "uncertainty_threshold": 0.25, "dedup_similarity": 0.97, "max_queries": args.queries,
+            "labeller": "consensus", "mode": args.mode, "siblings": args.siblings, "label_n": args.label_n,
+            "label_max_tokens": args.max_tokens, "gate_max_tokens": args.max_tokens, "min_share": args.min_share,
+            "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
+            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
+            "gate_margin": args.gate_margin, "canary": str(canary) if canary else None}
+
+
+async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int) -> dict[str, Any]:
+    """The seed-A queries as users would send them, through sharpen with self_consistency n=4."""
+    async with httpx.AsyncClient(base_url=proxy, timeout=1800) as c:
+        sem = asyncio.Semaphore(2)
+
+        async def one(it: Item) -> float | None:
+            async with sem:
+                body = {"model": base, "messages": [{"role": "user", "content": it.prompt()}],
+                        "max_tokens": max_tokens, "strategy": {"name": "self_consistency", "n": 4}}
+                r = await c.post("/chat/completions", json=body)
+                r.raise_for_status()
+                u = (r.json().get("sharpen") or {}).get("uncertainty")
+                return float(u) if u is not None else None
+
+        us = await asyncio.gather(*(one(it) for it in its))
+    return {"sent": len(its), "uncertainties": us}
+
+
+async def cycle(proxy_root: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=proxy_root, timeout=60) as c:
+        r = await c.post("/admin/adaptation/run", json={"tenant": "default"})
+        r.raise_for_status()
+        job_id = r.json()["id"]
+        t0, last, step = time.perf_counter(), None, None
+        while True:
+            job = (await c.get(f"/admin/adaptation/jobs/{job_id}")).json()
+            if job["stage"] != last:
+                last = job["stage"]
+                print(f"  [{time.perf_counter() - t0:6.1f} s] stage {last}", flush=True)
+            prog = job.get("train") or {}
+            if job["stage"] == "train" and prog.get("step") and prog["step"] != step:
+                step = prog["step"]
+                print(f"  [{time.perf_counter() - t0:6.1f} s]   step {step}/{prog.get('total_steps')} "
+                      f"loss {prog.get('loss')}", flush=True)
+            if job.get("finished"):
+                job["wall_s"] = round(time.perf_counter() - t0, 1)
+                return dict(job)
+            await asyncio.sleep(1.0)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any] | None]:
+    """The scratch folder, the canary file (gold items of the family, seed C) and a reused "before"."""
     scratch = Path(args.scratch)
-    await asyncio.to_thread(scratch.mkdir, parents=True, exist_ok=True)
-    report: dict[str, Any] = {"args": vars(args), "load_avg_start": os.getloadavg(), "cpus": os.cpu_count()}
-    evalset = problems(args.eval, seed=args.seed + 1000)
-    async with backend(args) as (url, base_path):
-        up = Upstream(url, UpstreamSettings.model_validate({"timeouts": {"first_byte": 1800, "idle": 900}}))
+    scratch.mkdir(parents=True, exist_ok=True)
+    canary = None
+    if args.canary_items:
+        canary = scratch / "canary.jsonl"
+        canary.write_text("".join(json.dumps({"question": it.prompt(), "answer": it.answer}) + "\n"
+                                  for it in items(args.family, args.canary_items, SEED_C)))
+    before = json.loads(Path(args.before).read_text())["before"] if args.before else None
+    return canary, before
+
+
+async def measure_before(vllm: httpx.AsyncClient, base: str, args: argparse.Namespace, unseen: list[Item],
+                         unrelated: list[Item]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    print(f"before: greedy on {len(unseen)} + {len(unrelated)} items ...", flush=True)
+    b = {"family": await greedy(vllm, base, unseen, args.max_tokens),
+         "unrelated": await greedy(vllm, base, unrelated, args.max_tokens)}
+    print(f"  greedy family {summary(b['family'])['accuracy']:.3f}, unrelated "
+          f"{summary(b['unrelated'])['accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.sc_items:
+        b["sc8_family"] = await self_consistency(vllm, base, unseen[: args.sc_items], 8, args.max_tokens)
+        print(f"  SC@8 family {summary(b['sc8_family'])['accuracy']:.3f} on {args.sc_items} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return b
+
+
+async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str, args: argparse.Namespace,
+                            seen: list[Item], unseen: list[Item], unrelated: list[Item]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with httpx.AsyncClient(base_url=proxy_root, timeout=60) as admin:
+        t0 = time.perf_counter()
+        out["live"] = await live_traffic(proxy_root + "/v1", base, seen, args.max_tokens)
+        await asyncio.sleep(2.0)  # the adaptation service queues from the event stream
+        status = (await admin.get("/admin/adaptation")).json()
+        out["live"].update(queued=status["queue"].get("default", 0), seconds=round(time.perf_counter() - t0))
+        print(f"live: {len(seen)} queries, {out['live']['queued']} queued ({out['live']['seconds']} s)", flush=True)
+        job = await cycle(proxy_root)
+        out["cycle"] = job
+        print(f"cycle: {job['status']} {job.get('error') or ''} {json.dumps(job.get('report'))}", flush=True)
+        if not job.get("adapter") or job["status"] not in ("succeeded", "rejected"):
+            return out
+        name = job["adapter"]
+        if job["status"] == "rejected":  # unloaded by the gate: load it again to measure it
+            adapters = (await admin.get("/admin/adapters")).json()["data"]
+            path = next(a["path"] for a in adapters if a["name"] == name)
+            name = f"{name}-eval"
+            (await vllm.post("/load_lora_adapter", json={"lora_name": name, "lora_path": path},
+                             timeout=300)).raise_for_status()
+    t1 = time.perf_counter()
+    out["after"] = {"family": await greedy(vllm, name, unseen, args.max_tokens),
+                    "unrelated": await greedy(vllm, name, unrelated, args.max_tokens)}
+    out["after_model"] = name
+    print(f"after ({time.perf_counter() - t1:.0f} s): family {summary(out['after']['family'])['accuracy']:.3f}, "
+          f"unrelated {summary(out['after']['unrelated'])['accuracy']:.3f}", flush=True)
+    return out
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.proxy_server import ProxyServer
+
+    canary, before = await asyncio.to_thread(prepare, args)
+    report: dict[str, Any] = {"args": vars(args), "cpu": cpu(), "load_avg_start": os.getloadavg()}
+    seen, unseen = items(args.family, args.queries, SEED_A), items(args.family, args.eval, SEED_B)
+    unrelated = items(args.unrelated, args.eval_unrelated, SEED_U)
+    async with backend(args) as (url, base_path), httpx.AsyncClient(base_url=url, timeout=1800) as vllm:
+        base = next(str(m["id"]) for m in (await vllm.get("/models")).json()["data"] if not m.get("parent"))
+        report["base"] = base
+        report["before"] = before or await measure_before(vllm, base, args, unseen, unrelated)
+        if args.before_only:
+            report["load_avg_end"] = os.getloadavg()
+            return report
+        proxy = await asyncio.to_thread(ProxyServer(url, data_dir=str(Path(args.scratch) / f"data-{int(time.time())}"),
+                                                    memory={"enabled": False},
+                                                    adapt=adapt_config(args, base_path, canary)).start)
         try:
-            models = (await up.get_json("/models"))["data"]
-            base = next(str(c["id"]) for c in models if not c.get("parent"))
-            report["base"] = base
-            print(f"base model {base}; weights {base_path}", flush=True)
-
-            print(f"\nheld-out accuracy of the base model on {len(evalset)} problems ...", flush=True)
-            k, secs, _ = await accuracy(up, base, evalset, args.eval_max_tokens)
-            report["before"] = {"right": k, "n": len(evalset), "seconds": round(secs, 1)}
-            print(f"  base: {k}/{len(evalset)} ({secs:.0f} s)", flush=True)
-
-            settings = AdaptConfig(
-                enabled=True, tenants=[TENANT], base_model_path=base_path, siblings=args.siblings, bon_n=args.bon_n,
-                max_queries=args.queries, max_steps=args.max_steps, epochs=args.epochs, batch_size=args.batch_size,
-                threads=args.threads, learning_rate=args.learning_rate, gate_margin=args.gate_margin)
-            svc = AdaptationService(settings, scratch / f"adapt-{int(time.time())}", up, EventBus(),
-                                    trainer=LocalProcessTrainer())
-            await svc.start(base)
-            try:
-                examples: list[Example] | None = None
-                if args.given:
-                    examples = [Example(task=q, answer=w, reference=g)
-                                for q, g, w in problems(args.given, seed=args.seed)]
-                else:
-                    for q, _, _ in problems(args.queries, seed=args.seed):
-                        svc.queue.add(TENANT, q, "", 0.75, base)  # as the proxy queues an unsure request
-                t0 = time.perf_counter()
-                job = svc.run_cycle(TENANT, examples=examples)
-                marks: list[tuple[str, float]] = []
-                last, step = None, None
-                while job.finished is None:
-                    if job.stage != last:
-                        last = job.stage
-                        marks.append((job.stage, time.perf_counter() - t0))
-                        print(f"  [{marks[-1][1]:6.1f} s] stage {job.stage}", flush=True)
-                    if job.stage == "train":
-                        prog = svc.progress(job).get("train") or {}
-                        if prog.get("step") and prog["step"] != step:
-                            step = prog["step"]
-                            print(f"  [{time.perf_counter() - t0:6.1f} s]   step {step}/{prog.get('total_steps')} "
-                                  f"loss {prog.get('loss')}", flush=True)
-                    await asyncio.sleep(0.05)
-                total = time.perf_counter() - t0
-                marks.append(("done", total))
-                stages = {name: round(marks[i + 1][1] - at, 1) for i, (name, at) in enumerate(marks[:-1])}
-                report["cycle"] = {"status": job.status, "error": job.error, "adapter": job.adapter,
-                                   "examples": job.examples, "heldout": job.heldout, "score_new": job.score_new,
-                                   "score_old": job.score_old, "train": job.train, "stages_s": stages,
-                                   "total_s": round(total, 1), "target_s": TARGET_S}
-                if not args.given:
-                    n_asked = args.queries * (1 + args.siblings)
-                    report["cycle"]["questions_synthesized"] = n_asked
-
-                if job.adapter and job.status in ("succeeded", "rejected"):
-                    name = job.adapter
-                    v = svc.registry.get(name)
-                    assert v is not None
-                    loaded_here = job.status == "rejected"
-                    if loaded_here:  # the gate unloaded it: load it again to measure it anyway
-                        name = f"{job.adapter}-eval"
-                        await up.load_lora_adapter(name, v.path)
-                    print(f"held-out accuracy of {name} ...", flush=True)
-                    k2, secs2, _ = await accuracy(up, name, evalset, args.eval_max_tokens)
-                    report["after"] = {"right": k2, "n": len(evalset), "seconds": round(secs2, 1), "model": name}
-                    print(f"  adapter: {k2}/{len(evalset)} ({secs2:.0f} s)", flush=True)
-                    if loaded_here:
-                        await up.unload_lora_adapter(name)
-                    else:
-                        with contextlib.suppress(SharpenError):
-                            await svc.rollback(TENANT, reason="benchmark over")
-            finally:
-                await svc.stop()
+            report |= await adapt_and_measure(vllm, proxy.root, base, args, seen, unseen, unrelated)
         finally:
-            await up.aclose()
+            await asyncio.to_thread(proxy.stop)
     report["load_avg_end"] = os.getloadavg()
     return report
 
 
 def render(r: dict[str, Any]) -> str:
-    c = r.get("cycle", {})
-    lines = [f"\n## One adaptation cycle: {r.get('base')} on {r['cpus']} CPUs "
-             f"(load average at start {r['load_avg_start'][0]:.1f}, at end {r['load_avg_end'][0]:.1f})\n",
-             "| stage | seconds |", "|---|---|"]
-    for name, secs in c.get("stages_s", {}).items():
-        lines.append(f"| {name} | {secs} |")
-    total = c.get("total_s", 0.0)
-    verdict = "within" if total <= TARGET_S else "over"
-    lines.append(f"| **total** | **{total}** ({verdict} the {TARGET_S:.0f} s target) |")
-    lines.append("")
-    src = (f"{r['args']['given']} given gold examples" if r["args"]["given"] else
-           f"{r['args']['queries']} uncertain queries x (1 + {r['args']['siblings']} siblings) = "
-           f"{c.get('questions_synthesized')} questions, best_of_n n={r['args']['bon_n']}")
-    lines.append(f"- data: {src}; kept/used {c.get('examples')} train + {c.get('heldout')} held out")
-    lines.append(f"- train: {json.dumps({k: c.get('train', {}).get(k) for k in ('step', 'total_steps', 'loss')})}")
-    lines.append(f"- gate (held-out split of the cycle's data): new {c.get('score_new')} vs current "
-                 f"{c.get('score_old')} -> {c.get('status')}" + (f" ({c.get('error')})" if c.get("error") else ""))
-    for key, label in (("before", "base"), ("after", "adapter")):
-        if key in r:
-            e = r[key]
-            lo, hi = wilson(e["right"], e["n"])
-            lines.append(f"- held-out accuracy, {label}: {e['right']}/{e['n']} = {e['right'] / e['n']:.1%} "
-                         f"(95% CI {lo:.0%}-{hi:.0%}; {e['seconds']} s)")
+    a = r["args"]
+    lines = [f"\n## Consensus self-training: {r.get('base')}, {a['family']} (unrelated: {a['unrelated']})",
+             f"CPU: {r['cpu']}; load average {r['load_avg_start'][0]:.1f} at start, "
+             f"{r.get('load_avg_end', [0])[0]:.1f} at end (the machine is shared)\n"]
+    b, af = r["before"], r.get("after")
+    lines += ["| measure | base | after one cycle | paired (McNemar) |", "|---|---|---|---|"]
+    for key, label in (("family", f"greedy, {a['eval']} unseen {a['family']}"),
+                       ("unrelated", f"greedy, {a['eval_unrelated']} {a['unrelated']}")):
+        sb = summary(b[key])
+        cell = "—"
+        vs = ""
+        if af:
+            sa = summary(af[key], b[key])
+            cell = f"{sa['accuracy']:.1%} ({sa['ci95'][0]:.1%}-{sa['ci95'][1]:.1%})"
+            m = sa["vs_base"]
+            vs = f"+{m['other_only']}/-{m['base_only']}, p={m['p_value']}"
+        lines.append(f"| {label} | {sb['accuracy']:.1%} ({sb['ci95'][0]:.1%}-{sb['ci95'][1]:.1%}) | {cell} | {vs} |")
+    if "sc8_family" in b:
+        sc = summary(b["sc8_family"])
+        sub = {k: v for k, v in b["family"].items() if k in b["sc8_family"]}
+        cell = "—"
+        if af:
+            s2 = summary({k: v for k, v in af["family"].items() if k in sub})
+            cell = f"greedy after {s2['accuracy']:.1%}"
+        lines.append(f"| SC@8 on the first {sc['n']} unseen (greedy base {summary(sub)['accuracy']:.1%}) | "
+                     f"{sc['accuracy']:.1%} ({sc['ci95'][0]:.1%}-{sc['ci95'][1]:.1%}) | {cell} | |")
+    c = r.get("cycle") or {}
+    rep = c.get("report") or {}
+    live = r.get("live") or {}
+    lines += ["", f"- live: {live.get('sent')} queries through sharpen (self_consistency n=4), {live.get('queued')} "
+              f"queued as uncertain ({live.get('seconds')} s)",
+              f"- labelling: {json.dumps(rep.get('labelling'))}",
+              f"- cycle: {c.get('status')} ({c.get('error') or rep.get('reason') or 'promoted'}); examples "
+              f"{c.get('examples')} train / {c.get('heldout')} held out; train "
+              f"{json.dumps({k: (c.get('train') or {}).get(k) for k in ('step', 'total_steps', 'loss')})}",
+              f"- gate: held-out {json.dumps(rep.get('heldout'))}; canary {json.dumps(rep.get('canary'))}",
+              f"- phases (s): {json.dumps(rep.get('phases_s'))}; cycle wall {c.get('wall_s')} s "
+              f"({'within' if (c.get('wall_s') or 1e9) <= TARGET_S else 'over'} the {TARGET_S:.0f} s target)"]
     return "\n".join(lines)
 
 
@@ -253,23 +322,33 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--upstream", help="a running vLLM's OpenAI base URL (…/v1) instead of starting one")
     ap.add_argument("--base-model-path", help="with --upstream: the served model's Hugging Face folder")
-    ap.add_argument("--queries", type=int, default=12)
-    ap.add_argument("--siblings", type=int, default=3)
-    ap.add_argument("--bon-n", type=int, default=4)
-    ap.add_argument("--given", type=int, default=0, help="train on N gold examples instead of synthesizing")
-    ap.add_argument("--eval", type=int, default=40)
-    ap.add_argument("--eval-max-tokens", type=int, default=256)
-    ap.add_argument("--max-steps", type=int, default=60)
+    ap.add_argument("--family", default="basic_arithmetic")
+    ap.add_argument("--unrelated", default="letter_counting")
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--eval", type=int, default=150)
+    ap.add_argument("--eval-unrelated", type=int, default=100)
+    ap.add_argument("--sc-items", type=int, default=50)
+    ap.add_argument("--canary-items", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--mode", choices=["ttrl", "ttsi"], default="ttrl")
+    ap.add_argument("--siblings", type=int, default=2)
+    ap.add_argument("--label-n", type=int, default=8)
+    ap.add_argument("--min-share", type=float, default=0.5)
+    ap.add_argument("--rationales", type=int, default=4)
+    ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--learning-rate", type=float, default=1e-3)
+    ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--gate-margin", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
-    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--before", help="reuse the 'before' figures of an earlier run's JSON (same items)")
+    ap.add_argument("--before-only", action="store_true", help="measure the base model only")
     ap.add_argument("--scratch", default="/tmp/adapt_bench")
     ap.add_argument("--out", help="write the report as JSON here")
     ns = ap.parse_args()
+    if ns.upstream and not ns.base_model_path:
+        ap.error("--upstream needs --base-model-path")
     if ns.base_model_path:
         ns.base_model_path = str(Path(ns.base_model_path).absolute())  # vLLM and the trainer need it so
     return ns
@@ -292,6 +371,7 @@ if __name__ == "__main__":
     except asyncio.CancelledError:
         print("\ninterrupted: vLLM and the trainer were stopped", flush=True)
         sys.exit(130)
-    print(render(result))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2, default=str))
+    if "before" in result:
+        print(render(result))

@@ -5,6 +5,8 @@ any of them into an OpenAI-shaped response: ``{"error": {"message", "type", "par
     SharpenError (500 server_error)
     ├── InternalError (500, code internal_error: a bug, details only in the server log)
     ├── InvalidRequest (400 invalid_request_error)
+    │   ├── CanaryInvalid (code adaptation_canary_invalid: adapt.canary unreadable or unusable)
+    │   └── LabellingFailed (422, code adaptation_unlabelled: no usable consensus label)
     ├── AuthenticationFailed (401)
     ├── PermissionDenied (403)
     ├── NotFound (404)
@@ -60,6 +62,20 @@ class InternalError(SharpenError):
 class InvalidRequest(SharpenError):
     status = 400
     type = "invalid_request_error"
+
+
+class CanaryInvalid(InvalidRequest):
+    """The adaptation canary file (``adapt.canary``) is missing, malformed, or holds no usable answer."""
+
+    default_code = "adaptation_canary_invalid"
+
+
+class LabellingFailed(InvalidRequest):
+    """An adaptation cycle got no usable labels: every labelling call failed, or no question had
+    a clear majority."""
+
+    status = 422
+    default_code = "adaptation_unlabelled"
 
 
 class AuthenticationFailed(SharpenError):

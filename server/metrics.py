@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -31,12 +33,36 @@ class Metrics:
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                                      registry=r)
         self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers", registry=r)
+        self.adapt_cycles = Counter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"], registry=r)
+        self.adapt_accuracy = Gauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
+                                    "measure: greedy_before, greedy_after, vote_before)",
+                                    ["tenant", "split", "measure"], registry=r)
+        self.adapt_phase = Gauge("sharpen_adapt_phase_seconds", "Last cycle's seconds per phase", ["tenant", "phase"],
+                                 registry=r)
+        self.adapt_labels = Gauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
+                                  "reason)", ["tenant", "outcome"], registry=r)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt:
             self.tokens.labels(model, "prompt").inc(prompt)
         if completion:
             self.tokens.labels(model, "completion").inc(completion)
+
+    def record_cycle(self, tenant: str, status: str, report: dict[str, Any]) -> None:
+        """An adaptation cycle's figures (``adapt.job.Job.report``)."""
+        self.adapt_cycles.labels(tenant, status).inc()
+        for split in ("heldout", "canary"):
+            for measure in ("greedy_before", "greedy_after", "vote_before"):
+                value = (report.get(split) or {}).get(measure)
+                if isinstance(value, int | float):
+                    self.adapt_accuracy.labels(tenant, split, measure).set(value)
+        for phase, secs in (report.get("phases_s") or {}).items():
+            self.adapt_phase.labels(tenant, phase).set(secs)
+        lab = report.get("labelling") or {}
+        if lab:
+            self.adapt_labels.labels(tenant, "kept").set(lab.get("kept", 0))
+            for reason, n in (lab.get("skipped") or {}).items():
+                self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -81,9 +81,11 @@ class Services:
         teacher = None
         if settings.adapt.teacher_url:
             teacher = Upstream(settings.adapt.teacher_url, settings.upstream)
-        return AdaptationService(settings.adapt, settings.data_dir / "adapt", self.upstream, self.events,
-                                 embedder=embedder, teacher=teacher,
-                                 trainer=LocalProcessTrainer(environ=inherited_environ()))
+        svc = AdaptationService(settings.adapt, settings.data_dir / "adapt", self.upstream, self.events,
+                                embedder=embedder, teacher=teacher,
+                                trainer=LocalProcessTrainer(environ=inherited_environ()))
+        svc.on_cycle = lambda job: self.metrics.record_cycle(job.tenant, job.status, job.report)
+        return svc
 
     async def start(self) -> None:
         if self.memory is not None and self.recorder is not None:

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.timeout(60)
 ADMIN = {"authorization": "Bearer adm"}
 KEYS = {"ka": "tenant-a"}
 JOB_KEYS = {"object", "id", "tenant", "base", "status", "stage", "created", "finished", "adapter", "examples",
-            "heldout", "score_new", "score_old", "error", "train"}
+            "heldout", "score_new", "score_old", "error", "train", "phases_s", "report"}
 ADAPTER_KEYS = {"name", "tenant", "base", "version", "path", "status", "parent", "data_hash", "hyper", "score_new",
-                "score_old", "created", "promoted_at", "note", "in_flight"}
+                "score_old", "created", "promoted_at", "note", "in_flight", "report"}
 
 
 def body(tenant: str = "tenant-a", n_train: int = 4, n_held: int = 4) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""Pseudo-labels from consensus (TTRL, arXiv 2504.16084): N candidates from one ``n=N`` call with
+logprobs, grouped by final answer; the winning group's answer is the label, its share and
+confidence say how far to trust it, and its members are the model's own agreeing rationales.
+
+``Labeller`` is the extension point (a confidence-weighted vote can replace ``MajorityVote``
+without touching the cycle); ``keep`` is the one place the thresholds are applied.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from protocol.upstream import UpstreamAPI
+from protocol.wire import ChatCompletionRequest
+from strategies import sampling
+from strategies.base import Candidate, StrategyContext
+
+
+@dataclass
+class Label:
+    """The consensus over one question's candidates.
+
+    ``answer`` is the winning normalised final answer (None when no candidate had one);
+    ``share`` its fraction of all N candidates; ``confidence`` in [0, 1] (here the winners'
+    mean per-token probability); ``agreeing`` the finished rationales that reach ``answer``,
+    most confident first; ``disagreeing`` the finished ones that reach another answer."""
+
+    task: str
+    answer: str | None
+    share: float
+    confidence: float
+    n: int
+    agreeing: list[str] = field(default_factory=list)
+    disagreeing: list[str] = field(default_factory=list)
+    origin: int | None = None  # the queued query this question came from (itself or a sibling)
+    sibling: bool = False
+
+
+class Labeller(abc.ABC):
+    """Labels one question by the model's own consensus.
+
+    Contract: ``label`` makes its upstream calls through the given upstream (one ``n=N`` call is
+    the norm), returns a ``Label`` whatever the candidates say (no winner: ``answer`` None and
+    ``share`` 0), and raises ``protocol.errors.SharpenError`` only when the upstream fails."""
+
+    n: int
+
+    @abc.abstractmethod
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str) -> Label:
+        """The consensus label of ``task`` under ``model``."""
+
+
+class MajorityVote(Labeller):
+    """Plain majority vote over ``n`` samples; confidence is exp(mean token logprob) of the winners."""
+
+    def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256) -> None:
+        self.n = n
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str) -> Label:
+        body = {"model": model, "messages": [{"role": "user", "content": task}], "max_tokens": self.max_tokens,
+                "temperature": self.temperature}
+        ctx = StrategyContext(upstream=upstream, body=body, endpoint="/chat/completions", model=model,
+                              tenant=tenant, deadline=time.monotonic() + 900)
+        req = ChatCompletionRequest.model_validate(body)
+        _, cands = await sampling.sample(req, ctx, self.n, self.temperature, [])
+        return vote(task, cands)
+
+
+def _prob(c: Candidate) -> float:
+    return math.exp(c.logprob) if c.logprob is not None else 0.0
+
+
+def vote(task: str, cands: list[Candidate]) -> Label:
+    """The majority label of ``cands`` (ties go to the more confident group)."""
+    groups: dict[str, list[Candidate]] = defaultdict(list)
+    for c in cands:
+        if c.answer is not None:
+            groups[c.answer].append(c)
+    if not groups:
+        return Label(task=task, answer=None, share=0.0, confidence=0.0, n=len(cands))
+    best = max(groups, key=lambda a: (len(groups[a]), sum(map(_prob, groups[a])) / len(groups[a])))
+    won = groups[best]
+    # A rationale cut off by max_tokens is no example to imitate, whatever its answer.
+    finished = sorted((c for c in won if c.finish_reason == "stop"), key=_prob, reverse=True)
+    others = [c.content for a, g in groups.items() if a != best for c in g if c.finish_reason == "stop"]
+    return Label(task=task, answer=best, share=len(won) / len(cands), confidence=sum(map(_prob, won)) / len(won),
+                 n=len(cands), agreeing=list(dict.fromkeys(c.content for c in finished)), disagreeing=others)
+
+
+def keep(label: Label, *, min_share: float, min_confidence: float) -> str | None:
+    """Why ``label`` is skipped (None: keep it). Without a clear majority a weak model would
+    only learn its own noise (arXiv 2511.04902)."""
+    if label.answer is None:
+        return "no_answer"
+    if label.share < min_share:
+        return "no_majority"
+    if label.confidence < min_confidence:
+        return "low_confidence"
+    if not label.agreeing:
+        return "no_finished_rationale"
+    return None

@@ -1,0 +1,151 @@
+"""Training data from consensus against the fake upstream: clear majorities kept and the rest
+counted by reason, TT-SI siblings labelled with their origin, an upstream that fails every call,
+the by-origin split, easy-to-hard ordering; and the canary file's bad inputs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapt import canary
+from adapt.consensus import (
+    heldout_examples,
+    label_queries,
+    split,
+    training_examples,
+    vote_accuracy,
+)
+from adapt.data import Example
+from adapt.labeller import Label, MajorityVote
+from protocol.errors import CanaryInvalid, LabellingFailed
+from server.settings import UpstreamSettings
+from server.upstream import Upstream
+from tests.fakes.upstream import FakeUpstream
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def upstream(fake_upstream: FakeUpstream) -> AsyncIterator[Upstream]:
+    up = Upstream(fake_upstream.url, UpstreamSettings())
+    yield up
+    await up.aclose()
+
+
+def script(body: dict[str, Any], i: int) -> str:
+    """'sure N' questions: every sample answers N; 'split N' questions: four different answers;
+    sibling requests get two siblings of the same kind."""
+    text = str(body["messages"][-1]["content"])
+    if "new questions of the same kind" in text:
+        n = re.search(r"(\w+) (\d+)\?", text)
+        assert n is not None
+        return f"What is {n.group(1)} {int(n.group(2)) + 100}?\nWhat is {n.group(1)} {int(n.group(2)) + 200}?"
+    m = re.search(r"(sure|split) (\d+)", text)
+    assert m is not None
+    if m.group(1) == "sure":
+        return f"Reasoning {i % 2}. The answer is {m.group(2)}."
+    return f"Guess. The answer is {i}."
+
+
+async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: FakeUpstream,
+                                                              upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    got = await label_queries(upstream, "fake", "t", [(1, "What is sure 5?"), (2, "What is split 6?"),
+                                                      (3, "What is sure 8?")], MajorityVote(4))
+    assert [(lab.task, lab.answer, lab.share, lab.origin) for lab in got.kept] == [
+        ("What is sure 5?", "5", 1.0, 1), ("What is sure 8?", "8", 1.0, 3)]
+    assert got.skipped == {"no_majority": 1} and got.questions == 3
+    assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75}
+    assert len(fake_upstream.completion_calls()) == 3  # one n=4 call per question
+
+
+async def test_ttsi_labels_siblings_with_their_origin(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    got = await label_queries(upstream, "fake", "t", [(7, "What is sure 5?")], MajorityVote(4), with_siblings=2)
+    assert sorted((lab.answer, lab.origin, lab.sibling) for lab in got.kept) == [
+        ("105", 7, True), ("205", 7, True), ("5", 7, False)]
+
+
+async def test_nothing_clear_fails_with_the_reasons(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    with pytest.raises(LabellingFailed, match="no question had a clear consensus") as e:
+        await label_queries(upstream, "fake", "t", [(1, "What is split 1?")], MajorityVote(4))
+    assert e.value.code == "adaptation_unlabelled"
+
+
+async def test_an_upstream_that_fails_every_call(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.fault = "500"
+    with pytest.raises(LabellingFailed, match="could not be labelled: all 2 labelling calls failed"):
+        await label_queries(upstream, "fake", "t", [(1, "What is sure 1?"), (2, "What is sure 2?")], MajorityVote(4))
+
+
+async def test_some_failed_calls_are_counted(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    fake_upstream.fail_n = 1
+    got = await label_queries(upstream, "fake", "t", [(1, "What is sure 1?"), (2, "What is sure 2?")], MajorityVote(4),
+                              concurrency=1)
+    assert len(got.kept) == 1 and got.skipped == {"upstream_error": 1}
+
+
+async def test_vote_accuracy_against_gold(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    gold = [Example("What is sure 3?", "3", reference="3"), Example("What is sure 4?", "9", reference="9"),
+            Example("What is split 1?", "7", reference="7")]  # no sample says 7
+    assert await vote_accuracy(upstream, "fake", "t", MajorityVote(4), gold) == pytest.approx(1 / 3)
+
+
+def lab(origin: int, share: float, n_agree: int = 3, sibling: bool = False) -> Label:
+    return Label(f"q{origin}-{share}", str(origin), share, share, 8, agreeing=[f"r{k}" for k in range(n_agree)],
+                 origin=origin, sibling=sibling)
+
+
+def test_split_keeps_a_query_and_its_siblings_together() -> None:
+    kept = [lab(o, 0.75, sibling=s) for o in range(6) for s in (False, True)]
+    train, held = split(kept, 0.34)
+    assert {x.origin for x in train}.isdisjoint({x.origin for x in held})
+    assert len({x.origin for x in held}) == 2 and len(train) + len(held) == 12
+    assert split(kept, 0.34) == (train, held)  # seeded
+
+
+def test_training_examples_go_easy_to_hard_with_at_most_k_rationales() -> None:
+    exs = training_examples([lab(1, 0.5), lab(2, 1.0, n_agree=1), lab(3, 0.75)], rationales=2)
+    assert [(e.origin, e.answer, e.score) for e in exs] == [
+        (2, "r0", 1.0), (3, "r0", 0.75), (3, "r1", 0.75), (1, "r0", 0.5), (1, "r1", 0.5)]
+    assert all(e.reference == str(e.origin) for e in exs)
+    [h] = heldout_examples([lab(4, 0.5)])
+    assert h.reference == "4" and h.answer == ""
+
+
+# ---- the canary file ----------------------------------------------------------------------------
+
+
+def test_canary_loads_with_normalised_references(tmp_path: Path) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"question": "2+2?", "answer": "4.0"}\n\n{"question": "Pay?", "answer": "$1,000"}\n'
+                 '{"question": "Blank", "answer": ""}\n')
+    got = canary.load(f)
+    assert [(e.task, e.reference) for e in got] == [("2+2?", "4"), ("Pay?", "1000")]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"question": "2+2?", "answer": "4"}\nnot json\n', r"c.jsonl:2: not JSON"),
+    ('{"question": "2+2?"}\n', r"c.jsonl:1: an item needs a 'question'"),
+    ('["a list"]\n', r"c.jsonl:1: an item needs"),
+    ('{"question": "a", "answer": ""}\n{"question": "b", "answer": null}\n', r"no item with .* parseable answer \(2"),
+    ("", r"no item with a question and a parseable answer \(0"),
+])
+def test_bad_canary_files_are_refused_with_the_reason(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "c.jsonl"
+    f.write_text(text)
+    with pytest.raises(CanaryInvalid, match=message) as e:
+        canary.load(f)
+    assert e.value.code == "adaptation_canary_invalid" and e.value.status == 400
+
+
+def test_missing_canary_file(tmp_path: Path) -> None:
+    with pytest.raises(CanaryInvalid, match="cannot be read"):
+        canary.load(tmp_path / "nope.jsonl")

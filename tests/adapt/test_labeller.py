@@ -1,0 +1,83 @@
+"""Consensus labels: the majority vote (shares, confidence, finished rationales only), the keep
+thresholds, and one n=N call with logprobs against the fake upstream."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from adapt.labeller import Label, MajorityVote, keep, vote
+from protocol.errors import UpstreamStatusError
+from server.settings import UpstreamSettings
+from server.upstream import Upstream
+from strategies.base import Candidate
+from tests.fakes.upstream import FakeUpstream
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def cand(i: int, answer: str | None, *, lp: float = -0.1, finish: str = "stop") -> Candidate:
+    return Candidate(index=i, content=f"work {i}. The answer is {answer}.", answer=answer, logprob=lp,
+                     finish_reason=finish)
+
+
+def test_vote_picks_the_majority_with_its_share_and_confidence() -> None:
+    lab = vote("q", [cand(0, "7", lp=-0.1), cand(1, "7", lp=-0.3), cand(2, "3"), cand(3, None)])
+    assert lab.answer == "7" and lab.share == 0.5 and lab.n == 4
+    assert lab.confidence == pytest.approx((math.exp(-0.1) + math.exp(-0.3)) / 2)
+    assert lab.agreeing == ["work 0. The answer is 7.", "work 1. The answer is 7."]  # most confident first
+    assert lab.disagreeing == ["work 2. The answer is 3."]
+
+
+def test_vote_tie_goes_to_the_more_confident_group() -> None:
+    lab = vote("q", [cand(0, "7", lp=-2.0), cand(1, "3", lp=-0.1)])
+    assert lab.answer == "3" and lab.share == 0.5
+
+
+def test_truncated_rationales_are_not_examples_and_duplicates_collapse() -> None:
+    cands = [cand(0, "7", finish="length"), cand(1, "7"), cand(2, "7")]
+    cands[2].content = cands[1].content
+    lab = vote("q", cands)
+    assert lab.share == 1.0 and lab.agreeing == [cands[1].content]
+
+
+def test_no_answer_at_all() -> None:
+    lab = vote("q", [cand(0, None), cand(1, None)])
+    assert (lab.answer, lab.share, lab.confidence, lab.agreeing) == (None, 0.0, 0.0, [])
+
+
+@pytest.mark.parametrize(("label", "reason"), [
+    (Label("q", None, 0.0, 0.0, 8), "no_answer"),
+    (Label("q", "7", 0.375, 0.9, 8, agreeing=["a"]), "no_majority"),
+    (Label("q", "7", 0.75, 0.2, 8, agreeing=["a"]), "low_confidence"),
+    (Label("q", "7", 0.75, 0.9, 8, agreeing=[]), "no_finished_rationale"),
+    (Label("q", "7", 0.5, 0.5, 8, agreeing=["a"]), None),
+])
+def test_keep_thresholds(label: Label, reason: str | None) -> None:
+    assert keep(label, min_share=0.5, min_confidence=0.5) == reason
+
+
+@pytest.fixture
+async def upstream(fake_upstream: FakeUpstream) -> AsyncIterator[Upstream]:
+    up = Upstream(fake_upstream.url, UpstreamSettings())
+    yield up
+    await up.aclose()
+
+
+async def test_majority_vote_labels_with_one_n_call(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.script(lambda body, i: "Six and one. The answer is 7." if i % 4 else "Hmm. The answer is 9.")
+    lab = await MajorityVote(8, temperature=0.9, max_tokens=64).label(upstream, "fake", "t", "What is 6+1?")
+    [call] = fake_upstream.completion_calls()
+    body: dict[str, Any] = call.json
+    assert body["n"] == 8 and body["temperature"] == 0.9 and body["max_tokens"] == 64 and body["logprobs"] is True
+    assert lab.answer == "7" and lab.share == 0.75 and lab.n == 8 and 0 < lab.confidence <= 1
+    assert lab.agreeing == ["Six and one. The answer is 7."]
+
+
+async def test_upstream_failure_raises(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    fake_upstream.fault = "500"
+    with pytest.raises(UpstreamStatusError):
+        await MajorityVote(4).label(upstream, "fake", "t", "What is 6+1?")
