@@ -1,4 +1,5 @@
-"""Calibrating ``auto``'s probe threshold from eval results.
+"""Calibrating from eval results: ``auto``'s probe threshold, and ``best_of_n``'s verifier
+weights and vote temperature (``calibrate_weights``, see ``evals.fit_weights``).
 
 Run the eval once with ``auto:agree_threshold=1.01`` (always escalates, so every item records
 both what the probe alone would have answered and what best_of_n answered) plus the greedy
@@ -13,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from evals.fit_weights import Scored, fit, pseudo_labels
 from evals.report import read
 
 
@@ -46,3 +48,27 @@ def calibrate(results: Path, *, auto_label: str | None = None, greedy_label: str
             "best_of_n_tokens_per_item": bon_tokens, "required_accuracy": floor, "choice": best,
             "options": options,
             "config": {"strategies": {"options": {"auto": {"agree_threshold": best["agree_threshold"]}}}}}
+
+
+def calibrate_weights(results: Path, *, strategy: str | None = None, labelled: bool = True) -> dict[str, Any]:
+    """Per-verifier weights and the vote temperature for ``best_of_n``, fitted on the candidates
+    eval results recorded (run the eval with ``best_of_n`` naming the verifiers to weigh).
+    ``labelled=False`` ignores correctness and fits to each item's majority answer instead
+    (agreement between verifiers and the crowd, when no labels exist). Returns the fit and the
+    config section the server loads (``strategies.options.best_of_n``)."""
+    records = [r for r in read(results) if r.get("candidates") and (strategy is None or r["strategy"] == strategy)]
+    if not records:
+        raise ValueError("no results with per-candidate verdicts: run the eval with best_of_n and trace")
+    items = [[Scored({k: v for k, v in c["scores"].items() if v is None or isinstance(v, int | float)},
+                     c.get("answer"), float(c.get("correct") or 0.0) >= 1.0) for c in r["candidates"]]
+             for r in records]
+    if not labelled:
+        items = pseudo_labels(items)
+    names = sorted({k for it in items for c in it for k in c.scores})
+    f = fit(items, names)
+    chosen = [v for v in names if f.weights[v] > 0] or ["confidence"]
+    section = {"verifiers": chosen, "weights": {v: round(f.weights[v], 4) for v in chosen},
+               "vote_temperature": f.temperature}
+    return {"items": f.items, "verifiers": names, "weights": f.weights, "vote_temperature": f.temperature,
+            "training_accuracy": f.accuracy, "majority_accuracy": f.majority_accuracy, "labelled": labelled,
+            "config": {"strategies": {"options": {"best_of_n": section}}}}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evals import datasets, report
-from evals.calibrate import calibrate
+from evals.calibrate import calibrate, calibrate_weights
 from evals.runner import Runner, parse_strategies
 
 LocalServer = Callable[[str | None, str | None], AbstractContextManager[str]]
@@ -46,10 +46,15 @@ def add_parsers(sub: Any, local_server: LocalServer) -> None:
     e.add_argument("--baseline", default=None, help="strategy label to compare against (default: the first)")
     e.add_argument("--config", default=None)
     e.set_defaults(func=functools.partial(run_eval, local_server=local_server))
-    c = sub.add_parser("calibrate", help="choose auto's thresholds from eval results")
+    c = sub.add_parser("calibrate", help="choose auto's thresholds (or best_of_n's weights) from eval results")
     c.add_argument("--results", required=True)
     c.add_argument("--gain", type=float, default=0.9, help="share of best_of_n's accuracy gain to keep")
     c.add_argument("--greedy", default="passthrough", help="label of the greedy baseline in the results")
+    c.add_argument("--weights", action="store_true",
+                   help="fit best_of_n's verifier weights and vote temperature from per-candidate verdicts")
+    c.add_argument("--strategy", default=None, help="with --weights: the results' strategy label to fit on")
+    c.add_argument("--unlabelled", action="store_true", help="with --weights: fit to majority answers, not labels")
+    c.add_argument("--write", default=None, help="with --weights: write the config section to this YAML file")
     c.set_defaults(func=run_calibrate)
 
 
@@ -87,6 +92,14 @@ def _given(url: str) -> Iterator[str]:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    if args.weights:
+        result = calibrate_weights(Path(args.results), strategy=args.strategy, labelled=not args.unlabelled)
+        if args.write:  # a config file for ``sharpen serve --config`` (checked when the server starts)
+            import yaml
+
+            Path(args.write).write_text(yaml.safe_dump(result["config"], sort_keys=False))
+        print(json.dumps(result, indent=2))
+        return 0
     result = calibrate(Path(args.results), greedy_label=args.greedy, gain=args.gain)
     print(json.dumps({k: v for k, v in result.items() if k != "options"}, indent=2))
     return 0

@@ -156,6 +156,14 @@ class Runner:
             tokens=int(usage.get("total_tokens") or 0), prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0), calls=int(sh.get("upstream_calls") or 1),
             uncertainty=sh.get("uncertainty"), wall_s=round(time.perf_counter() - t0, 3))
+        if trace.get("candidates") and item.checker != "code":  # per candidate, for ``sharpen calibrate --weights``
+            rec["candidates"] = [
+                {"answer": c.get("answer"),
+                 "scores": {k.removeprefix("aspect:"): v.get("score") for k, v in (c.get("verdicts") or {}).items()
+                            if isinstance(v, dict) and "score" in v},
+                 "correct": (await checkers.score(item, f"The answer is {c['answer']}.")
+                             if c.get("answer") is not None else 0.0)}
+                for c in trace["candidates"]]
         if "probe_answer" in trace:  # auto: what answering from the probe alone would have scored
             calls = trace.get("calls") or []
             rec.update(escalated=bool(trace.get("escalated")), probe_agreement=trace.get("probe_agreement"),

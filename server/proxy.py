@@ -96,6 +96,7 @@ class ProxyService:
         c = settings.strategies
         self._caps = Caps(max_n=c.max_n, max_verifier_calls=c.max_verifier_calls,
                           max_upstream_tokens=c.max_upstream_tokens, deadline_s=c.deadline_s)
+        strategies.check_defaults(c.options, self._caps)  # a bad calibrated weights file fails the start
 
     async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ _ANSWER_IS = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*[:\s
 _OPTION = re.compile(r"^\(?([A-Ea-e])\)?[.):]?$")
 _OPTION_IN = re.compile(r"\b(?:option|choice)\s*\(?([A-Ea-e])\)?\b", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+_QUOTES = "\"' \u201c\u201d\u2018\u2019"  # straight and curly quotes
 _TRAILING = re.compile(r"[\s.。!,;:*]+$")
 
 
@@ -33,7 +34,7 @@ def _boxed(text: str) -> str | None:
 
 def normalize(ans: str) -> str:
     """A canonical form for comparing answers."""
-    a = ans.strip().strip("*`$ ").rstrip(".")
+    a = ans.strip().strip("*`$ ").rstrip(".").strip(_QUOTES).rstrip(".")  # quoted answers: "tllet"
     a = re.sub(r"^\\text\{(.*)\}$", r"\1", a)
     m = _OPTION.match(a)
     if m:
@@ -90,3 +91,79 @@ def majority(answers: list[str | None]) -> tuple[str | None, float]:
         return None, 0.0
     best, n = counts.most_common(1)[0]
     return best, n / len(answers)
+
+
+# ---- well-formedness: placeholders, truncated replies, code without an answer -----------------
+
+# Answer templates a format instruction shows ("The answer is X.", "Answer: <answer>"); copied
+# back, they are not answers. Bracketed forms are placeholders wherever they appear; a bare
+# letter only when the prompt itself used it as the template.
+_TEMPLATE_IN_PROMPT = re.compile(r"(?:answer|result)\s*(?:is|:|=)\s*['\"]?\s*([<\[{(]?[A-Za-z_ ]{1,20}[>\]})]?)",
+                                 re.IGNORECASE)
+_BRACKETED = re.compile(r"^[<\[{(][^<>\[\]{}()]{1,30}[>\]})]$")
+_GENERIC = frozenset({"your answer", "final answer", "answer", "the answer", "...", "…", "number", "value"})
+_FENCE = re.compile(r"```.*?(?:```|$)", re.DOTALL)
+
+# Well-formedness ranks, best first: a vote returns a malformed reply only when no well-formed
+# one shares its answer, and a malformed reply's answer does not vote (see ``rank``).
+FORM_OK, FORM_TRUNCATED, FORM_CODE_ONLY, FORM_PLACEHOLDER, FORM_NO_ANSWER = range(5)
+
+
+def placeholders(prompt: str | None) -> frozenset[str]:
+    """The normalised templates the prompt's format instruction shows as the answer, e.g. "x" in
+    "End with 'The answer is X.'" or "n" in "The answer is N"."""
+    found = set()
+    for m in _TEMPLATE_IN_PROMPT.finditer(prompt or ""):
+        word = m.group(1).strip()
+        # one template word ("X", "N", "<answer>"), not the start of a sentence ("is the sum of")
+        if _BRACKETED.match(word) or (len(word) <= 2 and word.isalpha()) or word.isupper():
+            found.add(normalize(word))
+    return frozenset(found)
+
+
+def is_placeholder(answer: str | None, templates: frozenset[str] = frozenset()) -> bool:
+    """Whether ``answer`` (normalised) is a template copied from the instruction rather than an
+    answer: one the prompt showed, a bracketed form ("<answer>"), or a generic word ("your answer")."""
+    if answer is None:
+        return False
+    a = answer.strip().lower()
+    return a in templates or bool(_BRACKETED.match(a)) or a in _GENERIC
+
+
+def is_code_only(text: str | None) -> bool:
+    """A reply that is code with no stated final answer outside its code blocks."""
+    if not text or "```" not in text:
+        return False
+    prose = _FENCE.sub(" ", text)
+    return extract(prose, last_line=False) is None
+
+
+def form(text: str | None, answer: str | None, finish_reason: str | None,
+         templates: frozenset[str] = frozenset()) -> int:
+    """The well-formedness rank of a reply (``FORM_OK`` best). A reply cut by ``max_tokens``
+    ("length") states no deliberate final answer: its last number is wherever the cut fell."""
+    if answer is None:
+        return FORM_NO_ANSWER
+    if is_placeholder(answer, templates):
+        return FORM_PLACEHOLDER
+    if is_code_only(text):
+        return FORM_CODE_ONLY
+    if finish_reason == "length":
+        return FORM_TRUNCATED
+    return FORM_OK
+
+
+def final_answer(text: str | None, finish_reason: str | None = "stop",
+                 templates: frozenset[str] = frozenset()) -> tuple[str | None, int]:
+    """The answer a vote should count for a reply, and its well-formedness rank: a placeholder
+    is no answer; a truncated or code-only reply keeps its answer but ranks after the rest."""
+    answer = extract(text)
+    rank = form(text, answer, finish_reason, templates)
+    if rank == FORM_PLACEHOLDER:
+        # "... 5 + 3 = 8. The answer is X.": the template line was an echo; what the reasoning
+        # reached before it may still count, ranked as unsure as a truncated reply.
+        body = "\n".join(ln for ln in (text or "").splitlines()
+                          if not is_placeholder(extract(ln, last_line=False), templates))
+        rest = extract(body, last_line=False)
+        return (None, FORM_PLACEHOLDER) if rest is None or is_placeholder(rest, templates) else (rest, FORM_TRUNCATED)
+    return answer, rank

@@ -16,12 +16,16 @@ from pydantic import Field
 from protocol.errors import InvalidRequest
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling
+from strategies import sampling, waves
 from strategies.answers import majority
-from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
+from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.best_of_n import DEFAULT_VERIFIERS, BestOfN, BestOfNOptions
 from strategies.chat import rank_by_votes
 from strategies.verifiers import VerifierNames
+
+# Defaults measured on the default model (loadtest/selection_bench.py, README "Selection").
+WAVE = 8
+STOP_THRESHOLD: float | None = None
 
 
 class AutoOptions(StrategyOptions):
@@ -31,6 +35,8 @@ class AutoOptions(StrategyOptions):
     n: int = Field(default=8, ge=2, le=256)  # candidates in all when escalating
     temperature: float = Field(default=0.7, gt=0, le=2)
     verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
+    wave: int = Field(default=WAVE, ge=1, le=256)  # candidates per call after the probe
+    stop_threshold: float | None = Field(default=STOP_THRESHOLD, gt=0.5, le=1.0)  # None: draw all n
 
 
 
@@ -71,26 +77,13 @@ class Auto(Strategy[AutoOptions]):
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=cands,
                                   uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
                                   extra_trace=probe_trace)
-        upstream, merged = probe, cands
-        if o.n > o.probe_n:  # probe_n == n: nothing to top up (an n=0 call would be refused)
-            # the client's n was checked against the probe (admit), not against this top-up alone
-            more, extra = await sampling.sample(request.model_copy(update={"n": None}), ctx, o.n - o.probe_n,
-                                                o.temperature, notes)
-            upstream, merged = _merge(probe, cands, more, extra)
+        # The rest in waves (the probe is the first), stopping once the leading answer is settled;
+        # the client's n was checked against the probe (admit), not against a top-up alone.
+        drawn = await waves.draw(request, ctx, o.n, o.temperature, notes, wave=o.wave, threshold=o.stop_threshold,
+                                 first=(probe, cands))
+        upstream, merged = drawn.upstream, drawn.candidates
+        probe_trace.update(waves=drawn.waves, stopped_early=drawn.stopped_early)
         result = await self._bon().judge(request, ctx, upstream, merged, notes)
         result.extra_trace.update(probe_trace)
         return result
 
-
-def _merge(a: dict[str, Any], ca: list[Candidate], b: dict[str, Any], cb: list[Candidate]
-           ) -> tuple[dict[str, Any], list[Candidate]]:
-    """One upstream-shaped answer holding both calls' choices, candidates reindexed to match."""
-    choices_a = sorted(a["choices"], key=lambda c: int(c.get("index", 0)))
-    choices_b = sorted(b["choices"], key=lambda c: int(c.get("index", 0)))
-    merged = dict(a)
-    merged["choices"] = [dict(c, index=i) for i, c in enumerate(choices_a + choices_b)]
-    cands = list(ca)
-    for c in cb:
-        c.index += len(choices_a)
-        cands.append(c)
-    return merged, cands

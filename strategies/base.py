@@ -32,6 +32,8 @@ from protocol.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from protocol.uncertainty import Uncertainty
 from protocol.upstream import Reply, UpstreamAPI
 from protocol.wire import ChatCompletionRequest, CompletionRequest, Usage
+from strategies.answers import FORM_OK
+from strategies.confidence import Confidence
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
 
@@ -79,6 +81,9 @@ class Candidate:
     verdicts: dict[str, Any] = field(default_factory=dict)
     finish_reason: str | None = None
     logprob: float | None = None
+    confidence: Confidence | None = None  # token-logprob signals (strategies.confidence)
+    form: int = FORM_OK  # well-formedness rank (strategies.answers.FORM_*); lower is better
+    program: bool = False  # a program-aided candidate: ``answer`` is what its program printed
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """Best-of-N with multiple verifiers (BoN-MAV; Lifshitz et al., 2025).
 
-N candidates come from one ``n=N`` upstream call; every verifier scores every candidate, all
-calls at once (the upstream batches them); a candidate's score is the weighted mean of the
-verdicts it got (so a failed verifier call neither helps nor sinks it). Ties go to answer
-agreement, then to the mean token logprob. If every LLM verifier call fails, the answer comes
-from agreement alone and the trace says so.
+N candidates come from one ``n=N`` upstream call (``pal`` of them program-aided); every verifier
+scores every candidate, all calls at once (the upstream batches them); a candidate's quality is
+the weighted mean of the verdicts it got (so a failed verifier call neither helps nor sinks it).
+The answer is chosen by a vote over answer groups, each candidate weighing softmax(quality /
+``vote_temperature``) (``strategies.selection``); the best candidate of the winning answer is
+returned. If every LLM verifier call fails, the remaining verifiers decide and the trace says so.
 """
 
 from __future__ import annotations
@@ -17,25 +18,43 @@ from pydantic import Field, field_validator
 from protocol.errors import InvalidRequest
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling, verifiers
-from strategies.answers import majority
+from strategies import pal, sampling, selection, verifiers
 from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.chat import votes
+from strategies.selection import WeightedVote
 from strategies.verifiers import Verdict, VerificationTask, Verifier, VerifierNames
 
-DEFAULT_VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agreement"]
+# Defaults measured on the default model (loadtest/selection_bench.py, README "Selection"): the
+# model's own token confidence, voted over answer groups. A 0.5B model judging itself adds noise
+# (AUROC 0.51-0.63), so its LLM aspect verifiers join only when ``verifier_model`` names another
+# (stronger) model, or when a request or calibrated config lists them.
+DEFAULT_VERIFIERS = ["confidence"]
+STRONG_VERIFIERS = ["confidence", "approval", "math_steps", "logic_steps", "rederive"]
+VOTE_TEMPERATURE: float | None = 0.1
 
 
 class BestOfNOptions(StrategyOptions):
     n: int = Field(default=8, ge=1, le=256)
     temperature: float = Field(default=0.7, gt=0, le=2)
-    verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
+    verifiers: VerifierNames | None = Field(default=None, min_length=1)  # None: the defaults above
     weights: dict[str, float] = Field(default_factory=dict)  # verifier name -> weight (default 1)
+    # The answer-group vote: CISC softmax over candidate quality at this temperature (None: one
+    # vote each); ``keep`` < 1 drops the least confident share first (DeepConf).
+    vote_temperature: float | None = Field(default=VOTE_TEMPERATURE, gt=0, le=100)
+    keep: float = Field(default=1.0, gt=0, le=1)
+    pal: int = Field(default=0, ge=0, le=64)  # program-aided candidates (of n); adds the execution verifier
     verifier_model: str | None = None  # another upstream model or adapter; the request's by default
     verifier_style: Literal["brief", "reasoned"] = "brief"
     verifier_regex: str | None = None
     soft: bool = True  # use the verdict token's probability where the upstream gives logprobs
 
+    def chosen_verifiers(self) -> list[str]:
+        """The verifiers asked for, or the defaults (LLM aspects only with another verifier model)."""
+        names = list(self.verifiers) if self.verifiers is not None else list(
+            STRONG_VERIFIERS if self.verifier_model else DEFAULT_VERIFIERS)
+        if self.pal and "execution" not in names:
+            names.append("execution")
+        return names
 
     @field_validator("weights")
     @classmethod
@@ -59,7 +78,7 @@ class BestOfN(Strategy[BestOfNOptions]):
         if "n" in options.model_fields_set:
             return options
         n = min(options.n, caps.max_n)
-        llm = sum(1 for v in options.verifiers if v in verifiers.ASPECTS)
+        llm = sum(1 for v in options.chosen_verifiers() if v in verifiers.ASPECTS)
         if llm and n * llm > caps.max_verifier_calls:
             n = max(1, caps.max_verifier_calls // llm)
         return options if n == options.n else options.model_copy(update={"n": n})
@@ -69,12 +88,15 @@ class BestOfN(Strategy[BestOfNOptions]):
         o = self.options
         if o.n > caps.max_n:
             raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
-        llm = sum(1 for v in o.verifiers if v in verifiers.ASPECTS)
+        llm = sum(1 for v in o.chosen_verifiers() if v in verifiers.ASPECTS)
         calls = o.n * llm
         if calls > caps.max_verifier_calls:
             raise InvalidRequest(f"{o.n} candidates x {calls // max(o.n, 1)} LLM verifiers = {calls} verifier calls; "
                                  f"this server allows {caps.max_verifier_calls}.", param="strategy.verifiers")
-        if "regex" in o.verifiers and not o.verifier_regex:
+        if o.pal > o.n:
+            raise InvalidRequest(f"pal ({o.pal}) cannot exceed n ({o.n}): program-aided candidates are part of "
+                                 "the n.", param="strategy.pal")
+        if "regex" in o.chosen_verifiers() and not o.verifier_regex:
             raise InvalidRequest("the regex verifier needs 'verifier_regex'.", param="strategy.verifier_regex")
 
     def max_choices(self) -> int:
@@ -82,7 +104,7 @@ class BestOfN(Strategy[BestOfNOptions]):
 
     def _verifiers(self, request: ChatCompletionRequest, model: str | None) -> list[Verifier]:
         o = self.options
-        names = list(o.verifiers)
+        names = o.chosen_verifiers()
         if request.response_format and request.response_format.get("type") in ("json_object", "json_schema") \
                 and "json_schema" not in names:
             names.append("json_schema")
@@ -93,7 +115,13 @@ class BestOfN(Strategy[BestOfNOptions]):
         assert isinstance(request, ChatCompletionRequest)
         o = self.options
         notes: list[str] = []
-        upstream, cands = await sampling.sample(request, ctx, o.n, o.temperature, notes)
+        upstream: dict[str, Any] = {"choices": []}
+        cands: list[Candidate] = []
+        if o.n > o.pal:
+            upstream, cands = await sampling.sample(request, ctx, o.n - o.pal, o.temperature, notes)
+        if o.pal:
+            extra, programs = await pal.draw(request, ctx, o.pal, o.temperature, start=len(cands))
+            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + programs
         return await self.judge(request, ctx, upstream, cands, notes)
 
     async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],
@@ -102,42 +130,50 @@ class BestOfN(Strategy[BestOfNOptions]):
         o = self.options
         model = await ctx.resolve(o.verifier_model) if o.verifier_model else None
         vs = self._verifiers(request, model)
-        task = VerificationTask(messages=[m.model_dump() for m in request.messages], candidates=cands,
-                                response_format=request.response_format)
-        results: list[list[Verdict]] = list(await asyncio.gather(*(v.score(task, ctx) for v in vs)))
+        prose = [c for c in cands if not c.program]
+        executed = [c.answer for c in cands if c.program and c.answer is not None]
+        # LLM verifiers judge the prose candidates (a program's reply is code); the programmatic
+        # ones every candidate, executed answers reaching the execution verifier as an option.
+        msgs = [m.model_dump() for m in request.messages]
+        whole = VerificationTask(messages=msgs, candidates=cands, response_format=request.response_format,
+                                 options={"executed": executed})
+        part = VerificationTask(messages=msgs, candidates=prose, response_format=request.response_format)
+        results: list[list[Verdict]] = list(await asyncio.gather(
+            *(v.score(part if v.calls_per_candidate else whole, ctx) for v in vs)))
         llm = [(v, r) for v, r in zip(vs, results, strict=True) if v.calls_per_candidate]
         all_failed = bool(llm) and all(d.error for _, r in llm for d in r)
         if all_failed:
-            notes.append("every verifier call failed: answered from answer agreement alone")
+            notes.append("every verifier call failed: answered from the remaining verifiers")
+        where = {id(c): i for i, c in enumerate(prose)}
         for c_i, cand in enumerate(cands):
-            total = weight = 0.0
             for v, r in zip(vs, results, strict=True):
-                d = r[c_i]
-                cand.verdicts[v.name] = {"score": d.score, "approved": d.approved, "soft": d.soft,
-                                         "detail": d.detail, "error": d.error}
-                if d.score is None or (all_failed and v.calls_per_candidate):
+                i = where.get(id(cand)) if v.calls_per_candidate else c_i
+                if i is None:
                     continue
-                w = o.weights.get(v.name.removeprefix("aspect:"), 1.0)
-                total += w * d.score
-                weight += w
-            cand.scores["verifiers"] = total / weight if weight else 0.0
+                d = r[i]
+                ok = not (all_failed and v.calls_per_candidate)
+                cand.verdicts[v.name] = {"score": d.score if ok else None, "approved": d.approved, "soft": d.soft,
+                                         "detail": d.detail, "error": d.error}
+        weights = {v.name.removeprefix("aspect:"): o.weights.get(v.name.removeprefix("aspect:"), 1.0) for v in vs}
+        policy = WeightedVote(weights=weights, temperature=o.vote_temperature, keep=o.keep)
+        ranked, choice = selection.rank(cands, policy)
         counts = votes(cands)
         for c in cands:
-            c.scores["agreement"] = counts.get(c.answer, 0) / len(cands) if c.answer else 0.0
-        ranked = sorted(cands, key=lambda c: (-c.scores["verifiers"], -c.scores["agreement"],
-                                              -(c.logprob if c.logprob is not None else -1e9)))
+            c.scores["verifiers"] = c.scores.get("quality", 0.0)
+            c.scores["agreement"] = counts.get(c.answer, 0) / len(cands) if c.answer is not None else 0.0
+        share = counts.get(choice.answer, 0) / len(cands) if choice.answer is not None else 0.0
         return StrategyResult(
             response=sampling.answer(upstream, ranked, request),
             candidates=cands,
-            uncertainty=self._uncertainty(ranked),
+            uncertainty=self._uncertainty(ranked, share),
             notes=notes,
-            extra_trace={"verifiers": [v.name for v in vs], "all_verifiers_failed": all_failed},
+            extra_trace={"verifiers": [v.name for v in vs], "all_verifiers_failed": all_failed,
+                         "weights": weights, "vote_temperature": o.vote_temperature, "answer": choice.answer},
         )
 
     @staticmethod
-    def _uncertainty(ranked: list[Candidate]) -> Uncertainty:
-        """1 - mean(answer agreement, best approval); margins reported alongside."""
-        _, share = majority([c.answer for c in ranked])
+    def _uncertainty(ranked: list[Candidate], share: float) -> Uncertainty:
+        """1 - mean(the winning answer's count share, best quality); margins reported alongside."""
         best = ranked[0].scores["verifiers"]
         second = ranked[1].scores["verifiers"] if len(ranked) > 1 else 0.0
         lps = [c.logprob for c in ranked if c.logprob is not None]

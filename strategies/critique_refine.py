@@ -16,9 +16,10 @@ from pydantic import Field
 
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
+from strategies import sampling, selection
 from strategies.answers import normalize
-from strategies.base import AnyRequest, Candidate, Strategy, StrategyContext, StrategyOptions, StrategyResult
-from strategies.chat import completion, first_finish, first_text, question
+from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyOptions, StrategyResult
+from strategies.chat import completion, first_text, question
 from strategies.sandbox import SandboxLimits, extract_code, run_python
 from strategies.verifiers.aspect import parse_verdict
 
@@ -47,19 +48,22 @@ class CritiqueRefine(Strategy[CritiqueRefineOptions]):
         critic = await ctx.resolve(o.critic_model) if o.critic_model else ctx.model
         asked = question(request)
         base = {k: v for k, v in ctx.body.items() if k not in ("stream", "stream_options", "n")}
+        # Token logprobs score each draft's confidence for the final choice among them.
+        base.update(logprobs=True, top_logprobs=max(request.top_logprobs or 0, sampling.TOP_LOGPROBS))
         data = await ctx.chat(dict(base), purpose="answer")
         answer = first_text(data)
         checklist = await self._checklist(asked, critic, ctx) if o.checklist else []
         history: list[tuple[str, str]] = []
         rounds: list[dict[str, Any]] = []
-        cands = [Candidate(index=0, content=answer)]
+        cands = sampling.candidates(data, request)[:1]
         approved_at: int | None = None
         stop = "max_rounds"
         for r in range(o.max_rounds):
             tool = await self._tool_feedback(answer, ctx) if o.tools else None
             critique, approved = await self._critique(asked, answer, checklist, tool, critic, ctx)
             rounds.append({"round": r, "answer": answer, "critique": critique, "approved": approved, "tool": tool})
-            cands[-1].verdicts["critique"] = {"approved": approved, "critique": critique[-500:]}
+            cands[-1].verdicts["critique"] = {"approved": approved, "critique": critique[-500:],
+                                              "score": 1.0 if approved else 0.0}
             if approved:
                 approved_at, stop = r, "approved"
                 break
@@ -68,16 +72,20 @@ class CritiqueRefine(Strategy[CritiqueRefineOptions]):
             history.append((answer, critique))
             data = await ctx.chat(dict(base, messages=self._refine_messages(request, history)), purpose="refine")
             new = first_text(data)
-            cands.append(Candidate(index=len(cands), content=new))
+            cands.append(sampling.candidates(data, request, start=len(cands))[0])
             if normalize(new) == normalize(answer):
                 answer, stop = new, "unchanged"
                 break
             answer = new
-        response = completion(answer, like=data, model=ctx.model, finish_reason=first_finish(data))
+        # The vote over the drafts: a less sure refinement does not replace a better first draft.
+        chosen = selection.best_draft(cands)
+        answer = chosen.content
+        response = completion(answer, like=data, model=ctx.model, finish_reason=chosen.finish_reason or "stop")
         # Approved at once: sure; approved after refining: less so; never approved: unsure.
         u = 0.0 if approved_at == 0 else (0.5 if approved_at is not None else 1.0)
         return StrategyResult(response=response, candidates=cands, uncertainty=Uncertainty(score=u),
-                              extra_trace={"rounds": rounds, "checklist": checklist, "stopped": stop})
+                              extra_trace={"rounds": rounds, "checklist": checklist, "stopped": stop,
+                                           "chosen_draft": chosen.index})
 
     async def _checklist(self, question: str, model: str, ctx: StrategyContext) -> list[str]:
         prompt = ("Write a checklist of the requirements a response to the instruction below must meet, as YES/NO "

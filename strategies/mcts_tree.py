@@ -1,5 +1,6 @@
 """The search tree of ``mcts``: reasoning steps as nodes, UCT selection with a virtual loss,
-merging of near-duplicate steps, backpropagation and the best complete path. No upstream calls
+merging of near-duplicate steps, backpropagation and the final answer (a vote over the
+complete paths). No upstream calls
 here; the search (``strategies.mcts``) drives it."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from strategies.answers import extract
+from strategies.base import Candidate
+from strategies.selection import WeightedVote, rank
 
 _NUMBERS = re.compile(r"-?\d+(?:[.,]\d+)*")
 
@@ -155,8 +158,15 @@ class Tree:
         return out
 
     def best(self) -> Node | None:
-        done = self.complete()
-        return max(done, key=lambda n: (n.mean(), n.visits)) if done else None
+        """The answer the complete paths vote for, each weighted by softmax(value / 0.1) (the same
+        answer-group vote as the other strategies); inside it, the best-valued path."""
+        done = sorted(self.complete(), key=lambda n: (-n.mean(), -n.visits))
+        if not done:
+            return None
+        cands = [Candidate(index=i, content="", answer=n.answer, verdicts={"value": {"score": n.mean()}})
+                 for i, n in enumerate(done)]
+        ranked, _ = rank(cands, WeightedVote(weights={"value": 1.0}, temperature=0.1))
+        return done[ranked[0].index]
 
     def most_promising_leaf(self) -> Node:
         node = self.root

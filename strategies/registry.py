@@ -55,3 +55,16 @@ class StrategyRegistry:
         strategy = cls(cls.fit(opts, caps))
         strategy.check(caps)
         return strategy
+
+    def check_defaults(self, defaults: Mapping[str, dict[str, Any]], caps: Caps | None = None) -> None:
+        """Raises ``ValueError`` naming the strategy and option when a configured default (e.g.
+        calibrated weights from ``sharpen calibrate --weights``) is invalid: at start-up, not as
+        a 400 on every request."""
+        for name in defaults:
+            if name not in self._classes:
+                raise ValueError(f"strategies.options names an unknown strategy {name!r} "
+                                 f"(valid: {', '.join(self.names())})")
+            try:
+                self.build(name, defaults=defaults, caps=caps)
+            except InvalidRequest as exc:
+                raise ValueError(f"strategies.options.{name}: {exc.message}") from None

@@ -6,8 +6,12 @@ from typing import Any
 
 from protocol.errors import UpstreamError
 from protocol.wire import ChatCompletionRequest
-from strategies.answers import extract
+from strategies.answers import final_answer, placeholders
 from strategies.base import Candidate, StrategyContext
+from strategies.chat import question
+from strategies.confidence import from_openai, measure
+
+TOP_LOGPROBS = 5  # alternatives per token for DeepConf's token confidence (the upstream allows <= 20)
 
 
 def mean_logprob(choice: dict[str, Any]) -> float | None:
@@ -17,7 +21,7 @@ def mean_logprob(choice: dict[str, Any]) -> float | None:
 
 
 async def sample(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
-                 notes: list[str]) -> tuple[dict[str, Any], list[Candidate]]:
+                 notes: list[str], *, purpose: str = "candidates") -> tuple[dict[str, Any], list[Candidate]]:
     """N candidates from ONE upstream call with ``n=N`` (vLLM shares the prompt's KV cache).
 
     The client's sampling parameters are kept; a temperature of 0 (or none) would make every
@@ -28,18 +32,30 @@ async def sample(request: ChatCompletionRequest, ctx: StrategyContext, n: int, t
     if not request.temperature:
         body["temperature"] = temperature
         notes.append(f"client temperature {request.temperature!r} replaced by {temperature} to sample {n} candidates")
-    if not request.logprobs:
-        body["logprobs"] = True  # mean token logprob breaks ties; stripped from the answer
-    data = await ctx.chat(body, purpose="candidates")
+    # Token logprobs with the top-k alternatives score every candidate's confidence at no extra
+    # call (strategies.confidence); what the client did not ask for is stripped from the answer.
+    body["logprobs"] = True
+    body["top_logprobs"] = max(request.top_logprobs or 0, TOP_LOGPROBS)
+    data = await ctx.chat(body, purpose=purpose)
+    return data, candidates(data, request)
+
+
+def candidates(data: dict[str, Any], request: ChatCompletionRequest, *, start: int = 0) -> list[Candidate]:
+    """The choices of an upstream answer as candidates (indices from ``start``): answer and
+    well-formedness (a placeholder copied from the prompt is no answer), confidence signals."""
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices:
         raise UpstreamError("the upstream returned no candidates")
+    templates = placeholders(question(request))
     out = []
     for i, ch in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0)))):
         content = (ch.get("message") or {}).get("content") or ""
-        out.append(Candidate(index=i, content=content, answer=extract(content),
-                             finish_reason=ch.get("finish_reason"), logprob=mean_logprob(ch)))
-    return data, out
+        finish = ch.get("finish_reason")
+        answer, form = final_answer(content, finish, templates)
+        out.append(Candidate(index=start + i, content=content, answer=answer, finish_reason=finish,
+                             logprob=mean_logprob(ch), confidence=measure(from_openai(ch.get("logprobs"))),
+                             form=form))
+    return out
 
 
 def answer(upstream: dict[str, Any], ranked: list[Candidate], request: ChatCompletionRequest) -> dict[str, Any]:
@@ -51,6 +67,9 @@ def answer(upstream: dict[str, Any], ranked: list[Candidate], request: ChatCompl
         ch["index"] = rank
         if not request.logprobs:
             ch["logprobs"] = None
+        elif ch.get("logprobs") and not request.top_logprobs:  # the client asked for none of these
+            content = ch["logprobs"].get("content") or []
+            ch["logprobs"] = {**ch["logprobs"], "content": [{**t, "top_logprobs": []} for t in content]}
         choices.append(ch)
     out = {k: v for k, v in upstream.items() if k not in ("choices", "usage")}
     out["choices"] = choices

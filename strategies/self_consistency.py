@@ -8,22 +8,38 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from typing import Literal
 
 from pydantic import Field
 
 from protocol.errors import InvalidRequest, SharpenError
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling
+from strategies import pal, sampling, selection, waves
 from strategies.answers import extract, majority
 from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
-from strategies.chat import first_text, form_key, question, rank_by_votes
+from strategies.chat import first_text, form_key, question
+from strategies.selection import WeightedVote
+
+# Defaults measured on the default model (loadtest/selection_bench.py, README "Selection").
+WAVE = 8
+STOP_THRESHOLD: float | None = None
+VOTE: Literal["majority", "confidence"] = "majority"
+VOTE_TEMPERATURE = 0.1
 
 
 class SelfConsistencyOptions(StrategyOptions):
-    n: int = Field(default=8, ge=1, le=256)
+    n: int = Field(default=8, ge=1, le=256)  # candidates at most
     temperature: float = Field(default=0.7, gt=0, le=2)
     usc: bool = True  # universal self-consistency when answers cannot be extracted
+    # Early stopping (Adaptive-Consistency): draw ``wave`` at a time, stop once P(leader wins)
+    # reaches ``stop_threshold`` (None: draw all n in one call).
+    wave: int = Field(default=WAVE, ge=1, le=256)
+    stop_threshold: float | None = Field(default=STOP_THRESHOLD, gt=0.5, le=1.0)
+    # "majority": one vote each; "confidence": CISC, votes weighted by softmax(confidence / T)
+    vote: Literal["majority", "confidence"] = VOTE
+    vote_temperature: float = Field(default=VOTE_TEMPERATURE, gt=0, le=100)
+    pal: int = Field(default=0, ge=0, le=64)  # program-aided candidates (of n) voting with the prose ones
 
 
 _PICK = re.compile(r"\d+")
@@ -45,6 +61,9 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         super().check(caps)
         if self.options.n > caps.max_n:
             raise InvalidRequest(f"n is capped at {caps.max_n} on this server.", param="strategy.n")
+        if self.options.pal > self.options.n:
+            raise InvalidRequest(f"pal ({self.options.pal}) cannot exceed n ({self.options.n}): program-aided "
+                                 "candidates are part of the n.", param="strategy.pal")
 
     def max_choices(self) -> int:
         return self.options.n
@@ -53,7 +72,14 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         assert isinstance(request, ChatCompletionRequest)
         opts = self.options
         notes: list[str] = []
-        upstream, cands = await sampling.sample(request, ctx, opts.n, opts.temperature, notes)
+        drawn = waves.Drawn({"choices": []}, [])
+        if opts.n > opts.pal:
+            drawn = await waves.draw(request, ctx, opts.n - opts.pal, opts.temperature, notes, wave=opts.wave,
+                                     threshold=opts.stop_threshold)
+        upstream, cands = drawn.upstream, drawn.candidates
+        if opts.pal:
+            extra, programs = await pal.draw(request, ctx, opts.pal, opts.temperature, start=len(cands))
+            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + programs
         best, share = majority([c.answer for c in cands])
         # Counted without extract's last-line fallback, which "finds" an answer in any free-form
         # text: otherwise free-form candidates never reach universal self-consistency.
@@ -61,8 +87,10 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         if opts.usc and len(cands) > 1 and (best is None or parsed < len(cands) / 2):
             ranked = await self._universal(request, ctx, cands, notes)
         else:
-            ranked = rank_by_votes(cands)
-            best = ranked[0].answer if ranked[0].answer is not None else best  # a tie goes where the answer went
+            policy = WeightedVote(temperature=opts.vote_temperature if opts.vote == "confidence" else None)
+            ranked, choice = selection.rank(cands, policy)
+            best = choice.answer
+            share = sum(c.answer == best for c in cands) / len(cands) if best is not None else 0.0
         for c in cands:
             c.scores["votes"] = float(Counter(x.answer for x in cands)[c.answer]) if c.answer else 0.0
         return StrategyResult(
@@ -70,7 +98,8 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
             candidates=cands,
             uncertainty=Uncertainty(score=1.0 - share, agreement=share),
             notes=notes,
-            extra_trace={"majority_answer": best, "answers_parsed": parsed},
+            extra_trace={"majority_answer": best, "answers_parsed": parsed, "waves": drawn.waves,
+                         "stopped_early": drawn.stopped_early},
         )
 
     async def _universal(self, request: ChatCompletionRequest, ctx: StrategyContext, cands: list[Candidate],

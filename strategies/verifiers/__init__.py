@@ -1,7 +1,8 @@
 """Verifiers: small units that score candidates (see ``strategies.verifiers.base.Verifier``).
 
 Names a request may use: every aspect of ``aspect.ASPECTS`` (LLM verifiers), plus the
-programmatic ``agreement``, ``json_schema`` and ``regex``.
+programmatic ``agreement``, ``confidence`` (token logprobs), ``execution`` (agreement with
+program-aided candidates' executed results), ``json_schema`` and ``regex``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from pydantic import AfterValidator
 from strategies.verifiers.agreement import Agreement
 from strategies.verifiers.aspect import ASPECTS, AspectVerifier
 from strategies.verifiers.base import Verdict, VerificationTask, Verifier
+from strategies.verifiers.confidence import ConfidenceVerifier
+from strategies.verifiers.execution import ExecutionAgreement
 from strategies.verifiers.json_schema import JsonSchemaValid
 from strategies.verifiers.regex import RegexMatch
 
-PROGRAMMATIC = ("agreement", "json_schema", "regex")
+PROGRAMMATIC = ("agreement", "confidence", "execution", "json_schema", "regex")
 NAMES = (*ASPECTS, *PROGRAMMATIC)
 
 __all__ = ["ASPECTS", "NAMES", "PROGRAMMATIC", "Verdict", "VerificationTask", "Verifier", "VerifierNames", "build",
@@ -42,6 +45,10 @@ def build(name: str, *, model: str | None = None, style: Literal["brief", "reaso
         return AspectVerifier(name, model=model, style=style, soft=soft)
     if name == "agreement":
         return Agreement()
+    if name == "confidence":
+        return ConfidenceVerifier()
+    if name == "execution":
+        return ExecutionAgreement()
     if name == "json_schema":
         return JsonSchemaValid()
     if name == "regex":

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from evals.calibrate import calibrate
+from evals.calibrate import calibrate, calibrate_weights
 from server.cli import main
 
 AUTO = "auto:agree_threshold=1.01"
@@ -106,3 +106,55 @@ def test_the_command_prints_the_choice(tmp_path: Path, capsys: pytest.CaptureFix
     out = json.loads(capsys.readouterr().out)
     assert out["choice"]["agree_threshold"] == pytest.approx(1 / 3)
     assert "options" not in out
+
+
+# ---- best_of_n's verifier weights (issue 12) --------------------------------------------------
+
+
+def _bon_records(n_items: int = 40) -> list[dict[str, Any]]:
+    """best_of_n results whose candidates carry a useful "confidence" and a useless "approval"."""
+    import random
+
+    rng = random.Random(3)
+    out = []
+    for j in range(n_items):
+        cands = []
+        for _ in range(6):
+            right = rng.random() < 0.4
+            ans = "r" if right else rng.choice(["a", "a", "b"])
+            cands.append({"answer": ans, "correct": float(right),
+                          "scores": {"confidence": (0.8 if right else 0.4) + rng.gauss(0, 0.1),
+                                     "approval": rng.random()}})
+        out.append({"strategy": "best_of_n", "item": f"i{j}", "correct": 0.0, "tokens": 1, "calls": 1,
+                    "wall_s": 0.1, "candidates": cands})
+    return out
+
+
+def test_weights_from_labelled_candidates(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _bon_records()))
+    out = calibrate_weights(path)
+    assert out["weights"]["confidence"] > 5 * out["weights"]["approval"]
+    section = out["config"]["strategies"]["options"]["best_of_n"]
+    assert "confidence" in section["verifiers"] and section["vote_temperature"] > 0
+    assert out["training_accuracy"] >= out["majority_accuracy"]
+    assert calibrate_weights(path, labelled=False)["labelled"] is False
+
+
+def test_weights_need_candidates(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"strategy": "passthrough", "item": "i", "correct": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="per-candidate"):
+        calibrate_weights(path)
+
+
+def test_calibrate_weights_cli_writes_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _bon_records()))
+    cfg = tmp_path / "weights.yaml"
+    assert main(["calibrate", "--results", str(path), "--weights", "--write", str(cfg)]) == 0
+    written = yaml.safe_load(cfg.read_text())
+    assert written["strategies"]["options"]["best_of_n"]["weights"]["confidence"] > 0
+    assert json.loads(capsys.readouterr().out)["items"] == 40

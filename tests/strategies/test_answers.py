@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from strategies.answers import extract, majority, normalize
+from strategies.answers import (
+    FORM_CODE_ONLY,
+    FORM_NO_ANSWER,
+    FORM_OK,
+    FORM_PLACEHOLDER,
+    FORM_TRUNCATED,
+    extract,
+    final_answer,
+    form,
+    is_code_only,
+    is_placeholder,
+    majority,
+    normalize,
+    placeholders,
+)
 
 
 @pytest.mark.parametrize(
@@ -123,3 +137,58 @@ def test_majority() -> None:
 def test_majority_tie_goes_to_the_first_seen() -> None:
     assert majority(["3", "7", "7", "3"])[0] == "3"
     assert majority(["7", "3", "3", "7"])[0] == "7"
+
+
+# ---- well-formedness (issue 12, item 7) ----------------------------------------------------------
+
+INSTR = "Think step by step, then end with a line 'The answer is X.'"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        (INSTR, {"x"}),
+        ('End with "The answer is N".', {"n"}),
+        ("Reply as Answer: <answer>", {"<answer>"}),
+        ("The answer is the sum of both numbers.", set()),  # a sentence, not a template
+        ("", set()),
+        (None, set()),
+    ],
+)
+def test_placeholders_come_from_the_format_instruction(prompt: str | None, expected: set[str]) -> None:
+    assert placeholders(prompt) == expected
+
+
+def test_placeholder_answers_are_never_answers() -> None:
+    t = placeholders(INSTR)
+    assert is_placeholder("x", t)
+    assert is_placeholder("<answer>")  # bracketed forms anywhere
+    assert is_placeholder("your answer")
+    assert not is_placeholder("x")  # a bare letter only when the prompt used it
+    assert not is_placeholder("42", t) and not is_placeholder(None, t)
+    assert final_answer("The answer is X.", "stop", t) == (None, FORM_PLACEHOLDER)
+    assert final_answer("The answer is N.", "stop", placeholders('End with "The answer is N"')) == (
+        None, FORM_PLACEHOLDER)
+
+
+def test_an_echoed_template_falls_back_to_the_reasoning_but_ranks_low() -> None:
+    t = placeholders(INSTR)
+    assert final_answer("5 + 3 = 8\nThe answer is X.", "stop", t) == ("8", FORM_TRUNCATED)
+
+
+def test_truncated_and_code_only_replies_rank_last() -> None:
+    assert final_answer("Step 1: 12 + 30 = 42. The answer is 42.", "stop") == ("42", FORM_OK)
+    assert final_answer("Step 1: 12 + 30 = 42, then 42 * 3 = 1", "length") == ("1", FORM_TRUNCATED)
+    assert final_answer("```python\nx = 5\nprint(x * 3)\n```", "stop") == ("3", FORM_CODE_ONLY)
+    # code followed by a stated answer is fine
+    assert final_answer("```python\nprint(15)\n```\nThe answer is 15.", "stop") == ("15", FORM_OK)
+    assert final_answer("", "stop") == (None, FORM_NO_ANSWER)
+    assert form("The answer is 7", "7", "stop") < form("The answer is 7", "7", "length")
+    assert FORM_OK < FORM_TRUNCATED < FORM_CODE_ONLY < FORM_PLACEHOLDER < FORM_NO_ANSWER
+    assert not is_code_only("no code here 5") and not is_code_only(None)
+
+
+def test_quoted_answers_lose_their_quotes() -> None:
+    assert extract('The answer is "donet".') == "donet"
+    assert extract("The answer is 'tllet'") == "tllet"
+    assert extract("The answer is \u201cabc\u201d.") == "abc"

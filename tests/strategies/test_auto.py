@@ -133,7 +133,7 @@ def test_disagreeing_probe_escalates_and_judges_the_merged_candidates(fake_upstr
     assert t["escalated"] is True
     assert t["probe_answer"] == "7" and t["probe_agreement"] == pytest.approx(2 / 3)
     assert t["verifiers"] == ["aspect:approval", "agreement"]
-    assert [c["purpose"] for c in t["calls"][:2]] == ["candidates", "candidates"]
+    assert [c["purpose"] for c in t["calls"][:2]] == ["candidates", "candidates:wave2"]
     assert [c["n"] for c in t["calls"][:2]] == [3, 5]
     assert {c["purpose"] for c in t["calls"][2:]} == {"verify:approval"}
     assert resp["sharpen"]["upstream_calls"] == len(fake_upstream.completion_calls()) == 2 + 8
@@ -213,3 +213,15 @@ def test_invalid_options_are_400_before_any_call(fake_upstream: FakeUpstream, pr
         ask(proxy, options, **kw)
     assert err.value.body["param"] == param  # type: ignore[index]
     assert fake_upstream.completion_calls() == []
+
+
+def test_escalation_in_waves_stops_once_settled(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    # the probe splits (7, 7, 3); the next waves all say 7: after one wave of 2, five 7s against one 3
+    # give P(7 leads) = 0.9375 < 0.95; after the next, six against one give 0.965: stop at 7 of 12
+    fake_upstream.script(script(["7", "7", "3"], ["7", "7"]))
+    resp = ask(proxy, {"probe_n": 3, "n": 12, "verifiers": ["confidence"], "wave": 2, "stop_threshold": 0.95})
+    t = resp["sharpen"]["trace"]
+    assert [c.json["n"] for c in candidate_calls(fake_upstream)] == [3, 2, 2]
+    assert [w["total"] for w in t["waves"]] == [3, 5, 7] and t["stopped_early"] is True
+    assert content(resp).endswith("The answer is 7.")
+    assert usage_of(resp) == fake_upstream.total_usage()

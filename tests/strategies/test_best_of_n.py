@@ -26,6 +26,7 @@ MESSAGES: list[Any] = [{"role": "user", "content": "What is 3 + 4?"}]
 TRUE = "FINAL VERIFICATION ANSWER: True"
 FALSE = "FINAL VERIFICATION ANSWER: False"
 DEFAULT_ASPECTS = ["approval", "math_steps", "logic_steps", "rederive"]
+ALL_FOUR = [*DEFAULT_ASPECTS, "agreement"]  # the LLM verifiers (no longer the default on a model judging itself)
 ERROR_500 = {"error": {"message": "fake verifier failure", "type": "InternalServerError", "code": 500}}
 
 
@@ -81,7 +82,7 @@ def usage_of(resp: dict[str, Any]) -> dict[str, int]:
 
 def test_one_candidates_call_and_usage_over_every_call(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
     fake_upstream.script(candidates_script(["3", "7", "7", "7"]))
-    resp = ask(proxy, {"n": 4}, trace=False)
+    resp = ask(proxy, {"n": 4, "verifiers": ALL_FOUR}, trace=False)
     assert content(resp).endswith("The answer is 7.")
     (cand,) = candidate_calls(fake_upstream)
     assert cand.json["n"] == 4
@@ -104,13 +105,13 @@ def test_one_candidates_call_and_usage_over_every_call(fake_upstream: FakeUpstre
 
 def test_trace_has_candidates_verdicts_and_every_call(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
     fake_upstream.script(candidates_script(["3", "7", "7", "7"]))
-    resp = ask(proxy, {"n": 4})
+    resp = ask(proxy, {"n": 4, "verifiers": ALL_FOUR})
     t = resp["sharpen"]["trace"]
     assert t["verifiers"] == [f"aspect:{a}" for a in DEFAULT_ASPECTS] + ["agreement"]
     assert t["all_verifiers_failed"] is False
     assert len(t["candidates"]) == 4
     for c in t["candidates"]:
-        assert set(c["scores"]) == {"verifiers", "agreement"}
+        assert set(c["scores"]) == {"verifiers", "agreement", "quality", "vote_share"}
         assert set(c["verdicts"]) == set(t["verifiers"])
         for name in t["verifiers"]:
             assert set(c["verdicts"][name]) == {"score", "approved", "soft", "detail", "error"}
@@ -238,7 +239,7 @@ def test_every_verifier_call_failing_answers_from_agreement(fake_upstream: FakeU
             fake_upstream.push_response(500, ERROR_500)
 
     fake_upstream.script(candidates_script(["3", "7", "7", "7"], on_candidates=fail_all))
-    resp = ask(proxy, {"n": 4})
+    resp = ask(proxy, {"n": 4, "verifiers": ALL_FOUR})
     assert content(resp).endswith("The answer is 7.")
     t = resp["sharpen"]["trace"]
     assert t["all_verifiers_failed"] is True
@@ -313,4 +314,76 @@ def test_bad_weights_are_400(fake_upstream: FakeUpstream, proxy: ProxyServer, we
         ask(proxy, {"n": 2, "weights": weights})
     assert err.value.body["param"] == "strategy.weights"  # type: ignore[index]
     assert needle in err.value.body["message"]  # type: ignore[index]
+    assert fake_upstream.completion_calls() == []
+
+
+# ---- issue 12: the measured defaults, answer groups, program-aided candidates -----------------
+
+
+def test_default_is_the_confidence_vote_with_no_verifier_calls(fake_upstream: FakeUpstream,
+                                                               proxy: ProxyServer) -> None:
+    fake_upstream.script(candidates_script(["3", "7", "7", "3"]))
+    # the two 3s are far surer than the two 7s: the confidence-weighted vote picks 3
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.02 if i in (0, 3) else -1.5
+    resp = ask(proxy, {"n": 4})
+    assert content(resp).endswith("The answer is 3.")
+    assert verifier_calls(fake_upstream) == []
+    (cand,) = candidate_calls(fake_upstream)
+    assert cand.json["logprobs"] is True and cand.json["top_logprobs"] >= 1
+    t = resp["sharpen"]["trace"]
+    assert t["verifiers"] == ["confidence"] and t["answer"] == "3"
+    assert resp["choices"][0]["logprobs"] is None  # asked upstream, not by the client
+
+
+def test_a_stronger_verifier_model_brings_the_llm_aspects(fake_upstream: FakeUpstream,
+                                                          make_proxy: Callable[..., ProxyServer]) -> None:
+    fake_upstream.adapters["judge"] = "/adapters/judge"
+    proxy = make_proxy(fake_upstream.url)
+    fake_upstream.script(candidates_script(["7"]))
+    resp = ask(proxy, {"n": 2, "verifier_model": "judge"})
+    assert resp["sharpen"]["trace"]["verifiers"][0] == "confidence"
+    assert {aspect_of(v.json) for v in verifier_calls(fake_upstream)} == set(DEFAULT_ASPECTS)
+
+
+def test_llm_verdicts_join_the_group_vote(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    # approval rejects every 7; with a heavy approval weight the lone approved 3 wins the vote
+    fake_upstream.script(candidates_script(
+        ["3", "7", "7", "7"], verdict=lambda body: FALSE if "The answer is 7" in body["messages"][-1]["content"]
+        else TRUE))
+    resp = ask(proxy, {"n": 4, "verifiers": ["confidence", "approval"], "weights": {"approval": 5}})
+    assert content(resp).endswith("The answer is 3.")
+    resp = ask(proxy, {"n": 4, "verifiers": ["confidence", "approval"], "weights": {"approval": 0.01},
+                       "vote_temperature": None})
+    assert content(resp).endswith("The answer is 7.")  # one vote each: the majority
+
+
+def test_program_aided_candidates_and_the_execution_verifier(fake_upstream: FakeUpstream,
+                                                             proxy: ProxyServer) -> None:
+    def script(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            return "```python\nprint(2 + 1)\n```" if i == 0 else "```python\nimport sys; sys.exit(1)\n```"
+        return f"Path {i}. The answer is {['7', '3', '7'][i]}."
+
+    fake_upstream.script(script)
+    resp = ask(proxy, {"n": 5, "pal": 2, "vote_temperature": None})
+    # prose 7, 3, 7 and one executed 3 (the other run failed: it abstains): 2 against 2, and the
+    # execution verifier raises the 3s
+    t = resp["sharpen"]["trace"]
+    assert t["verifiers"] == ["confidence", "execution"]
+    by_answer = {c["answer"]: c["verdicts"]["execution"]["score"] for c in t["candidates"] if not c["content"]
+                 .startswith("```")}
+    assert by_answer["3"] == 1.0 and by_answer["7"] == 0.0
+    assert content(resp) == "Path 1. The answer is 3."
+    assert [c["purpose"] for c in t["calls"]] == ["candidates", "candidates:pal"]
+
+
+@pytest.mark.parametrize(("strategy", "param"), [({"n": 4, "pal": 5}, "strategy.pal"),
+                                                 ({"n": 4, "verifiers": ["confidance"]}, "strategy.verifiers"),
+                                                 ({"n": 4, "keep": 0}, "strategy.keep"),
+                                                 ({"n": 4, "vote_temperature": 0}, "strategy.vote_temperature")])
+def test_bad_selection_options_are_400(fake_upstream: FakeUpstream, proxy: ProxyServer, strategy: dict[str, Any],
+                                       param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(proxy, strategy)
+    assert err.value.body["param"] == param  # type: ignore[index]
     assert fake_upstream.completion_calls() == []

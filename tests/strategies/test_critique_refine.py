@@ -280,6 +280,7 @@ def test_tool_error_is_shown_as_a_failure(client: openai.OpenAI, fake_upstream: 
     answer = tool_answer("x = 6 * 7\nraise ValueError('tool-boom ' + str(x))")
     fake_upstream.script(lambda body, i: {"answer": answer, "critique": REJECT,
                                           "refine": "The answer is 42."}[kind(body)])
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.1  # equally sure drafts: the refinement stands
     resp = ask(client, tools=True, max_rounds=2)
     assert kinds(fake_upstream) == ["answer", "critique", "refine", "critique"]
     prompt = calls(fake_upstream)[1].json["messages"][-1]["content"]
@@ -350,7 +351,7 @@ def test_trace_options_and_candidates(client: openai.OpenAI, fake_upstream: Fake
     t = trace(resp)
     assert t["options"]["max_rounds"] == 4 and t["options"]["critique_max_tokens"] == 100
     assert calls(fake_upstream)[1].json["max_tokens"] == 100
-    assert t["candidates"][0]["verdicts"]["critique"] == {"approved": True, "critique": APPROVE}
+    assert t["candidates"][0]["verdicts"]["critique"] == {"approved": True, "critique": APPROVE, "score": 1.0}
     assert resp["sharpen"]["strategy"] == "critique_refine"
 
 
@@ -380,3 +381,18 @@ def test_upstream_failure_is_reported(client: openai.OpenAI, fake_upstream: Fake
     with pytest.raises(openai.BadRequestError):
         ask(client)
     assert len(calls(fake_upstream)) == 1
+
+
+def test_a_less_sure_refinement_does_not_replace_the_first_draft(client: openai.OpenAI,
+                                                                 fake_upstream: FakeUpstream) -> None:
+    def script(body: dict[str, Any], i: int) -> str:
+        return {"answer": "The answer is 12.", "critique": REJECT, "refine": "The answer is 13."}[kind(body)]
+
+    fake_upstream.script(script)
+    # the first draft was sure (every token -0.01), the refinement was not (-2.0)
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -2.0 if body["messages"][-1]["role"] == "user" and \
+        "Feedback on your answer" in str(body["messages"][-1]["content"]) else -0.01
+    resp = ask(client, max_rounds=2)
+    assert kinds(fake_upstream) == ["answer", "critique", "refine", "critique"]
+    assert content(resp) == "The answer is 12."
+    assert trace(resp)["chosen_draft"] == 0

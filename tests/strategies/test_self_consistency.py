@@ -193,3 +193,80 @@ def test_usc_failure_still_answers(fake_upstream: FakeUpstream, proxy: ProxyServ
     t = resp["sharpen"]["trace"]
     assert [(c["purpose"], c["ok"]) for c in t["calls"]] == [("candidates", True), ("usc", False)]
     assert resp["usage"]["total_tokens"] == 25
+
+
+# ---- issue 12: early stopping, confidence-weighted votes, placeholders, program-aided candidates --
+
+
+def test_early_stopping_draws_only_until_the_answer_is_settled(fake_upstream: FakeUpstream,
+                                                                proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["7"]
+    resp = ask(proxy, {"name": "self_consistency", "n": 8, "wave": 2, "stop_threshold": 0.95},
+               extra_body={"trace": True})
+    assert content(resp).endswith("The answer is 7.")
+    t = resp["sharpen"]["trace"]
+    # 2 unanimous: P = 7/8; 4 unanimous: P = 31/32 >= 0.95: stop after two waves
+    assert [c.json["n"] for c in calls(fake_upstream)] == [2, 2]
+    assert [w["total"] for w in t["waves"]] == [2, 4] and t["stopped_early"] is True
+    assert len(t["candidates"]) == 4
+    assert [c["purpose"] for c in t["calls"]] == ["candidates", "candidates:wave2"]
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+    assert any("stopped after 4 of 8" in n for n in t["notes"])
+
+
+def test_a_split_vote_draws_every_wave(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "7"]
+    resp = ask(proxy, {"name": "self_consistency", "n": 6, "wave": 2, "stop_threshold": 0.95},
+               extra_body={"trace": True})
+    assert [c.json["n"] for c in calls(fake_upstream)] == [2, 2, 2]
+    t = resp["sharpen"]["trace"]
+    assert t["stopped_early"] is False and len(t["candidates"]) == 6
+    assert sorted(c["index"] for c in t["candidates"]) == list(range(6))
+
+
+def test_confidence_vote_follows_the_sure_minority(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "3", "7", "3"]
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -0.01 if i == 2 else -2.0
+    assert content(ask(proxy)).endswith("The answer is 3.")  # majority by default
+    resp = ask(proxy, {"name": "self_consistency", "n": 4, "vote": "confidence", "vote_temperature": 0.05})
+    assert content(resp).endswith("The answer is 7.")
+    assert calls(fake_upstream)[-1].json["top_logprobs"] >= 1
+
+
+def test_a_copied_placeholder_is_never_the_answer(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(lambda body, i: ["The answer is N.", "The answer is N.", "The answer is N.",
+                                          "2 + 3 = 5. The answer is 5."][i])
+    msgs = [{"role": "user", "content": "What is 2 + 3? End with 'The answer is N'."}]
+    r = client(proxy).chat.completions.create(model="fake", messages=msgs,  # type: ignore[arg-type]
+                                              extra_body={"strategy": {"name": "self_consistency", "n": 4}})
+    assert r.choices[0].message.content == "2 + 3 = 5. The answer is 5."
+
+
+def test_program_aided_candidates_vote(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    def script(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            return "```python\nprint(3 + 4)\n```" if i < 2 else "```python\nraise ValueError\n```"
+        return ["The answer is 7.", "The answer is 8.", "The answer is 9."][i]
+
+    fake_upstream.script(script)
+    resp = ask(proxy, {"name": "self_consistency", "n": 6, "pal": 3}, extra_body={"trace": True})
+    assert content(resp) == "The answer is 7."  # the prose reply of the winning answer, not the code
+    t = resp["sharpen"]["trace"]
+    assert [c["purpose"] for c in t["calls"]] == ["candidates", "candidates:pal"]
+    assert [c.json["n"] for c in calls(fake_upstream)] == [3, 3]
+    runs = [c["verdicts"]["execution_run"]["status"] for c in t["candidates"] if "execution_run" in c["verdicts"]]
+    assert runs == ["ok", "ok", "failed"]  # a failed program abstains, the request still answers
+
+
+def test_pal_above_n_is_400(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask(proxy, {"name": "self_consistency", "n": 4, "pal": 5})
+    assert err.value.body["param"] == "strategy.pal"  # type: ignore[index]
+    assert calls(fake_upstream) == []
+
+
+def test_every_candidate_program_aided(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(lambda body, i: "```python\nprint(7)\n```")
+    resp = ask(proxy, {"name": "self_consistency", "n": 2, "pal": 2}, extra_body={"trace": True})
+    assert content(resp).endswith("The answer is 7.")
+    assert [c["purpose"] for c in resp["sharpen"]["trace"]["calls"]] == ["candidates:pal"]

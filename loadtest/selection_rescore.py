@@ -1,0 +1,253 @@
+"""Offline re-scoring of every answer selector on the candidates ``selection_bench.py`` stored.
+
+    .venv/bin/python loadtest/selection_bench.py --rescore --gen FILE[.gz] [--md OUT.md]
+
+Each selector sees one item's stored candidates (greedy, N samples, K program-aided) and returns
+an answer, whether it was right, and the tokens it would have cost. Parametrised selectors (vote
+temperature, DeepConf's kept share, the execution boost, the stopping threshold) are tuned on
+the ``tuning`` set only, by accuracy (ties: the first of the grid); every figure is on the
+``report`` set: accuracy with a 95% Wilson interval per family and overall, exact paired
+McNemar tests against greedy and against self-consistency@N, tokens per item.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+from strategies import vote as V
+from strategies.answers import FORM_NO_ANSWER, FORM_OK, final_answer, placeholders
+from strategies.confidence import Confidence, TokenStats, measure
+from strategies.selection import Ballot, WeightedVote
+from strategies.verifiers.confidence import to_unit
+
+TEMPLATES = placeholders("Think step by step, then end with a line 'The answer is X.'")
+SIGNALS = ("mean_logprob", "mean_conf", "lowest_group", "tail")
+
+
+@dataclass
+class Cand:
+    """One stored candidate, re-read: answer (re-extracted with the well-formedness rules),
+    rank (well-formedness), right or wrong, confidence, tokens."""
+
+    answer: str | None
+    rank: int
+    correct: int
+    conf: Confidence
+    tokens: int
+
+
+@dataclass
+class Rec:
+    key: str
+    set: str
+    task: str
+    greedy: Cand
+    samples: list[Cand]
+    pal: list[Cand]
+    prompt_tokens: int
+    pal_prompt_tokens: int
+    raw: dict[str, Any] = field(repr=False)
+
+
+@cache
+def _dataset(set_name: str, task: str, size: int) -> Any:
+    import reasoning_gym
+
+    from loadtest.selection_bench import SEEDS, TASK_CONFIG
+
+    return reasoning_gym.create_dataset(task, seed=SEEDS[set_name], size=size, **TASK_CONFIG.get(task, {}))
+
+
+def _score(r: dict[str, Any], answer: str | None) -> int:
+    """Scores an answer the generation pass did not see (re-extraction changed it)."""
+    from loadtest.selection_bench import Item
+
+    ds = _dataset(r["set"], r["task"], 200)
+    e = ds[r["idx"]]
+    assert str(e["answer"]) == r["gold"], "the dataset no longer reproduces the stored item"
+    return Item(r["set"], r["task"], r["idx"], "", r["gold"], e, ds).score(answer)
+
+
+def _cand(r: dict[str, Any], c: dict[str, Any], *, pal: bool = False) -> Cand:
+    stats = TokenStats(tuple(x / 100 for x in c["lp"]), tuple(x / 100 for x in c["conf"]))
+    if pal:
+        answer, rank = c["answer"], (FORM_OK if c["answer"] is not None else 9)
+        correct = c["correct"]
+    else:
+        answer, rank = final_answer(c["text"], c["finish"], TEMPLATES)
+        correct = c["correct"] if answer == c["answer"] else (0 if answer is None else _score(r, answer))
+    return Cand(answer, rank, correct, measure(stats), c["tokens"])
+
+
+def load(paths: Iterable[str]) -> list[Rec]:
+    recs: dict[str, Rec] = {}
+    for p in paths:
+        opener = gzip.open if p.endswith(".gz") else open
+        with opener(p, "rt") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                u = r["usage"]
+                pal = [_cand(r, c, pal=True) for c in r.get("pal", [])]
+                recs[r["key"]] = Rec(r["key"], r["set"], r["task"], _cand(r, r["greedy"]),
+                                     [_cand(r, c) for c in r["samples"]], pal,
+                                     u[1]["prompt_tokens"], u[2]["prompt_tokens"] if len(u) > 2 else 0, r)
+    return list(recs.values())
+
+
+# ---- selectors: (record, params) -> (correct, tokens) ------------------------------------------
+
+
+Pick = tuple[int, int]
+
+
+def _sig(cs: list[Cand], signal: str) -> list[float | None]:
+    return [c.conf.get(signal) for c in cs]
+
+
+def _vote(cs: list[Cand], weights: list[float], *, quality: list[float | None] | None = None,
+          mask: list[bool] | None = None, strict_form: bool = True) -> int:
+    """The chosen candidate's correctness. ``strict_form``: malformed answers (truncated,
+    code-only, recovered from an echoed template) vote only when no well-formed one does."""
+    ok = [c.rank == FORM_OK for c in cs]
+    m = list(mask) if mask is not None else [True] * len(cs)
+    if strict_form and any(a and b and c.answer is not None for a, b, c in zip(ok, m, cs, strict=True)):
+        m = [a and b for a, b in zip(ok, m, strict=True)]
+    out = V.vote([c.answer for c in cs], weights, quality=quality, mask=m, rank=[c.rank for c in cs])
+    return cs[out.index].correct if out.index is not None and out.answer is not None else 0
+
+
+def _tok(r: Rec, cs: list[Cand], calls: int = 1) -> int:
+    return calls * r.prompt_tokens + sum(c.tokens for c in cs)
+
+
+def greedy(r: Rec) -> Pick:
+    return r.greedy.correct, r.prompt_tokens + r.greedy.tokens
+
+
+def first(r: Rec) -> Pick:
+    return r.samples[0].correct, _tok(r, r.samples[:1])
+
+
+def majority_plain(r: Rec) -> Pick:
+    """Self-consistency as shipped: every extracted answer votes, placeholders included."""
+    raw = r.raw["samples"]
+    out = V.vote([c["answer"] for c in raw], V.weights_uniform(len(raw)))
+    return (raw[out.index]["correct"] if out.index is not None and out.answer is not None else 0), _tok(r, r.samples)
+
+
+def majority(r: Rec) -> Pick:
+    """Self-consistency with the well-formedness rules (item 7)."""
+    return _vote(r.samples, V.weights_uniform(len(r.samples))), _tok(r, r.samples)
+
+
+def cisc(r: Rec, signal: str, temperature: float) -> Pick:
+    s = _sig(r.samples, signal)
+    return _vote(r.samples, V.weights_softmax(s, temperature), quality=s), _tok(r, r.samples)
+
+
+def deepconf(r: Rec, signal: str, keep: float) -> Pick:
+    """DeepConf offline: keep the most confident share, then a confidence-weighted vote."""
+    s = _sig(r.samples, signal)
+    lo = min((x for x in s if x is not None), default=0.0)
+    w = [0.0 if x is None else x - lo + 1e-3 for x in s]  # confidence as weight, shifted positive
+    return _vote(r.samples, w, quality=s, mask=V.keep_top(s, keep)), _tok(r, r.samples)
+
+
+def borda(r: Rec, signal: str, power: float) -> Pick:
+    s = _sig(r.samples, signal)
+    return _vote(r.samples, V.weights_borda(s, power), quality=s), _tok(r, r.samples)
+
+
+def best_single(r: Rec, signal: str) -> Pick:
+    s = _sig(r.samples, signal)
+    def key(j: int) -> tuple[int, float]:
+        sj = s[j]
+        return r.samples[j].rank, -(sj if sj is not None else -math.inf)
+
+    i = min(range(len(r.samples)), key=key)
+    return r.samples[i].correct, _tok(r, r.samples)
+
+
+def pal_alone(r: Rec) -> Pick:
+    k = len(r.pal)
+    return _vote(r.pal, V.weights_uniform(k)), r.pal_prompt_tokens + sum(c.tokens for c in r.pal)
+
+
+def pal_mix(r: Rec, boost: float, signal: str | None = None, temperature: float = 1.0) -> Pick:
+    """Prose and executed answers in one vote: an executed answer weighs ``boost`` prose votes
+    (the execution verifier's agreement boost), prose weights uniform or CISC."""
+    n = len(r.samples)
+    pw = [1.0] * n if signal is None else [x * n for x in V.weights_softmax(_sig(r.samples, signal), temperature)]
+    cs = r.samples + r.pal
+    return (_vote(cs, pw + [boost] * len(r.pal)),
+            _tok(r, r.samples) + r.pal_prompt_tokens + sum(c.tokens for c in r.pal))
+
+
+def early_sc(r: Rec, threshold: float, wave: int, signal: str | None = None, temperature: float = 1.0) -> Pick:
+    """Self-consistency drawn in waves of ``wave`` (each wave one call: its prompt counts again),
+    stopping once the Beta rule says the leader is settled; then the vote (uniform or CISC)."""
+    drawn: list[Cand] = []
+    calls = 0
+    while len(drawn) < len(r.samples):
+        drawn = r.samples[: len(drawn) + wave]
+        calls += 1
+        ok = [c.answer if c.rank == FORM_OK else None for c in drawn]
+        if V.should_stop(ok, threshold):
+            break
+    if signal is None:
+        correct = _vote(drawn, V.weights_uniform(len(drawn)))
+    else:
+        s = _sig(drawn, signal)
+        correct = _vote(drawn, V.weights_softmax(s, temperature), quality=s)
+    return correct, _tok(r, drawn, calls)
+
+
+def auto(r: Rec, probe: int, min_conf: float | None, signal: str = "mean_logprob",
+         temperature: float = 0.1) -> Pick:
+    """``auto``: a probe of ``probe`` samples; unanimous and well-formed (and, with ``min_conf``,
+    the probe's mean ``signal`` at least that) answers at once; else the rest are drawn (a second
+    call) and all N go to the CISC vote."""
+    cs = r.samples[:probe]
+    answers = {c.answer for c in cs}
+    conf = [c.conf.get(signal) for c in cs]
+    sure = len(answers) == 1 and None not in answers and all(c.rank == FORM_OK for c in cs) and (
+        min_conf is None or all(x is not None and x >= min_conf for x in conf))
+    if sure:
+        return cs[0].correct, _tok(r, cs)
+    s = _sig(r.samples, signal)
+    return _vote(r.samples, V.weights_softmax(s, temperature), quality=s), _tok(r, r.samples, 2)
+
+
+def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pal: bool = False,
+           boost: float = 1.0) -> Pick:
+    """Exactly what the shipped strategies run (``strategies.selection.WeightedVote`` over the
+    ``confidence`` verifier's score): so the figures for a default are the default's."""
+    cs = r.samples + (r.pal if pal else [])
+    weights = {"confidence": 1.0} | ({"execution": boost} if pal else {})
+    executed = [c.answer for c in r.pal if c.answer is not None] if pal else []
+    ballots = []
+    for c in cs:
+        v = c.conf.get(signal)
+        scores: dict[str, float | None] = {"confidence": to_unit(signal, v) if v is not None else None}
+        if pal:  # as ExecutionAgreement scores it: the share of executed results equal to the answer
+            scores["execution"] = (None if not executed else
+                                   sum(a == c.answer for a in executed) / len(executed) if c.answer else 0.0)
+        ballots.append(Ballot(c.answer, c.rank if c.rank <= FORM_NO_ANSWER else FORM_NO_ANSWER, scores,
+                              c.conf.mean_logprob))
+    choice = WeightedVote(weights=weights, temperature=temperature, keep=keep).choose(ballots)
+    best = cs[choice.order[0]] if choice.order else None
+    tokens = _tok(r, r.samples) + (r.pal_prompt_tokens + sum(c.tokens for c in r.pal) if pal else 0)
+    return (best.correct if best is not None and choice.answer is not None else 0), tokens
+
+
+def oracle(r: Rec) -> Pick:
+    return int(any(c.correct for c in r.samples)), _tok(r, r.samples)

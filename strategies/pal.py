@@ -1,0 +1,108 @@
+"""Program-aided candidates (PAL, Gao et al., arXiv 2211.10435): the model writes Python that
+prints the answer; the program runs in the sandbox; what it printed is the candidate's answer.
+
+A program that cannot be found, fails, prints nothing or times out abstains (answer None): a
+sandbox failure is never an error of the request. The sandbox is reached through ``execute``
+only (a thin adapter over ``strategies.sandbox``), so its hardening can change underneath.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from protocol.wire import ChatCompletionRequest
+from strategies import sampling
+from strategies.answers import FORM_NO_ANSWER, FORM_OK, extract
+from strategies.base import Candidate, StrategyContext
+from strategies.sandbox import SandboxLimits, extract_code, run_python
+
+PAL_INSTRUCTION = ("\n\nDo not solve it by hand. Write a short Python program that computes the answer "
+                   "and prints only the final answer. Reply with a single ```python code block.")
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a program ran: ``status`` is ok / no_code / failed / timeout / no_output /
+    sandbox_error; ``answer`` the normalised last printed line (None unless ok)."""
+
+    status: str
+    answer: str | None = None
+    output: str = ""
+
+
+async def execute(reply: str, *, wall_s: float = 5.0, cpu_s: int = 3) -> Execution:
+    """Runs the reply's Python block in the sandbox; never raises for the code's or the
+    sandbox's faults (cancellation still propagates)."""
+    code = extract_code(reply)
+    if code is None:
+        return Execution("no_code")
+    try:
+        res = await run_python(code, SandboxLimits(wall_s=wall_s, cpu_s=cpu_s))
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the sandbox itself failed: the candidate abstains
+        return Execution("sandbox_error", output=str(exc)[:200])
+    if res.timed_out:
+        return Execution("timeout")
+    if not res.ok:
+        return Execution("failed", output=res.stderr.strip()[-200:])
+    lines = [ln for ln in res.stdout.strip().splitlines() if ln.strip()]
+    if not lines:
+        return Execution("no_output")
+    return Execution("ok", extract(lines[-1]), res.stdout.strip()[-200:])
+
+
+def pal_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with the PAL instruction appended to the last user turn (a string
+    content; content parts get a text part appended)."""
+    out = [dict(m) for m in messages]
+    for m in reversed(out):
+        if m.get("role") != "user":
+            continue
+        c = m.get("content")
+        if isinstance(c, str):
+            m["content"] = c + PAL_INSTRUCTION
+        elif isinstance(c, list):
+            m["content"] = [*c, {"type": "text", "text": PAL_INSTRUCTION.strip()}]
+        break
+    return out
+
+
+def as_reply(reply: str, run: Execution) -> str:
+    """The text to return when a program's answer wins: its code, then the stated answer."""
+    return f"{reply.rstrip()}\n\nThe program printed {run.output.splitlines()[-1] if run.output else ''}." \
+           f"\nThe answer is {run.answer}."
+
+
+async def draw(request: ChatCompletionRequest, ctx: StrategyContext, k: int, temperature: float,
+               *, start: int) -> tuple[dict[str, Any], list[Candidate]]:
+    """``k`` program-aided candidates from one ``n=k`` call, each program run (concurrently) in
+    the sandbox; indices from ``start``. A candidate's answer is what its program printed (None:
+    it abstains); its reply, should it be returned, is the code followed by that answer."""
+    body = {key: v for key, v in ctx.body.items() if key not in ("stream", "stream_options")}
+    body.update(n=k, temperature=temperature if not request.temperature else request.temperature, logprobs=True,
+                top_logprobs=max(request.top_logprobs or 0, sampling.TOP_LOGPROBS),
+                messages=pal_messages(list(body.get("messages") or [])))
+    data = await ctx.chat(body, purpose="candidates:pal")
+    cands = sampling.candidates(data, request, start=start)
+    runs = await asyncio.gather(*(execute(c.content) for c in cands))
+    choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+    for c, run, ch in zip(cands, runs, choices, strict=True):
+        c.program = True
+        c.answer = run.answer
+        c.form = FORM_OK if run.answer is not None else FORM_NO_ANSWER
+        c.verdicts["execution_run"] = {"status": run.status, "output": run.output[-200:]}
+        if run.answer is not None:
+            c.content = as_reply(c.content, run)
+            ch["message"] = {**(ch.get("message") or {}), "content": c.content}
+    data["choices"] = choices
+    return data, cands
+
+
+def merge(upstream: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """One upstream-shaped answer holding both answers' choices, ``extra``'s indexed after."""
+    base = len(upstream["choices"])
+    more = sorted(extra["choices"], key=lambda c: int(c.get("index", 0)))
+    return {**upstream, "choices": [*upstream["choices"], *(dict(c, index=base + i) for i, c in enumerate(more))]}

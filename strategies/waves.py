@@ -1,0 +1,86 @@
+"""Sampling in waves with early stopping (Adaptive-Consistency, Aggarwal et al., arXiv 2305.11860).
+
+Candidates are drawn ``wave`` at a time (one ``n=wave`` upstream call each) until ``n`` are drawn
+or the leading answer is settled: P(leader beats the runner-up) under the Beta posterior
+reaches ``threshold`` (``strategies.vote.should_stop``; only well-formed answers count). Usage
+counts only what was drawn; the returned trace lists every wave.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.wire import ChatCompletionRequest
+from strategies import sampling
+from strategies.answers import FORM_OK
+from strategies.base import Candidate, StrategyContext
+from strategies.vote import prob_leader_wins, should_stop, tally
+
+
+@dataclass
+class Drawn:
+    """Every candidate drawn, one upstream-shaped answer holding all their choices (indices
+    match the candidates'), and one trace entry per wave."""
+
+    upstream: dict[str, Any]
+    candidates: list[Candidate]
+    waves: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def settled(cands: list[Candidate]) -> float:
+    """P(the leading well-formed answer beats the runner-up), 0 with no answer."""
+    counts = sorted(tally([c.answer if c.form == FORM_OK else None for c in cands], [1.0] * len(cands)).values(),
+                    reverse=True)
+    if not counts:
+        return 0.0
+    return prob_leader_wins(int(counts[0]), int(counts[1]) if len(counts) > 1 else 0)
+
+
+async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
+               notes: list[str], *, wave: int, threshold: float | None,
+               first: tuple[dict[str, Any], list[Candidate]] | None = None) -> Drawn:
+    """Up to ``n`` candidates in waves (``threshold`` None: one wave of ``n``). ``first``: a wave
+    already drawn (``auto``'s probe), counted as the first."""
+    if threshold is None or wave >= n:
+        wave = n
+    out = Drawn(first[0], list(first[1])) if first is not None else None
+    if out is not None:
+        out.waves.append(_entry(out.candidates, len(out.candidates)))
+    while True:
+        if out is not None:
+            if len(out.candidates) >= n:
+                break
+            if threshold is not None and should_stop(
+                    [c.answer if c.form == FORM_OK else None for c in out.candidates], threshold):
+                out.stopped_early = True
+                notes.append(f"stopped after {len(out.candidates)} of {n} candidates: the leading answer is "
+                             f"settled (P={settled(out.candidates):.3f} >= {threshold})")
+                break
+        size = min(wave, n - (len(out.candidates) if out else 0))
+        req = request if out is None else request.model_copy(update={"n": None})  # the client's n: checked once
+        purpose = "candidates" if out is None else f"candidates:wave{len(out.waves) + 1}"
+        data, cands = await sampling.sample(req, ctx, size, temperature, notes if out is None else [],
+                                            purpose=purpose)
+        if out is None:
+            out = Drawn(data, cands)
+        else:
+            _merge(out, data, cands)
+        out.waves.append(_entry(out.candidates, size))
+    return out
+
+
+def _entry(cands: list[Candidate], size: int) -> dict[str, Any]:
+    return {"drawn": size, "total": len(cands), "p_leader": round(settled(cands), 4)}
+
+
+def _merge(out: Drawn, data: dict[str, Any], cands: list[Candidate]) -> None:
+    """Appends a wave's choices and candidates, reindexed after those already held."""
+    base = len(out.upstream["choices"])
+    extra = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
+    out.upstream = {**out.upstream, "choices": [*out.upstream["choices"],
+                                                *(dict(c, index=base + i) for i, c in enumerate(extra))]}
+    for c in cands:
+        c.index += base
+        out.candidates.append(c)

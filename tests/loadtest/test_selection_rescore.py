@@ -1,0 +1,59 @@
+"""The offline re-scorer of the selection bench, on a hand-made generation record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest import selection_rescore as R
+
+
+def _cand(answer: str | None, correct: int, lp: int, tokens: int = 10, finish: str = "stop") -> dict[str, Any]:
+    text = f"Some steps.\nThe answer is {answer}." if answer is not None else "I do not know"
+    return {"text": text, "finish": finish, "tokens": tokens, "lp": [lp] * tokens, "conf": [-lp * 2] * tokens,
+            "answer": answer, "correct": correct}
+
+
+def _record(key: str = "report:t:0") -> dict[str, Any]:
+    samples = [_cand("5", 0, -120), _cand("5", 0, -110), _cand("5", 0, -130), _cand("7", 1, -5), _cand("7", 1, -8),
+               _cand("x", 0, -1), _cand("9", 0, -200, finish="length"), _cand("5", 0, -150)]
+    pal = [{**_cand(None, 0, -20), "answer": "7", "correct": 1, "exec": "ok"},
+           {**_cand(None, 0, -20), "answer": None, "correct": 0, "exec": "failed"}]
+    return {"key": key, "set": key.split(":")[0], "task": "t", "idx": 0, "gold": "7", "model": "m",
+            "greedy": _cand("5", 0, -50), "samples": samples, "pal": pal,
+            "usage": [{"prompt_tokens": 30}, {"prompt_tokens": 30}, {"prompt_tokens": 60}]}
+
+
+@pytest.fixture
+def rec(tmp_path: Path) -> R.Rec:
+    path = tmp_path / "gen.jsonl"
+    path.write_text(json.dumps(_record()) + "\n")
+    (r,) = R.load([str(path)])
+    return r
+
+
+def test_placeholder_answers_are_re_read(rec: R.Rec) -> None:
+    assert rec.samples[5].answer is None  # "The answer is x." copies the prompt's template
+    assert rec.samples[6].rank > 0  # truncated
+
+
+def test_selectors(rec: R.Rec) -> None:
+    assert R.greedy(rec) == (0, 30 + 10)
+    assert R.majority(rec)[0] == 0  # four 5s against two 7s
+    assert R.oracle(rec)[0] == 1
+    assert R.best_single(rec, "mean_logprob")[0] == 1  # the 7s are the surest well-formed ones
+    assert R.policy(rec, "mean_logprob", 0.05)[0] == 1  # CISC: sure minority wins
+    assert R.policy(rec, "mean_logprob", None)[0] == 0  # one vote each: the majority
+    assert R.pal_alone(rec) == (1, 60 + 20)  # one run printed 7, the other abstained
+    correct, tokens = R.policy(rec, "mean_logprob", 0.1, pal=True, boost=4.0)
+    assert correct == 1 and tokens == 30 + 80 + 60 + 20
+    assert R.deepconf(rec, "mean_logprob", 0.3)[0] == 1
+
+
+def test_early_stopping_counts_the_prompt_per_wave(rec: R.Rec) -> None:
+    correct, tokens = R.early_sc(rec, threshold=0.95, wave=2)
+    assert tokens == 4 * 30 + 80  # never settles: four waves, the prompt counted each time
+    assert correct == 0

@@ -1,0 +1,70 @@
+"""The issue-12 selection on the real vLLM (SmolLM2-135M on CPU): the default best_of_n votes
+with the model's own token confidence and makes no verifier calls; self_consistency samples in
+waves and counts only what it drew; program-aided candidates run in the sandbox and a failed
+program never fails the request."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.proxy_server import ProxyServer
+
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
+]
+
+QUESTION = [{"role": "user", "content": "What is 7 + 5? Answer briefly and end with 'The answer is X.'"}]
+
+
+def _ask(proxy: ProxyServer, strategy: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    body = {"model": "smollm2-135m-instruct", "messages": QUESTION, "max_tokens": 48, "strategy": strategy,
+            "trace": True, **kw}
+    r = httpx.post(proxy.url + "/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def _usage_adds_up(data: dict[str, Any]) -> None:
+    calls = data["sharpen"]["trace"]["calls"]
+    for k in ("prompt_tokens", "completion_tokens"):
+        assert sum(c["usage"][k] for c in calls) == data["usage"][k]
+
+
+def test_default_best_of_n_is_a_confidence_vote(real_proxy: ProxyServer) -> None:
+    data = _ask(real_proxy, {"name": "best_of_n", "n": 4})
+    t = data["sharpen"]["trace"]
+    assert t["verifiers"] == ["confidence"]
+    assert [c["purpose"] for c in t["calls"]] == ["candidates"]  # no verifier calls at all
+    for c in t["candidates"]:
+        score = c["verdicts"]["confidence"]["score"]
+        assert 0 < score <= 1 and math.isclose(score, math.exp(c["logprob"]), rel_tol=1e-6)
+    assert data["choices"][0]["logprobs"] is None
+    assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
+    _usage_adds_up(data)
+
+
+def test_self_consistency_in_waves_counts_what_it_drew(real_proxy: ProxyServer) -> None:
+    data = _ask(real_proxy, {"name": "self_consistency", "n": 6, "wave": 2, "stop_threshold": 0.9,
+                             "vote": "confidence"})
+    t = data["sharpen"]["trace"]
+    assert [w["drawn"] for w in t["waves"]] == [c["n"] for c in t["calls"]]
+    assert sum(w["drawn"] for w in t["waves"]) == len(t["candidates"]) <= 6
+    assert t["stopped_early"] == (len(t["candidates"]) < 6)
+    _usage_adds_up(data)
+
+
+def test_program_aided_candidates_never_fail_the_request(real_proxy: ProxyServer) -> None:
+    data = _ask(real_proxy, {"name": "best_of_n", "n": 4, "pal": 2})
+    t = data["sharpen"]["trace"]
+    assert [c["purpose"] for c in t["calls"]] == ["candidates", "candidates:pal"]
+    runs = [c["verdicts"]["execution_run"]["status"] for c in t["candidates"] if "execution_run" in c["verdicts"]]
+    assert len(runs) == 2 and set(runs) <= {"ok", "no_code", "failed", "timeout", "no_output", "sandbox_error"}
+    assert "execution" in t["verifiers"]
+    _usage_adds_up(data)
