@@ -508,21 +508,3 @@ def test_stream_sends_keepalives_then_the_answer(fake_upstream: FakeUpstream,
     expands = calls(fake_upstream, "expand")
     assert len(expands) == 1 and not expands[0].json.get("stream") and expands[0].json["n"] == 3
 
-
-def test_the_final_answer_is_the_path_vote_not_the_single_best_path() -> None:
-    """Two complete paths agree on 5 with good values; one says 6 with a slightly better value:
-    the answer-group vote over paths returns a 5 path (the best-valued of them)."""
-    from strategies.mcts import MCTS, MCTSOptions, Node
-
-    m = MCTS(MCTSOptions())
-    root = Node(id=0, step="")
-    paths = [("The answer is 5.", 0.80, "5"), ("So the answer is 5.", 0.82, "5"), ("The answer is 6.", 0.85, "6")]
-    for i, (step, value, answer) in enumerate(paths, 1):
-        n = Node(id=i, step=step, parent=root, visits=1, value=value, answer=answer)
-        root.children.append(n)
-    best = m._best(root)
-    assert best is not None and best.answer == "5" and best.step == "So the answer is 5."
-    # with one path each, the best value wins as before
-    root.children.pop(0)
-    root.children[0].value = 0.5
-    assert (m._best(root) or root).answer == "6"

@@ -49,3 +49,18 @@ async def test_the_search_answers_with_the_best_complete_path_in_process() -> No
     assert result.uncertainty is not None and 0 < result.uncertainty.score < 0.5
     bodies: list[dict[str, Any]] = api.requests
     assert bodies and all(b["n"] == 3 for b in bodies)  # k continuations in one n=k call
+
+
+def test_the_final_answer_is_the_path_vote_not_the_single_best_path() -> None:
+    """Two complete paths agree on 5 with good values; one says 6 with a slightly better value:
+    the answer-group vote over the paths returns a 5 path (the best-valued of them)."""
+    t = Tree(c_uct=1.4, max_depth=4, merge_similarity=0.9)
+    for step, value in (("The answer is 5.", 0.80), ("So the answer is 5.", 0.82), ("The answer is 6.", 0.85)):
+        node = t.new(step, t.root)
+        node.visits, node.value = 1, value
+    best = t.best()
+    assert best is not None and best.answer == "5" and best.step == "So the answer is 5."
+    # one path each: the best value wins, as before
+    t.root.children.pop(0)
+    t.root.children[0].value = 0.5
+    assert (t.best() or t.root).answer == "6"
