@@ -20,6 +20,7 @@ from loadtest.selection_rescore import (
     Pick,
     Rec,
     auto,
+    auto_pal,
     best_single,
     borda,
     cisc,
@@ -67,6 +68,13 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     g["shipped vote[mean_logprob]+PAL"] = [
         (f"T={t},boost={b}", partial(policy, signal="mean_logprob", temperature=t, pal=True, boost=b))
         for t in (None, 0.05, 0.1, 0.2, 0.5) for b in (0.5, 1.0, 2.0, 4.0)]
+    for k in (2, 4):
+        g[f"best_of_n n=8, pal={k} (shipped policy)"] = [
+            (f"T={t},boost={b}", partial(policy, signal="mean_logprob", temperature=t, boost=b, pal_k=k, n=8))
+            for t in (None, 0.05, 0.1, 0.2, 0.5) for b in (0.5, 1.0, 2.0, 4.0)]
+    g["auto (probe, then best_of_n with pal=2)"] = [
+        (f"probe={p},T={t},boost={b}", partial(auto_pal, probe=p, pal_k=2, temperature=t, boost=b))
+        for p in (2, 3) for t in (0.05, 0.1) for b in (0.5, 1.0)]
     g["auto[probe->cisc]"] = [
         (f"probe={p},min_lp={m}", partial(auto, probe=p, min_conf=m))
         for p in (2, 3, 4) for m in (None, -0.3, -0.2, -0.1)]

@@ -228,12 +228,19 @@ def auto(r: Rec, probe: int, min_conf: float | None, signal: str = "mean_logprob
 
 
 def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pal: bool = False,
-           boost: float = 1.0) -> Pick:
+           boost: float = 1.0, pal_k: int | None = None, n: int | None = None) -> Pick:
     """Exactly what the shipped strategies run (``strategies.selection.WeightedVote`` over the
-    ``confidence`` verifier's score): so the figures for a default are the default's."""
-    cs = r.samples + (r.pal if pal else [])
+    ``confidence`` verifier's score): so the figures for a default are the default's. ``pal_k``
+    of ``n`` candidates program-aided (as ``best_of_n``'s ``pal`` option): the first ``n - pal_k``
+    prose samples and the first ``pal_k`` programs."""
+    if pal_k is not None:
+        pal = pal_k > 0
+        prose, progs = r.samples[: (n or len(r.samples)) - pal_k], r.pal[:pal_k]
+    else:
+        prose, progs = r.samples, (r.pal if pal else [])
+    cs = prose + progs
     weights = {"confidence": 1.0} | ({"execution": boost} if pal else {})
-    executed = [c.answer for c in r.pal if c.answer is not None] if pal else []
+    executed = [c.answer for c in progs if c.answer is not None]
     ballots = []
     for c in cs:
         v = c.conf.get(signal)
@@ -245,8 +252,20 @@ def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pa
                               c.conf.mean_logprob))
     choice = WeightedVote(weights=weights, temperature=temperature, keep=keep).choose(ballots)
     best = cs[choice.order[0]] if choice.order else None
-    tokens = _tok(r, r.samples) + (r.pal_prompt_tokens + sum(c.tokens for c in r.pal) if pal else 0)
+    tokens = (_tok(r, prose) if prose else 0) + (r.pal_prompt_tokens + sum(c.tokens for c in progs) if progs else 0)
     return (best.correct if best is not None and choice.answer is not None else 0), tokens
+
+
+def auto_pal(r: Rec, probe: int, pal_k: int, temperature: float | None, boost: float, n: int = 8) -> Pick:
+    """``auto`` as shipped: a probe of ``probe`` prose samples answers at once when unanimous and
+    well-formed; else the rest of the prose (a second call) and ``pal_k`` programs (a third) join
+    best_of_n's vote (``policy`` with ``pal_k`` of ``n``)."""
+    cs = r.samples[:probe]
+    answers = {c.answer for c in cs}
+    if len(answers) == 1 and None not in answers and all(c.rank == FORM_OK for c in cs):
+        return cs[0].correct, _tok(r, cs)
+    correct, tokens = policy(r, "mean_logprob", temperature, boost=boost, pal_k=pal_k, n=n)
+    return correct, tokens + (r.prompt_tokens if n - pal_k > probe else 0)  # the top-up call's prompt
 
 
 def oracle(r: Rec) -> Pick:

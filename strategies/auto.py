@@ -16,10 +16,10 @@ from pydantic import Field
 from protocol.errors import InvalidRequest
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling, waves
+from strategies import pal, sampling, waves
 from strategies.answers import majority
 from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
-from strategies.best_of_n import DEFAULT_VERIFIERS, BestOfN, BestOfNOptions
+from strategies.best_of_n import DEFAULT_VERIFIERS, PAL, BestOfN, BestOfNOptions
 from strategies.chat import rank_by_votes
 from strategies.verifiers import VerifierNames
 
@@ -35,6 +35,7 @@ class AutoOptions(StrategyOptions):
     n: int = Field(default=8, ge=2, le=256)  # candidates in all when escalating
     temperature: float = Field(default=0.7, gt=0, le=2)
     verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
+    pal: int = Field(default=PAL, ge=0, le=64)  # program-aided candidates added when escalating
     wave: int = Field(default=WAVE, ge=1, le=256)  # candidates per call after the probe
     stop_threshold: float | None = Field(default=STOP_THRESHOLD, gt=0.5, le=1.0)  # None: draw all n
 
@@ -57,7 +58,7 @@ class Auto(Strategy[AutoOptions]):
 
     def _bon(self) -> BestOfN:
         o = self.options
-        return BestOfN(BestOfNOptions(n=o.n, temperature=o.temperature, verifiers=o.verifiers,
+        return BestOfN(BestOfNOptions(n=o.n + o.pal, temperature=o.temperature, verifiers=o.verifiers, pal=o.pal,
                                       max_upstream_tokens=o.max_upstream_tokens, deadline_s=o.deadline_s))
 
     async def run(self, request: AnyRequest, ctx: StrategyContext) -> StrategyResult:
@@ -83,6 +84,9 @@ class Auto(Strategy[AutoOptions]):
                                  first=(probe, cands))
         upstream, merged = drawn.upstream, drawn.candidates
         probe_trace.update(waves=drawn.waves, stopped_early=drawn.stopped_early)
+        if o.pal:  # best_of_n's program-aided candidates, beside the prose ones
+            extra, programs = await pal.draw(request, ctx, o.pal, o.temperature, start=len(merged))
+            upstream, merged = pal.merge(upstream, extra), merged + programs
         result = await self._bon().judge(request, ctx, upstream, merged, notes)
         result.extra_trace.update(probe_trace)
         return result

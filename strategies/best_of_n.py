@@ -19,18 +19,22 @@ from protocol.errors import InvalidRequest
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
 from strategies import pal, sampling, selection, verifiers
+from strategies.answers import FORM_NO_ANSWER, extract
 from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.chat import votes
 from strategies.selection import WeightedVote
 from strategies.verifiers import Verdict, VerificationTask, Verifier, VerifierNames
 
-# Defaults measured on the default model (loadtest/selection_bench.py, README "Selection"): the
-# model's own token confidence, voted over answer groups. A 0.5B model judging itself adds noise
-# (AUROC 0.51-0.63), so its LLM aspect verifiers join only when ``verifier_model`` names another
-# (stronger) model, or when a request or calibrated config lists them.
+# Defaults measured on the default model (loadtest/selection_bench.py, README "Selection"): 2 of
+# the 8 candidates program-aided, their executed answers raising the prose answers they agree
+# with (weight 0.5 beside the token confidence's 1), a CISC vote at temperature 0.05. A 0.5B
+# model judging itself adds noise (AUROC 0.51-0.63), so its LLM aspect verifiers join only when
+# ``verifier_model`` names another (stronger) model, or when a request or calibrated config lists them.
 DEFAULT_VERIFIERS = ["confidence"]
 STRONG_VERIFIERS = ["confidence", "approval", "math_steps", "logic_steps", "rederive"]
-VOTE_TEMPERATURE: float | None = 0.1
+DEFAULT_WEIGHTS = {"execution": 0.5}
+VOTE_TEMPERATURE: float | None = 0.05
+PAL = 2
 
 
 class BestOfNOptions(StrategyOptions):
@@ -42,7 +46,7 @@ class BestOfNOptions(StrategyOptions):
     # vote each); ``keep`` < 1 drops the least confident share first (DeepConf).
     vote_temperature: float | None = Field(default=VOTE_TEMPERATURE, gt=0, le=100)
     keep: float = Field(default=1.0, gt=0, le=1)
-    pal: int = Field(default=0, ge=0, le=64)  # program-aided candidates (of n); adds the execution verifier
+    pal: int = Field(default=PAL, ge=0, le=64)  # program-aided candidates (of n); adds the execution verifier
     verifier_model: str | None = None  # another upstream model or adapter; the request's by default
     verifier_style: Literal["brief", "reasoned"] = "brief"
     verifier_regex: str | None = None
@@ -131,6 +135,14 @@ class BestOfN(Strategy[BestOfNOptions]):
         model = await ctx.resolve(o.verifier_model) if o.verifier_model else None
         vs = self._verifiers(request, model)
         prose = [c for c in cands if not c.program]
+        stated = sum(extract(c.content, last_line=False) is not None for c in prose)
+        if any(c.program for c in cands) and prose and stated < len(prose) / 2:
+            # Most prose replies state no final answer (free-form text): a program's printout is
+            # no answer to that, so the programs abstain.
+            notes.append("most candidates state no final answer: program-aided candidates abstain")
+            for c in cands:
+                if c.program:
+                    c.answer, c.form = None, FORM_NO_ANSWER
         executed = [c.answer for c in cands if c.program and c.answer is not None]
         # LLM verifiers judge the prose candidates (a program's reply is code); the programmatic
         # ones every candidate, executed answers reaching the execution verifier as an option.
@@ -154,7 +166,8 @@ class BestOfN(Strategy[BestOfNOptions]):
                 ok = not (all_failed and v.calls_per_candidate)
                 cand.verdicts[v.name] = {"score": d.score if ok else None, "approved": d.approved, "soft": d.soft,
                                          "detail": d.detail, "error": d.error}
-        weights = {v.name.removeprefix("aspect:"): o.weights.get(v.name.removeprefix("aspect:"), 1.0) for v in vs}
+        names = [v.name.removeprefix("aspect:") for v in vs]
+        weights = {n: o.weights.get(n, DEFAULT_WEIGHTS.get(n, 1.0)) for n in names}
         policy = WeightedVote(weights=weights, temperature=o.vote_temperature, keep=o.keep)
         ranked, choice = selection.rank(cands, policy)
         counts = votes(cands)

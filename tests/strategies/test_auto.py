@@ -36,7 +36,8 @@ def _client(url: str) -> openai.OpenAI:
 
 def ask(proxy: ProxyServer, strategy: dict[str, Any], **kw: Any) -> dict[str, Any]:
     r = _client(proxy.url).chat.completions.create(
-        model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", **strategy}, "trace": True}, **kw)
+        model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", "pal": 0, **strategy}, "trace": True},
+        **kw)
     out: dict[str, Any] = r.model_dump()
     return out
 
@@ -225,3 +226,18 @@ def test_escalation_in_waves_stops_once_settled(fake_upstream: FakeUpstream, pro
     assert [w["total"] for w in t["waves"]] == [3, 5, 7] and t["stopped_early"] is True
     assert content(resp).endswith("The answer is 7.")
     assert usage_of(resp) == fake_upstream.total_usage()
+
+
+def test_escalation_adds_the_program_aided_candidates(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    def fn(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            return "```python\nprint(2 + 2)\n```"
+        return f"Probe {i}. The answer is {['4', '5', '6'][i % 3]}."
+
+    fake_upstream.script(fn)
+    r = _client(proxy.url).chat.completions.create(
+        model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", "probe_n": 3, "n": 6}, "trace": True})
+    t = r.model_dump()["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 3), ("candidates:wave2", 3),
+                                                              ("candidates:pal", 2)]
+    assert r.choices[0].message.content is not None and r.choices[0].message.content.endswith("The answer is 4.")

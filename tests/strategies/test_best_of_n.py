@@ -36,7 +36,8 @@ def _client(url: str) -> openai.OpenAI:
 
 
 def ask(proxy: ProxyServer, strategy: dict[str, Any], *, trace: bool = True, **kw: Any) -> dict[str, Any]:
-    extra = {"strategy": {"name": "best_of_n", **strategy}, "trace": trace, **kw.pop("extra_body", {})}
+    # pal 0 unless a test asks: these tests are about the verifiers (the default's programs are tested below)
+    extra = {"strategy": {"name": "best_of_n", "pal": 0, **strategy}, "trace": trace, **kw.pop("extra_body", {})}
     r = _client(proxy.url).chat.completions.create(model="fake", messages=kw.pop("messages", MESSAGES),
                                                    extra_body=extra, **kw)
     return r.model_dump()
@@ -320,7 +321,7 @@ def test_bad_weights_are_400(fake_upstream: FakeUpstream, proxy: ProxyServer, we
 # ---- issue 12: the measured defaults, answer groups, program-aided candidates -----------------
 
 
-def test_default_is_the_confidence_vote_with_no_verifier_calls(fake_upstream: FakeUpstream,
+def test_the_confidence_vote_makes_no_verifier_calls(fake_upstream: FakeUpstream,
                                                                proxy: ProxyServer) -> None:
     fake_upstream.script(candidates_script(["3", "7", "7", "3"]))
     # the two 3s are far surer than the two 7s: the confidence-weighted vote picks 3
@@ -387,3 +388,39 @@ def test_bad_selection_options_are_400(fake_upstream: FakeUpstream, proxy: Proxy
         ask(proxy, strategy)
     assert err.value.body["param"] == param  # type: ignore[index]
     assert fake_upstream.completion_calls() == []
+
+
+def _raw_ask(proxy: ProxyServer, strategy: dict[str, Any], content: str = "What is 3 + 4?") -> dict[str, Any]:
+    r = _client(proxy.url).chat.completions.create(
+        model="fake", messages=[{"role": "user", "content": content}],
+        extra_body={"strategy": {"name": "best_of_n", **strategy}, "trace": True})
+    return r.model_dump()
+
+
+def test_the_measured_default_two_programs_and_the_confidence_vote(fake_upstream: FakeUpstream,
+                                                                   proxy: ProxyServer) -> None:
+    def script(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            return "```python\nprint(3 + 4)\n```"
+        return f"Path {i}. The answer is {['7', '8', '8', '9', '5', '6'][i]}."
+
+    fake_upstream.script(script)
+    resp = _raw_ask(proxy, {})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 6), ("candidates:pal", 2)]
+    assert t["verifiers"] == ["confidence", "execution"]
+    assert t["weights"] == {"confidence": 1.0, "execution": 0.5} and t["vote_temperature"] == 0.05
+    assert content(resp) == "Path 0. The answer is 7."  # the executed 7s carry the lone prose 7
+    assert verifier_calls(fake_upstream) == []
+
+
+def test_programs_abstain_on_free_form_prompts(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    def script(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            return "```python\nprint('roses')\n```"
+        return ["Violets are blue", "Sugar is sweet", "And so are you"][i % 3]
+
+    fake_upstream.script(script)
+    resp = _raw_ask(proxy, {"n": 5, "pal": 2}, "Write a short poem.")
+    assert "roses" not in content(resp)
+    assert any("program-aided candidates abstain" in n for n in resp["sharpen"]["trace"]["notes"])

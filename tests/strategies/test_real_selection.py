@@ -37,11 +37,12 @@ def _usage_adds_up(data: dict[str, Any]) -> None:
         assert sum(c["usage"][k] for c in calls) == data["usage"][k]
 
 
-def test_default_best_of_n_is_a_confidence_vote(real_proxy: ProxyServer) -> None:
+def test_default_best_of_n_is_a_confidence_vote_with_programs(real_proxy: ProxyServer) -> None:
     data = _ask(real_proxy, {"name": "best_of_n", "n": 4})
     t = data["sharpen"]["trace"]
-    assert t["verifiers"] == ["confidence"]
-    assert [c["purpose"] for c in t["calls"]] == ["candidates"]  # no verifier calls at all
+    assert t["verifiers"] == ["confidence", "execution"]
+    # two program-aided candidates of the four, and no verifier calls at all
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 2), ("candidates:pal", 2)]
     for c in t["candidates"]:
         score = c["verdicts"]["confidence"]["score"]
         assert 0 < score <= 1 and math.isclose(score, math.exp(c["logprob"]), rel_tol=1e-6)
