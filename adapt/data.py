@@ -70,7 +70,8 @@ async def answer(upstream: UpstreamAPI, model: str, tenant: str, task: str, sett
     """The best verified answer to ``task`` from best_of_n, or None if the verifiers reject all."""
     body = {"model": model, "messages": [{"role": "user", "content": task}], "max_tokens": 384}
     req = ChatCompletionRequest.model_validate(body)
-    strat = BestOfN(BestOfNOptions(n=settings.bon_n, verifiers=settings.verifiers))
+    # prose candidates only: a kept example is a written answer the verifiers approved, not a program
+    strat = BestOfN(BestOfNOptions(n=settings.bon_n, verifiers=settings.verifiers, pal=0))
     try:
         result = await strat.run(req, _ctx(upstream, model, tenant, body))
     except SharpenError:
