@@ -33,13 +33,15 @@ class SandboxLimits:
 
 @dataclass
 class SandboxResult:
-    """What the code printed (tails, marked when cut), and how it ended."""
+    """What the code printed (tails, marked when cut), and how it ended; ``kill_s``: on a timeout,
+    the seconds from the kill to the last process of the tree gone."""
 
     stdout: str
     stderr: str
     returncode: int | None
     timed_out: bool = False
     output_exceeded: bool = False
+    kill_s: float | None = None
 
     @property
     def ok(self) -> bool:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 from strategies.sandbox import policy
 from strategies.sandbox.result import SandboxLimits, SandboxResult, SandboxUnavailable
@@ -102,6 +103,7 @@ async def _execute(code: str, limits: SandboxLimits) -> SandboxResult:
     tasks = [asyncio.create_task(feed(proc.stdin)), asyncio.create_task(drain(proc.stdout, out)),
              asyncio.create_task(drain(proc.stderr, err))]
     timed_out = False
+    killed_at: float | None = None
     try:
         try:
             async with asyncio.timeout(limits.wall_s):
@@ -109,6 +111,7 @@ async def _execute(code: str, limits: SandboxLimits) -> SandboxResult:
                 await proc.wait()
         except TimeoutError:
             timed_out = True
+            killed_at = time.monotonic()
             _kill(proc.pid)
         # after a kill every writer is gone, so the pipes end at once; bounded anyway
         async with asyncio.timeout(5):
@@ -124,11 +127,12 @@ async def _execute(code: str, limits: SandboxLimits) -> SandboxResult:
                 await _reap(proc.pid)
         raise
     await _reap(proc.pid)
+    kill_s = None if killed_at is None else time.monotonic() - killed_at
     rc = None if timed_out else proc.returncode
     if rc is not None and rc > 128:  # bubblewrap reports a child killed by signal N as 128 + N
         rc = -(rc - 128)
     return SandboxResult(out.text(limits.output_chars), err.text(limits.output_chars), rc, timed_out,
-                         exceeded and not timed_out)
+                         exceeded and not timed_out, kill_s)
 
 
 async def probe() -> None:
