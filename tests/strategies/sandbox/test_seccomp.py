@@ -4,6 +4,7 @@ and threads still work where processes are refused."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -81,3 +82,13 @@ async def test_allow_fork_lets_a_child_run() -> None:
             "os.waitpid(pid, 0)")
     r = await run_python(code, SandboxLimits(allow_fork=True))
     assert r.ok and r.stdout == "child\n", r
+
+
+async def test_a_syscall_through_the_x32_abi_is_killed() -> None:
+    """A denylist keyed on x86_64 numbers must not be bypassed with the x32 numbering."""
+    code = ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.syscall.restype = ctypes.c_long\n"
+            "print('before', flush=True)\n"
+            "print('returned', libc.syscall(ctypes.c_long(0x40000000 | 250), 0, -3, 0), flush=True)\n")
+    r = await run_python(code)
+    assert r.stdout == "before\n"
+    assert r.returncode == -signal.SIGSYS
