@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,21 +26,41 @@ router = APIRouter(prefix="/admin")
 _FIELDS = {"tenant", "task", "answer", "score", "kind", "insights", "workflow", "source"}
 
 
-def _memory(request: Request) -> Services:
+def _memory(request: Request, *, stats: bool = False) -> Services:
     s: Services = request.app.state.services
     s.auth.require_admin(request.headers.get("authorization"))
     if s.memory is None:
         raise ServiceUnavailable("Memory is not enabled on this server.", code="memory_disabled")
+    if s.memory.failure is not None and not stats:  # fail fast: the store will never be ready
+        raise ServiceUnavailable(f"Memory is unavailable: {s.memory.failure}.", code="memory_unavailable")
     return s
+
+
+@contextlib.contextmanager
+def _storage_faults() -> Iterator[None]:
+    """A database fault is a 503 that says so, never a 500."""
+    from memory.integrity import MemoryUnavailable
+
+    try:
+        yield
+    except (MemoryUnavailable, sqlite3.Error) as exc:
+        raise ServiceUnavailable(f"Memory is unavailable: {exc}.", code="memory_unavailable") from None
+
+
+async def _run(s: Services, fn: Any, *args: Any) -> Any:
+    """A store operation in the memory's write thread."""
+    assert s.memory is not None
+    with _storage_faults():
+        return await s.memory.run(fn, *args)
 
 
 @router.get("/memory/stats")
 async def memory_stats(request: Request) -> dict[str, Any]:
-    s = _memory(request)
+    s = _memory(request, stats=True)
     assert s.memory is not None
-    if not s.memory.ready:  # still opening (loading the embedder): say so instead of waiting
+    if not s.memory.ready:  # still opening, or failed to: say so instead of waiting
         return s.memory.stats()
-    stats: dict[str, Any] = await s.memory.run(s.memory.stats)
+    stats: dict[str, Any] = await _run(s, s.memory.stats)
     return stats
 
 
@@ -56,7 +78,7 @@ async def memory_list(request: Request, tenant: str | None = None, q: str | None
         return {"object": "list", "data": [{**h.experience.public(), "similarity": round(h.similarity, 4)}
                                            for h in hits]}
     assert s.memory.store is not None
-    rows = await s.memory.run(s.memory.store.list, tenant, limit, max(offset, 0))
+    rows = await _run(s, s.memory.store.list, tenant, limit, max(offset, 0))
     return {"object": "list", "data": [r.public() for r in rows]}
 
 
@@ -64,7 +86,7 @@ async def memory_list(request: Request, tenant: str | None = None, q: str | None
 async def memory_delete(request: Request, uid: str) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
-    if not await s.memory.run(s.memory.delete_ids, [uid]):
+    if not await _run(s, s.memory.delete_ids, [uid]):
         raise NotFound(f"No experience with id '{uid}'.", param="id")
     return {"id": uid, "deleted": True}
 
@@ -73,7 +95,7 @@ async def memory_delete(request: Request, uid: str) -> dict[str, Any]:
 async def memory_delete_tenant(request: Request, tenant: str) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
-    n = await s.memory.run(s.memory.delete_tenant, tenant)
+    n = await _run(s, s.memory.delete_tenant, tenant)
     return {"tenant": tenant, "deleted": n}
 
 
@@ -83,7 +105,7 @@ async def memory_export(request: Request, tenant: str | None = None) -> Response
     s = _memory(request)
     assert s.memory is not None and s.memory.store is not None
     store = s.memory.store
-    rows: list[Experience] = await s.memory.run(lambda: list(store.iter_all(tenant)))
+    rows: list[Experience] = await _run(s, lambda: list(store.iter_all(tenant)))
 
     async def lines() -> AsyncIterator[bytes]:
         for r in rows:
@@ -95,7 +117,9 @@ async def memory_export(request: Request, tenant: str | None = None) -> Response
 @router.post("/memory/import")
 async def memory_import(request: Request) -> dict[str, Any]:
     """JSONL of experiences (``tenant``, ``task``, ``answer``, ``score`` at least); returns once
-    every line is committed. A bad line rejects the whole import, naming its line number."""
+    every line is committed, all of them or none. A bad line rejects the whole import, naming its
+    line number; exact duplicates are skipped and reported (``duplicate_lines``)."""
+    from memory.importer import ImportRejected
     from memory.store import Experience
 
     s = _memory(request)
@@ -119,9 +143,13 @@ async def memory_import(request: Request) -> dict[str, Any]:
             raise InvalidRequest(f"line {n}: {exc}", param=f"line {n}") from None
         exp.source = exp.source or "import"
         exps.append(exp)
-    futs = [s.memory.remember(e) for e in exps]
-    stored = [await f for f in futs]
-    return {"imported": sum(1 for r in stored if r is not None), "dropped": sum(1 for r in stored if r is None)}
+    try:
+        with _storage_faults():
+            report = await s.memory.import_experiences(exps)
+    except ImportRejected as exc:
+        raise InvalidRequest(str(exc), param="tenant") from None
+    return {"imported": report.inserted + report.merged, "inserted": report.inserted, "merged": report.merged,
+            "duplicates": len(report.duplicates), "duplicate_lines": report.duplicates[:100]}
 
 
 # -- adaptation -----------------------------------------------------------------------------------
