@@ -22,6 +22,7 @@ from strategies.answers import majority
 from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.chat import votes
 from strategies.verifiers import Verdict, VerificationTask, Verifier, VerifierNames
+from strategies.verifiers.regex import InvalidPattern, compile_pattern
 
 DEFAULT_VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agreement"]
 
@@ -76,6 +77,11 @@ class BestOfN(Strategy[BestOfNOptions]):
                                  f"this server allows {caps.max_verifier_calls}.", param="strategy.verifiers")
         if "regex" in o.verifiers and not o.verifier_regex:
             raise InvalidRequest("the regex verifier needs 'verifier_regex'.", param="strategy.verifier_regex")
+        if o.verifier_regex:
+            try:
+                compile_pattern(o.verifier_regex)
+            except InvalidPattern as exc:
+                raise InvalidRequest(f"'verifier_regex': {exc}.", param="strategy.verifier_regex") from None
 
     def max_choices(self) -> int:
         return self.options.n
