@@ -8,12 +8,13 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
 from protocol.errors import InvalidRequest, NotFound, ServiceUnavailable
 from protocol.wire import parse_json, validate
+from server.redact import clip
 from server.services import Services
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/admin")
 
+_MAX_OFFSET = 2**62  # SQLite's OFFSET is a signed 64-bit integer: past it, a 400 and not an overflow
 _FIELDS = {"tenant", "task", "answer", "score", "kind", "insights", "workflow", "source"}
 
 
@@ -66,7 +68,7 @@ async def memory_stats(request: Request) -> dict[str, Any]:
 
 @router.get("/memory")
 async def memory_list(request: Request, tenant: str | None = None, q: str | None = None, limit: int = 50,
-                      offset: int = 0) -> dict[str, Any]:
+                      offset: int = Query(0, le=_MAX_OFFSET)) -> dict[str, Any]:
     """Lists a tenant's (or everyone's) experiences, newest first; with ``q``, searches a tenant's."""
     s = _memory(request)
     assert s.memory is not None
@@ -87,7 +89,7 @@ async def memory_delete(request: Request, uid: str) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
     if not await _run(s, s.memory.delete_ids, [uid]):
-        raise NotFound(f"No experience with id '{uid}'.", param="id")
+        raise NotFound(f"No experience with id '{clip(uid)}'.", param="id")
     return {"id": uid, "deleted": True}
 
 
@@ -215,13 +217,15 @@ async def adaptation_job(request: Request, job_id: str) -> dict[str, Any]:
     a = _adapt(request)
     job = a.jobs.get(job_id)
     if job is None:
-        raise NotFound(f"No adaptation job '{job_id}'.", param="id")
+        raise NotFound(f"No adaptation job '{clip(job_id)}'.", param="id")
     return {"object": "adaptation.job", **a.progress(job)}
 
 
 @router.post("/adaptation/jobs/{job_id}/cancel")
 async def adaptation_cancel(request: Request, job_id: str) -> dict[str, Any]:
     a = _adapt(request)
+    if a.jobs.get(job_id) is None:
+        raise NotFound(f"No adaptation job '{clip(job_id)}'.", param="id")
     await a.cancel(job_id)
     return {"id": job_id, "cancelling": True}
 
