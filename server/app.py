@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from protocol.errors import InvalidRequest, NotFound, SharpenError
 from server.admin import router as admin_router
+from server.limits import BodyLimit
 from server.redact import clip
 from server.responses import error_response
 from server.routes import router
@@ -51,12 +52,21 @@ class HotPath:
     def __init__(self, app: FastAPI, services: Services) -> None:
         self.app = app
         self.services = services
+        settings = services.settings
+        self.limit = BodyLimit(settings.max_body_bytes, settings.body_timeout_s)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        endpoint = _HOT_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.limit.declared_over(scope):  # refused before a byte of the body is read
+            await error_response(self.limit.too_large())(scope, receive, send)
+            return
+        endpoint = _HOT_ROUTES.get(scope.get("path", ""))
+        if endpoint is None or scope["method"] != "POST":
+            await self.app(scope, self.limit.wrap(receive), send)
+            return
+        receive = self.limit.wrap(receive, count=False)  # the proxy counts (and drains) its body itself
         request = Request(scope, receive)
         response: Response
         try:
