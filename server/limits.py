@@ -1,7 +1,8 @@
 """Bounds on what a client sends, for every route: a body over the limit is refused as soon as
 its declared length says so (before it is read), a body without a declared length is counted as
 it arrives, and a body that stops arriving is dropped after ``read_timeout_s`` between two
-chunks, so a slow or stalled client cannot hold a request (and its memory) open."""
+chunks, so a slow or stalled client cannot hold a request (and its memory) open. A client that
+leaves mid-upload is a ClientGone (a disconnect, logged as such), not a server error."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from protocol.errors import PayloadTooLarge, RequestTimeout
+from server.streaming import ClientGone
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -46,6 +48,8 @@ class BodyLimit:
                     message = await receive()
             except TimeoutError:
                 raise RequestTimeout(f"The request body did not arrive within {self.read_timeout_s:g} s.") from None
+            if message["type"] == "http.disconnect":  # the client left mid-upload: not a server error
+                raise ClientGone()
             if message["type"] != "http.request":
                 done = True
                 return message

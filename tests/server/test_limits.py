@@ -4,6 +4,7 @@ that stops arriving is dropped (408) instead of holding the request open."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -91,3 +92,19 @@ def test_streamed_answers_still_wait_for_the_client(served: ProxyServer, fake_up
         assert r.status_code == 200
         text = "".join(r.iter_text())
     assert text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize(("path", "key"), ROUTES)
+def test_a_client_leaving_mid_upload_is_not_a_server_error(served: ProxyServer, path: str, key: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"id\":").encode()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            s = _raw(served, head + b"x" * 1000)
+            time.sleep(0.05)
+            s.close()
+        time.sleep(0.5)
+        assert httpx.get(served.root + "/health", timeout=5).status_code == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
