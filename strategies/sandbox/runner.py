@@ -62,8 +62,9 @@ async def _reap(pid: int) -> None:
         await asyncio.sleep(0.01)
 
 
-async def _start(code: bytes, limits: SandboxLimits) -> asyncio.subprocess.Process:
-    cmd = await asyncio.to_thread(policy.build, limits)
+async def _start(limits: SandboxLimits) -> asyncio.subprocess.Process:
+    await asyncio.to_thread(policy.runtime_files)  # cached; ldd runs once per process, off the loop
+    cmd = policy.build(limits)  # fast, and holds descriptors: not in a thread a cancellation would orphan
     try:
         kw: dict[str, object] = {}
         if cmd.uid is not None:
@@ -79,8 +80,13 @@ async def _start(code: bytes, limits: SandboxLimits) -> asyncio.subprocess.Proce
         cmd.close()
 
 
-async def _execute(code: str, limits: SandboxLimits) -> SandboxResult:
-    proc = await _start(code.encode("utf-8", "replace"), limits)
+async def _execute(code: str, limits: SandboxLimits, deadline: float) -> SandboxResult:
+    """One run, ended at ``deadline`` (monotonic) at the latest, start-up included."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            proc = await _start(limits)
+    except TimeoutError:
+        return SandboxResult("", "", None, timed_out=True)
     assert proc.stdin and proc.stdout and proc.stderr
     keep = limits.output_chars * 4
     out, err = _Tail(keep), _Tail(keep)
@@ -106,7 +112,7 @@ async def _execute(code: str, limits: SandboxLimits) -> SandboxResult:
     killed_at: float | None = None
     try:
         try:
-            async with asyncio.timeout(limits.wall_s):
+            async with asyncio.timeout_at(deadline):
                 await asyncio.gather(*tasks)
                 await proc.wait()
         except TimeoutError:
@@ -141,7 +147,7 @@ async def probe() -> None:
     global _PROBE_OK
     if _PROBE_OK:
         return
-    r = await _execute("print('ok')", SandboxLimits(wall_s=30, cpu_s=10))
+    r = await _execute("print('ok')", SandboxLimits(cpu_s=10), time.monotonic() + 30)
     if r.stdout.strip() != "ok" or r.returncode != 0:
         raise SandboxUnavailable(f"the sandbox cannot start here: {(r.stderr or r.stdout).strip()[-300:]}")
     _PROBE_OK = True
@@ -149,6 +155,13 @@ async def probe() -> None:
 
 async def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     """Runs ``code`` in the sandbox and returns its output; never raises for the code's faults.
-    Raises SandboxUnavailable if the sandbox cannot be set up (the code is then not run)."""
-    await probe()
-    return await _execute(code, limits or SandboxLimits())
+    Raises SandboxUnavailable if the sandbox cannot be set up (the code is then not run). The
+    wall limit counts from this call: the one-time probe and the start-up are inside it."""
+    limits = limits or SandboxLimits()
+    deadline = time.monotonic() + limits.wall_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            await probe()
+    except TimeoutError:
+        return SandboxResult("", "", None, timed_out=True)
+    return await _execute(code, limits, deadline)
