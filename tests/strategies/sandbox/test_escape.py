@@ -176,7 +176,7 @@ def served(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) 
     yield make_proxy(fake_upstream.url, memory={"enabled": False})
 
 
-def _through_server(proxy: ProxyServer, fake: FakeUpstream, code: str, timeout_s: float = 5.0) -> str:
+def _through_server(proxy: ProxyServer, fake: FakeUpstream, code: str, timeout_s: float = 20.0) -> str:
     """Runs ``code`` as the tool of a critique_refine request; returns what the critic was shown."""
     answer = f"Let me check.\n```python\n{code}\n```\n"
     fake.script(lambda body, i: APPROVE if "Critique the proposed answer" in str(body["messages"][-1]["content"])
