@@ -51,10 +51,10 @@ def _kill(pid: int) -> None:
 
 
 async def _reap(pid: int) -> None:
-    """Kills what is left of the group and waits (up to a second) until it is gone, so nothing of
+    """Kills what is left of the group and waits (up to 5 s) until it is gone, so nothing of
     a run outlives ``run_python``: bubblewrap's init in the PID namespace exits just after the
     monitor the server waits for."""
-    for _ in range(100):
+    for _ in range(500):  # a loaded machine can take a while to tear a killed tree down
         try:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
