@@ -21,6 +21,10 @@ COPY strategies ./strategies
 COPY memory ./memory
 COPY adapt ./adapt
 COPY evals ./evals
+# bubblewrap for the code sandbox; it needs user namespaces (a container runtime's default seccomp
+# profile may deny them: tools are then refused, never run unconfined)
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --no-cache-dir . \
     && useradd --system --uid 10001 --home-dir /data --create-home sharpen
 

@@ -11,7 +11,7 @@ BACKEND ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(BACKEND)
 ARGS ?=
 
-.PHONY: serve test lint install bench clean
+.PHONY: serve test lint install system-deps bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,20 @@ ifeq ($(BACKEND),cpu)
 endif
 	touch $(STAMP)
 
-install: $(STAMP)
+# The code sandbox (critique_refine's tools, code checkers) needs bubblewrap and libseccomp;
+# without them tools are refused, never run unconfined. Idempotent: apt runs only when one is missing.
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+system-deps:
+	@command -v bwrap >/dev/null && /sbin/ldconfig -p | grep -q 'libseccomp\.so\.2' || { \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap libseccomp2; }
 
-serve: $(STAMP)
+install: system-deps $(STAMP)
+
+serve: system-deps $(STAMP)
 	$(BIN)/sharpen models prepare
 	$(BIN)/sharpen serve $(ARGS)
 
-lint: $(STAMP)
+lint: system-deps $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 

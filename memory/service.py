@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from memory.embedder import Embedder, make_embedder
+from memory.importer import ImportReport, import_batch
 from memory.index import IndexSet, TenantIndex
+from memory.integrity import MemoryUnavailable, repair
 from memory.store import Experience, ExperienceStore
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class MemoryService:
         self._tasks: list[asyncio.Task[None]] = []
         self._distilling: set[asyncio.Task[None]] = set()
         self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # ready, or failed to open
+        self.failure: str | None = None
+        self.lost: dict[str, dict[str, int]] = {}
         self.store: ExperienceStore | None = None
         self._reader: ExperienceStore | None = None
         self.indexes: IndexSet | None = None
@@ -90,11 +95,22 @@ class MemoryService:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._write_pool, self._open)
-        except Exception:
-            log.exception("memory failed to open; it stays off")
+        except Exception as exc:
+            self.failure = f"the memory database could not be opened ({type(exc).__name__}: {exc})"
+            log.error("memory failed to open; memory calls are refused: %s", self.failure, exc_info=True)
+            self._settled.set()
+            self._fail_queued()
             return
         self._ready.set()
+        self._settled.set()
         await self._write_loop()
+
+    def _fail_queued(self) -> None:
+        assert self._queue is not None
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            if not fut.done():
+                fut.set_exception(MemoryUnavailable(self.failure or "memory unavailable"))
 
     def _open(self) -> None:
         d = self.config.directory
@@ -106,35 +122,20 @@ class MemoryService:
         # only passes requests through never pays for it.
 
     def _repair(self) -> None:
-        """Makes every tenant's index agree with SQLite, rebuilding those that do not."""
         assert self.store is not None and self.indexes is not None
-        truth = self.store.tenants()
-        manifest = self.indexes.read_manifest()
-        for tenant, (count, max_id) in truth.items():
-            entry = manifest.get(tenant)
-            idx = self.indexes.load(tenant, entry) if entry else None
-            # Ids only grow (AUTOINCREMENT), so an index holding no row newer than SQLite's newest
-            # and as many rows as SQLite holds the same rows; its max_id may be higher (the newest
-            # rows were deleted since), which is no reason to rebuild.
-            if idx is None or idx.size != count or idx.max_id < max_id:
-                ids, vecs = self.store.vectors(tenant)
-                self.indexes.get(tenant).rebuild(ids, vecs)
-                self.indexes.dirty.add(tenant)
-                self.repaired.append(tenant)
-        for tenant in set(manifest) - set(truth):
-            self.indexes.drop(tenant)
-        if self.indexes.dirty:
-            self.indexes.persist()
-        if self.repaired:
-            log.warning("memory index rebuilt from SQLite for %d tenant(s)", len(self.repaired))
+        self.lost, self.repaired = repair(self.store, self.indexes)
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
-        async with asyncio.timeout(timeout):
-            await self._ready.wait()
+        """Waits until the store is open; raises MemoryUnavailable at once if it failed to."""
+        if self.failure is None:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        if self.failure is not None:
+            raise MemoryUnavailable(self.failure)
 
     async def flush(self) -> None:
         """Waits until everything queued so far is committed (tests, shutdown)."""
@@ -170,6 +171,9 @@ class MemoryService:
         """Queues ``exp``; the future resolves to the stored row once committed (None if it was
         dropped because the queue is full). Never blocks."""
         fut: asyncio.Future[Experience | None] = asyncio.get_running_loop().create_future()
+        if self.failure is not None:
+            fut.set_exception(MemoryUnavailable(self.failure))
+            return fut
         exp.task = exp.task[: self.config.max_text_chars]
         exp.answer = exp.answer[: self.config.max_text_chars]
         assert self._queue is not None, "memory not started"
@@ -335,6 +339,26 @@ class MemoryService:
         await self.wait_ready()
         return await asyncio.get_running_loop().run_in_executor(self._write_pool, fn, *args)
 
+    async def import_experiences(self, items: list[Experience]) -> ImportReport:
+        """Writes ``items`` all or none (see memory.importer); returns once committed."""
+        for e in items:
+            e.task, e.answer = e.task[: self.config.max_text_chars], e.answer[: self.config.max_text_chars]
+        report: ImportReport = await self.run(self._import, items)
+        return report
+
+    def _import(self, items: list[Experience]) -> ImportReport:
+        assert self.store is not None and self.indexes is not None
+        if not items:
+            return ImportReport()
+        vecs = self.embedder.embed([e.task for e in items])
+        report = import_batch(self.store, self.indexes, self._lock, items, vecs,
+                              dedup_similarity=self.config.dedup_similarity,
+                              max_entries=self.config.max_entries_per_tenant)
+        for tenant in {e.tenant for e in items}:
+            self._maybe_rebuild(tenant)
+        self._persist()
+        return report
+
     def delete_ids(self, uids: list[str]) -> int:
         assert self.store is not None and self.indexes is not None
         n = 0
@@ -347,6 +371,8 @@ class MemoryService:
                 self.indexes.get(row.tenant).remove([row.id])
             self.indexes.dirty.add(row.tenant)
             self._maybe_rebuild(row.tenant)
+        if n:
+            self._persist()  # the manifest's counts stay a floor for the loss check at start
         return n
 
     def delete_tenant(self, tenant: str) -> int:
@@ -354,9 +380,12 @@ class MemoryService:
         ids = self.store.delete_tenant(tenant)
         with self._lock:
             self.indexes.drop(tenant)
+        self._persist()
         return len(ids)
 
     def stats(self) -> dict[str, Any]:
+        if self.failure is not None:
+            return {"ready": False, "error": self.failure}
         if not self.ready or self.store is None or self.indexes is None:
             return {"ready": False}
         with self._lock:
@@ -364,4 +393,4 @@ class MemoryService:
         return {"ready": True, "entries": self.store.count(), "tenants": {t: c for t, (c, _) in
                                                                            self.store.tenants().items()},
                 "index": index, "queued": self._queue.qsize() if self._queue else 0, "dropped": self.dropped,
-                "repaired_at_start": self.repaired, "embedder": self.embedder.name}
+                "repaired_at_start": self.repaired, "lost_at_start": self.lost, "embedder": self.embedder.name}

@@ -7,6 +7,7 @@ Not thread-safe by itself: the memory service uses it from one worker thread onl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 import time
@@ -95,32 +96,41 @@ class ExperienceStore:
     def insert(self, items: list[tuple[Experience, Vectors]]) -> list[Experience]:
         """Inserts in one transaction; an exact duplicate (same tenant, task and answer) updates
         the existing row's score and use time instead. Returns the rows as stored."""
-        out: list[Experience] = []
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
+        with self.transaction():
+            return [self.insert_one(exp, vec) for exp, vec in items]
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One write transaction: everything inside commits together or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
         try:
-            for exp, vec in items:
-                digest = exp.digest()
-                row = cur.execute("SELECT " + _COLS + " FROM experiences WHERE tenant=? AND digest=?",
-                                  (exp.tenant, digest)).fetchone()
-                if row is not None:
-                    cur.execute("UPDATE experiences SET score=MAX(score, ?), last_used=? WHERE id=?",
-                                (exp.score, time.time(), row["id"]))
-                    out.append(_row(row))
-                    continue
-                cur.execute(
-                    "INSERT INTO experiences (uid, tenant, task, answer, score, kind, insights, workflow, source, "
-                    "digest, vector, created, last_used, uses) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (exp.uid, exp.tenant, exp.task, exp.answer, exp.score, exp.kind, exp.insights, exp.workflow,
-                     exp.source, digest, np.asarray(vec, dtype=np.float32).tobytes(), exp.created, exp.last_used,
-                     exp.uses))
-                exp.id = cur.lastrowid
-                out.append(exp)
-            cur.execute("COMMIT")
+            yield
         except BaseException:
-            cur.execute("ROLLBACK")
+            self.db.execute("ROLLBACK")
             raise
-        return out
+        self.db.execute("COMMIT")
+
+    def insert_one(self, exp: Experience, vec: Vectors) -> Experience:
+        """Inserts one row (or updates its exact duplicate); call inside ``transaction()``."""
+        digest = exp.digest()
+        row = self.db.execute("SELECT " + _COLS + " FROM experiences WHERE tenant=? AND digest=?",
+                              (exp.tenant, digest)).fetchone()
+        if row is not None:
+            self.db.execute("UPDATE experiences SET score=MAX(score, ?), last_used=? WHERE id=?",
+                            (exp.score, time.time(), row["id"]))
+            return _row(row)
+        cur = self.db.execute(
+            "INSERT INTO experiences (uid, tenant, task, answer, score, kind, insights, workflow, source, "
+            "digest, vector, created, last_used, uses) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (exp.uid, exp.tenant, exp.task, exp.answer, exp.score, exp.kind, exp.insights, exp.workflow,
+             exp.source, digest, np.asarray(vec, dtype=np.float32).tobytes(), exp.created, exp.last_used,
+             exp.uses))
+        exp.id = cur.lastrowid
+        return exp
+
+    def has_digest(self, tenant: str, digest: str) -> bool:
+        return self.db.execute("SELECT 1 FROM experiences WHERE tenant=? AND digest=?",
+                               (tenant, digest)).fetchone() is not None
 
     def merge(self, id_: int, exp: Experience) -> Experience | None:
         """Folds ``exp`` into the existing row ``id_`` (a near-duplicate task): a better score

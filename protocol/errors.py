@@ -109,6 +109,14 @@ class PayloadTooLarge(SharpenError):
     default_code = "request_too_large"
 
 
+class RequestTimeout(SharpenError):
+    """The client did not send its request body in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    default_code = "request_timeout"
+
+
 class RateLimited(SharpenError):
     status = 429
     type = "rate_limit_error"

@@ -36,17 +36,19 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
 
 
 class _Sampling(BaseModel):
-    """The sampling fields both endpoints share and sharpen reads."""
+    """The sampling fields both endpoints share and sharpen reads. Strict: the body is forwarded
+    as sent, so a value sharpen would coerce (``"n": "2"``, ``"stream": "yes"``) would reach the
+    upstream as the string it was; it is refused instead."""
 
     model_config = ConfigDict(extra="allow")
 
-    model: str | None = None
-    stream: bool = False
-    n: int | None = Field(default=None, ge=1, le=256)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    model: str | None = Field(default=None, strict=True)
+    stream: bool = Field(default=False, strict=True)
+    n: int | None = Field(default=None, ge=1, le=256, strict=True)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
+    top_p: float | None = Field(default=None, gt=0, le=1, strict=True)
+    seed: int | None = Field(default=None, strict=True)
     stop: str | list[str] | None = None
     stream_options: dict[str, Any] | None = None
 
@@ -55,13 +57,13 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     response_format: dict[str, Any] | None = None
     # sharpen's own
     strategy: str | dict[str, Any] | None = None
-    trace: bool = False
+    trace: bool = Field(default=False, strict=True)
     memory: bool | dict[str, Any] | None = None
 
 
@@ -69,7 +71,7 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     strategy: str | dict[str, Any] | None = None
 
 
@@ -91,10 +93,30 @@ def first_problem(exc: ValidationError) -> tuple[str, str, str]:
     return ".".join(str(p) for p in err["loc"]), str(err["msg"]), str(err["type"])
 
 
+# Deeper bodies are refused: the JSON parser takes 1,024 levels but the encoder that forwards
+# a body upstream only 254, and nothing in the OpenAI API nests more than a few levels.
+MAX_DEPTH = 64
+
+
+def too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and objects more than ``limit`` levels (iteratively: a deep
+    body must not exhaust the stack here either)."""
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        o, depth = stack.pop()
+        children = o.values() if isinstance(o, dict) else o
+        if depth > limit:
+            return True
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
 def validate(model: type[M], body: Any) -> M:
     """Validates ``body`` against ``model``; the first problem becomes a 400 naming its field."""
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    if too_deep(body):
+        raise InvalidRequest(f"The request body nests deeper than {MAX_DEPTH} levels.")
     try:
         return model.model_validate(body)
     except ValidationError as exc:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response, StreamingResponse
 
 from protocol.errors import InvalidRequest, NotFound, ServiceUnavailable
 from protocol.wire import parse_json, validate
+from server.redact import clip
 from server.services import Services
 
 if TYPE_CHECKING:
@@ -21,30 +24,51 @@ if TYPE_CHECKING:
 
 router = APIRouter(prefix="/admin")
 
+_MAX_OFFSET = 2**62  # SQLite's OFFSET is a signed 64-bit integer: past it, a 400 and not an overflow
 _FIELDS = {"tenant", "task", "answer", "score", "kind", "insights", "workflow", "source"}
 
 
-def _memory(request: Request) -> Services:
+def _memory(request: Request, *, stats: bool = False) -> Services:
     s: Services = request.app.state.services
     s.auth.require_admin(request.headers.get("authorization"))
     if s.memory is None:
         raise ServiceUnavailable("Memory is not enabled on this server.", code="memory_disabled")
+    if s.memory.failure is not None and not stats:  # fail fast: the store will never be ready
+        raise ServiceUnavailable(f"Memory is unavailable: {s.memory.failure}.", code="memory_unavailable")
     return s
+
+
+@contextlib.contextmanager
+def _storage_faults() -> Iterator[None]:
+    """A database fault is a 503 that says so, never a 500."""
+    from memory.integrity import MemoryUnavailable
+
+    try:
+        yield
+    except (MemoryUnavailable, sqlite3.Error) as exc:
+        raise ServiceUnavailable(f"Memory is unavailable: {exc}.", code="memory_unavailable") from None
+
+
+async def _run(s: Services, fn: Any, *args: Any) -> Any:
+    """A store operation in the memory's write thread."""
+    assert s.memory is not None
+    with _storage_faults():
+        return await s.memory.run(fn, *args)
 
 
 @router.get("/memory/stats")
 async def memory_stats(request: Request) -> dict[str, Any]:
-    s = _memory(request)
+    s = _memory(request, stats=True)
     assert s.memory is not None
-    if not s.memory.ready:  # still opening (loading the embedder): say so instead of waiting
+    if not s.memory.ready:  # still opening, or failed to: say so instead of waiting
         return s.memory.stats()
-    stats: dict[str, Any] = await s.memory.run(s.memory.stats)
+    stats: dict[str, Any] = await _run(s, s.memory.stats)
     return stats
 
 
 @router.get("/memory")
 async def memory_list(request: Request, tenant: str | None = None, q: str | None = None, limit: int = 50,
-                      offset: int = 0) -> dict[str, Any]:
+                      offset: int = Query(0, le=_MAX_OFFSET)) -> dict[str, Any]:
     """Lists a tenant's (or everyone's) experiences, newest first; with ``q``, searches a tenant's."""
     s = _memory(request)
     assert s.memory is not None
@@ -56,7 +80,7 @@ async def memory_list(request: Request, tenant: str | None = None, q: str | None
         return {"object": "list", "data": [{**h.experience.public(), "similarity": round(h.similarity, 4)}
                                            for h in hits]}
     assert s.memory.store is not None
-    rows = await s.memory.run(s.memory.store.list, tenant, limit, max(offset, 0))
+    rows = await _run(s, s.memory.store.list, tenant, limit, max(offset, 0))
     return {"object": "list", "data": [r.public() for r in rows]}
 
 
@@ -64,8 +88,8 @@ async def memory_list(request: Request, tenant: str | None = None, q: str | None
 async def memory_delete(request: Request, uid: str) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
-    if not await s.memory.run(s.memory.delete_ids, [uid]):
-        raise NotFound(f"No experience with id '{uid}'.", param="id")
+    if not await _run(s, s.memory.delete_ids, [uid]):
+        raise NotFound(f"No experience with id '{clip(uid)}'.", param="id")
     return {"id": uid, "deleted": True}
 
 
@@ -73,7 +97,7 @@ async def memory_delete(request: Request, uid: str) -> dict[str, Any]:
 async def memory_delete_tenant(request: Request, tenant: str) -> dict[str, Any]:
     s = _memory(request)
     assert s.memory is not None
-    n = await s.memory.run(s.memory.delete_tenant, tenant)
+    n = await _run(s, s.memory.delete_tenant, tenant)
     return {"tenant": tenant, "deleted": n}
 
 
@@ -83,7 +107,7 @@ async def memory_export(request: Request, tenant: str | None = None) -> Response
     s = _memory(request)
     assert s.memory is not None and s.memory.store is not None
     store = s.memory.store
-    rows: list[Experience] = await s.memory.run(lambda: list(store.iter_all(tenant)))
+    rows: list[Experience] = await _run(s, lambda: list(store.iter_all(tenant)))
 
     async def lines() -> AsyncIterator[bytes]:
         for r in rows:
@@ -95,7 +119,9 @@ async def memory_export(request: Request, tenant: str | None = None) -> Response
 @router.post("/memory/import")
 async def memory_import(request: Request) -> dict[str, Any]:
     """JSONL of experiences (``tenant``, ``task``, ``answer``, ``score`` at least); returns once
-    every line is committed. A bad line rejects the whole import, naming its line number."""
+    every line is committed, all of them or none. A bad line rejects the whole import, naming its
+    line number; exact duplicates are skipped and reported (``duplicate_lines``)."""
+    from memory.importer import ImportRejected
     from memory.store import Experience
 
     s = _memory(request)
@@ -119,9 +145,13 @@ async def memory_import(request: Request) -> dict[str, Any]:
             raise InvalidRequest(f"line {n}: {exc}", param=f"line {n}") from None
         exp.source = exp.source or "import"
         exps.append(exp)
-    futs = [s.memory.remember(e) for e in exps]
-    stored = [await f for f in futs]
-    return {"imported": sum(1 for r in stored if r is not None), "dropped": sum(1 for r in stored if r is None)}
+    try:
+        with _storage_faults():
+            report = await s.memory.import_experiences(exps)
+    except ImportRejected as exc:
+        raise InvalidRequest(str(exc), param="tenant") from None
+    return {"imported": report.inserted + report.merged, "inserted": report.inserted, "merged": report.merged,
+            "duplicates": len(report.duplicates), "duplicate_lines": report.duplicates[:100]}
 
 
 # -- adaptation -----------------------------------------------------------------------------------
@@ -187,13 +217,15 @@ async def adaptation_job(request: Request, job_id: str) -> dict[str, Any]:
     a = _adapt(request)
     job = a.jobs.get(job_id)
     if job is None:
-        raise NotFound(f"No adaptation job '{job_id}'.", param="id")
+        raise NotFound(f"No adaptation job '{clip(job_id)}'.", param="id")
     return {"object": "adaptation.job", **a.progress(job)}
 
 
 @router.post("/adaptation/jobs/{job_id}/cancel")
 async def adaptation_cancel(request: Request, job_id: str) -> dict[str, Any]:
     a = _adapt(request)
+    if a.jobs.get(job_id) is None:
+        raise NotFound(f"No adaptation job '{clip(job_id)}'.", param="id")
     await a.cancel(job_id)
     return {"id": job_id, "cancelling": True}
 

@@ -9,11 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from protocol.errors import InvalidRequest, NotFound, SharpenError
 from server.admin import router as admin_router
+from server.limits import BodyLimit
+from server.redact import clip
 from server.responses import error_response
 from server.routes import router
 from server.services import Services
@@ -49,12 +52,21 @@ class HotPath:
     def __init__(self, app: FastAPI, services: Services) -> None:
         self.app = app
         self.services = services
+        settings = services.settings
+        self.limit = BodyLimit(settings.max_body_bytes, settings.body_timeout_s)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        endpoint = _HOT_ROUTES.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.limit.declared_over(scope):  # refused before a byte of the body is read
+            await error_response(self.limit.too_large())(scope, receive, send)
+            return
+        endpoint = _HOT_ROUTES.get(scope.get("path", ""))
+        if endpoint is None or scope["method"] != "POST":
+            await self.app(scope, self.limit.wrap(receive), send)
+            return
+        receive = self.limit.wrap(receive, count=False)  # the proxy counts (and drains) its body itself
         request = Request(scope, receive)
         response: Response
         try:
@@ -122,7 +134,7 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         err: SharpenError
         if exc.status_code == 404:
-            err = NotFound(f"Unknown route {request.method} {request.url.path}.")
+            err = NotFound(f"Unknown route {request.method} {clip(request.url.path, 200)}.")
         else:
             err = InvalidRequest(str(exc.detail))
         resp = error_response(err)
@@ -130,6 +142,15 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
         if exc.headers:
             resp.headers.update(exc.headers)  # e.g. the Allow header a 405 must carry
         return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_params(request: Request, exc: RequestValidationError) -> Response:
+        """FastAPI's own validation (query and path parameters) in the OpenAI shape, not its 422."""
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ())]
+        param = ".".join(loc[1:] if loc and loc[0] in ("query", "path", "body", "header") else loc) or None
+        return error_response(InvalidRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}.",
+                                             param=param))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

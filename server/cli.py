@@ -63,6 +63,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
+    from server.connection import with_head_timeout
 
     backend = None
     if not settings.upstream.url:
@@ -82,7 +83,7 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http="httptools",
+        http=with_head_timeout(settings.header_timeout_s),
         log_level=settings.log_level,
         access_log=False,
         proxy_headers=False,

@@ -15,10 +15,12 @@ import re
 from collections import OrderedDict
 from typing import Any
 
+from memory.integrity import MemoryUnavailable
 from memory.service import MemoryService
 from memory.store import Experience
-from protocol.errors import NotFound, SharpenError
+from protocol.errors import NotFound, ServiceUnavailable, SharpenError
 from protocol.events import EventBus, RequestEvent
+from server.redact import clip
 from server.replay import task_of
 from server.settings import MemorySettings
 from server.upstream import Upstream
@@ -137,10 +139,15 @@ class ExperienceRecorder:
         """Stores the answer ``response_id`` with an explicit score; returns once committed."""
         recent = self._recent.get(response_id)
         if recent is None or recent[0] != tenant:  # another tenant's id is as unknown as a missing one
-            raise NotFound(f"No recent response with id '{response_id}'.", param="id", code="response_not_found")
+            raise NotFound(f"No recent response with id '{clip(response_id)}'.", param="id",
+                           code="response_not_found")
         _, task, answer, model = recent
         kind = "success" if score >= self.settings.success_threshold else "pitfall"
-        row = await self._remember(tenant, task, answer, model, score, kind, "feedback")
+        try:
+            row = await self._remember(tenant, task, answer, model, score, kind, "feedback")
+        except MemoryUnavailable:
+            raise ServiceUnavailable("The experience memory is unavailable on this server; try again later.",
+                                     code="memory_unavailable") from None
         if row is None:
             raise SharpenError("The memory write queue is full; try again shortly.")
         return row

@@ -12,12 +12,17 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 
 
 class Metrics:
-    """sharpen's own metrics; vLLM's stay on the upstream's /metrics."""
+    """sharpen's own metrics; vLLM's stay on the upstream's /metrics.
+
+    Two registries: ``registry`` for what any key may read, ``admin_registry`` for series
+    labelled with a tenant's model or adapter name (another tenant's adapter names and token
+    counts are that tenant's business), rendered only for the admin."""
 
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.admin_registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter("sharpen_requests", "Requests answered", ["endpoint", "strategy", "status"], registry=r)
         self.latency = Histogram("sharpen_request_duration_seconds", "Whole request latency",
@@ -26,27 +31,30 @@ class Metrics:
                                   ["endpoint"], buckets=_OVERHEAD_BUCKETS, registry=r)
         self.in_flight = Gauge("sharpen_requests_in_flight", "Requests being answered", registry=r)
         self.upstream_errors = Counter("sharpen_upstream_errors", "Failed upstream interactions", ["kind"], registry=r)
-        self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["model", "kind"], registry=r)
+        self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["kind"], registry=r)
+        self.model_tokens = Counter("sharpen_model_tokens", "Tokens spent upstream, by model or adapter (admin only)",
+                                    ["model", "kind"], registry=self.admin_registry)
         self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"], registry=r)
         self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer", registry=r)
         self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                                      registry=r)
         self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers", registry=r)
-        self.adapt_cycles = Counter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"], registry=r)
+        a = self.admin_registry  # labelled by tenant: the admin's to read
+        self.adapt_cycles = Counter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"], registry=a)
         self.adapt_accuracy = Gauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
                                     "measure: greedy_before, greedy_after, vote_before)",
-                                    ["tenant", "split", "measure"], registry=r)
+                                    ["tenant", "split", "measure"], registry=a)
         self.adapt_phase = Gauge("sharpen_adapt_phase_seconds", "Last cycle's seconds per phase", ["tenant", "phase"],
-                                 registry=r)
+                                 registry=a)
         self.adapt_labels = Gauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
-                                  "reason)", ["tenant", "outcome"], registry=r)
+                                  "reason)", ["tenant", "outcome"], registry=a)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
-        if prompt:
-            self.tokens.labels(model, "prompt").inc(prompt)
-        if completion:
-            self.tokens.labels(model, "completion").inc(completion)
+        for kind, n in (("prompt", prompt), ("completion", completion)):
+            if n:
+                self.tokens.labels(kind).inc(n)
+                self.model_tokens.labels(model, kind).inc(n)
 
     def record_cycle(self, tenant: str, status: str, report: dict[str, Any]) -> None:
         """An adaptation cycle's figures (``adapt.job.Job.report``)."""
@@ -64,5 +72,7 @@ class Metrics:
             for reason, n in (lab.get("skipped") or {}).items():
                 self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, admin: bool = False) -> bytes:
+        """The exposition; the per-model series only for the admin."""
+        public = generate_latest(self.registry)
+        return public + generate_latest(self.admin_registry) if admin else public

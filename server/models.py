@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from protocol.errors import ModelNotFound, SharpenError, UpstreamError
+from server.redact import clip
 from server.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ModelRegistry:
                 raise UpstreamError(f"The upstream's models could not be listed: {self._failure.message}")
             if name is None:
                 raise ModelNotFound("The upstream serves no model yet.", param="model")
-            raise ModelNotFound(f"The model '{name}' does not exist.", param="model")
+            raise ModelNotFound(f"The model '{clip(name)}' does not exist.", param="model")
         return found
 
     def cards(self) -> list[dict[str, Any]]:

@@ -34,6 +34,7 @@ from server import render
 from server.auth import Principal
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.redact import clip
 from server.replay import Replay
 from server.routing import Routing
 from server.settings import Settings
@@ -182,7 +183,7 @@ class ProxyService:
         upstream_model = await self.models.resolve(model_name)
         if self.adapt is not None and not self.adapt.visible(principal.tenant, upstream_model):
             # Another tenant's adapter is as unknown to this tenant as a missing model.
-            raise ModelNotFound(f"The model '{model_name}' does not exist.", param="model")
+            raise ModelNotFound(f"The model '{clip(str(model_name))}' does not exist.", param="model")
         fwd = {k: v for k, v in body.items() if k not in SHARPEN_FIELDS} if _has_own(body) else body
         fwd["model"] = upstream_model
         budget, deadline = strategy.budget(self._caps)

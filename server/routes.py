@@ -10,6 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from protocol.errors import InvalidRequest
 from protocol.wire import parse_json, validate
+from server.redact import redact_url
 from server.services import Services
 
 router = APIRouter()
@@ -37,15 +38,15 @@ async def ready(request: Request) -> Response:
     s = _services(request)
     s.authenticate(request)
     ok = await s.upstream_ready()
-    body = {"status": "ready" if ok else "waiting for upstream", "upstream": s.upstream.base_url}
+    body = {"status": "ready" if ok else "waiting for upstream", "upstream": redact_url(s.upstream.base_url)}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     s = _services(request)
-    s.authenticate(request)
-    return Response(s.metrics.render(), media_type=s.metrics.content_type)
+    principal = s.authenticate(request)
+    return Response(s.metrics.render(admin=principal.admin), media_type=s.metrics.content_type)
 
 
 @router.get("/v1/models")

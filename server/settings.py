@@ -155,7 +155,9 @@ class Settings(BaseSettings):
     api_keys: dict[str, str] = Field(default_factory=dict)
     admin_key: str | None = None
 
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # every route; a larger declared length is refused unread
+    body_timeout_s: float = Field(default=30.0, gt=0)  # most seconds between two chunks of a request body
+    header_timeout_s: float = Field(default=10.0, gt=0)  # most seconds for a request's head to arrive
     max_concurrency: int = 4096  # in-flight requests; more get 429
     log_level: str = "info"
 

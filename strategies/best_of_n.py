@@ -24,6 +24,7 @@ from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyConte
 from strategies.chat import votes
 from strategies.selection import WeightedVote
 from strategies.verifiers import Verdict, VerificationTask, Verifier, VerifierNames
+from strategies.verifiers.regex import InvalidPattern, compile_pattern
 
 # Defaults measured on the default model (loadtest/selection_bench.py, README "Selection"): 2 of
 # the 8 candidates program-aided, their executed answers raising the prose answers they agree
@@ -102,6 +103,11 @@ class BestOfN(Strategy[BestOfNOptions]):
                                  "the n.", param="strategy.pal")
         if "regex" in o.chosen_verifiers() and not o.verifier_regex:
             raise InvalidRequest("the regex verifier needs 'verifier_regex'.", param="strategy.verifier_regex")
+        if o.verifier_regex:
+            try:
+                compile_pattern(o.verifier_regex)
+            except InvalidPattern as exc:
+                raise InvalidRequest(f"'verifier_regex': {exc}.", param="strategy.verifier_regex") from None
 
     def max_choices(self) -> int:
         return self.options.n

@@ -20,7 +20,7 @@ from strategies import sampling, selection
 from strategies.answers import normalize
 from strategies.base import AnyRequest, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.chat import completion, first_text, question
-from strategies.sandbox import SandboxLimits, extract_code, run_python
+from strategies.sandbox import SandboxLimits, SandboxUnavailable, extract_code, run_python
 from strategies.verifiers.aspect import parse_verdict
 
 _CHECK_ITEM = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+?)\s*$")
@@ -102,8 +102,11 @@ class CritiqueRefine(Strategy[CritiqueRefineOptions]):
             return None
         # The tool's time comes out of the request's deadline too.
         wall = min(self.options.tool_timeout_s, max(ctx.remaining(), 0.05))
-        result = await run_python(code, SandboxLimits(wall_s=wall,
-                                                      cpu_s=max(1, int(self.options.tool_timeout_s))))
+        try:
+            result = await run_python(code, SandboxLimits(wall_s=wall,
+                                                          cpu_s=max(1, int(self.options.tool_timeout_s))))
+        except SandboxUnavailable as e:  # the tool abstains: never run with less isolation
+            return f"The code was not run: code execution is unavailable on this server ({e})."
         return result.summary()
 
     async def _critique(self, question: str, answer: str, checklist: list[str], tool: str | None, model: str,

@@ -12,6 +12,7 @@ import uvicorn
 from server import cli
 from server.app import HotPath
 from server.backend.weights import PACKAGED
+from server.connection import HeadDeadlineProtocol
 from server.transport import AiohttpTransport, HttpxTransport
 
 
@@ -65,6 +66,7 @@ def test_loopback_bind_without_keys_serves(host: str, served: list[dict[str, Any
     assert call["host"] == host and call["port"] == 8123
     assert isinstance(call["app"], HotPath)
     assert call["app"].services.upstream.base_url == "http://127.0.0.1:9/v1"
+    assert issubclass(call["http"], HeadDeadlineProtocol) and call["http"].head_timeout_s == 10.0
 
 
 def test_public_bind_with_insecure_serves(served: list[dict[str, Any]]) -> None:

@@ -324,7 +324,7 @@ def test_admin_stats_list_search_delete(fake_upstream: FakeUpstream, start: Call
             for i, t in enumerate(tasks)]
     rows.append({"tenant": "tenant-b", "task": tasks[0], "answer": "b's answer", "score": 0.7, "kind": "pitfall",
                  "insights": "ins", "workflow": "wf"})
-    assert import_lines(p, rows) == {"imported": 4, "dropped": 0}
+    assert import_lines(p, rows) == {"imported": 4, "inserted": 4, "merged": 0, "duplicates": 0, "duplicate_lines": []}
 
     stats = httpx.get(p.root + "/admin/memory/stats", headers=ADMIN).json()
     assert stats["ready"] and stats["entries"] == 4 and stats["tenants"] == {"tenant-a": 3, "tenant-b": 1}
@@ -390,7 +390,8 @@ def test_export_then_import_into_a_fresh_server(start: Callable[..., ProxyServer
 
     fresh = start(data_dir=tmp_path / "fresh")
     assert entries(fresh) == []
-    assert import_lines(fresh, lines) == {"imported": 21, "dropped": 0}
+    out = import_lines(fresh, lines)
+    assert out == {"imported": 21, "inserted": 21, "merged": 0, "duplicates": 0, "duplicate_lines": []}
     keep = ("tenant", "task", "answer", "score", "kind", "insights", "workflow")
 
     def content(px: ProxyServer) -> list[tuple[Any, ...]]:

@@ -274,8 +274,11 @@ def test_metrics_count_requests_and_tokens(fake_upstream: FakeUpstream, proxy: P
     assert chat_200() == 2
     assert m[("sharpen_requests_total", (("endpoint", "/completions"), ("status", "200"),
                                          ("strategy", "passthrough")))] == 1
-    assert m[("sharpen_tokens_total", (("kind", "prompt"), ("model", "fake")))] == spent["prompt_tokens"]
-    assert m[("sharpen_tokens_total", (("kind", "completion"), ("model", "fake")))] == spent["completion_tokens"]
+    assert m[("sharpen_tokens_total", (("kind", "prompt"),))] == spent["prompt_tokens"]
+    assert m[("sharpen_tokens_total", (("kind", "completion"),))] == spent["completion_tokens"]
+    # per model: admin only (here, with no keys, everyone is the admin)
+    assert m[("sharpen_model_tokens_total", (("kind", "prompt"), ("model", "fake")))] == spent["prompt_tokens"]
+    assert m[("sharpen_model_tokens_total", (("kind", "completion"), ("model", "fake")))] == spent["completion_tokens"]
     assert m[("sharpen_requests_in_flight", ())] == 0
     assert m[("sharpen_upstream_calls_total", (("purpose", "answer"),))] == 3
     assert m[("sharpen_request_duration_seconds_count", (("endpoint", "/chat/completions"),

@@ -6,10 +6,12 @@ requests (recognised by the verifier system prompt) with whatever verdict a test
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -290,6 +292,36 @@ def test_regex_verifier(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None
     resp = ask(proxy, {"n": 4, "verifiers": ["regex"], "verifier_regex": r"is \d\d\."})
     assert content(resp) == "Path 3. The answer is 12."
     assert fake_upstream.completion_calls() and not verifier_calls(fake_upstream)
+
+
+@pytest.mark.parametrize("pattern", ["((", "a{2,1}", "(?<=x)y", "x" * 3000])
+def test_a_pattern_re2_refuses_is_a_400(proxy: ProxyServer, pattern: str) -> None:
+    body = {"model": "fake", "messages": MESSAGES,
+            "strategy": {"name": "best_of_n", "n": 2, "verifiers": ["regex"], "verifier_regex": pattern}}
+    r = httpx.post(proxy.url + "/chat/completions", json=body, timeout=10)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "strategy.verifier_regex" and err["type"] == "invalid_request_error"
+
+
+def test_a_catastrophic_regex_does_not_stop_the_server(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    """``^(\\w+\\s?)*$`` backtracks exponentially in Python's ``re`` on words ending in a non-word
+    character: 2^60 steps here, which would hold the event loop (and every tenant) for good. The
+    check is on completion, not time: while the request matches, another request and /health
+    are answered, and the request itself finishes."""
+    evil = "word " * 60 + "!"
+    fake_upstream.script(lambda body, i: evil)
+    body = {"model": "fake", "messages": MESSAGES, "trace": True,
+            "strategy": {"name": "best_of_n", "n": 2, "verifiers": ["regex"], "verifier_regex": r"^(\w+\s?)*$"}}
+    with httpx.Client(timeout=25) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(c.post, proxy.url + "/chat/completions", json=body)
+        health = c.get(proxy.root + "/health")
+        other = c.post(proxy.url + "/chat/completions", json={"model": "fake", "messages": MESSAGES})
+        r = pending.result()
+    assert health.status_code == 200 and other.status_code == 200
+    assert r.status_code == 200, r.text
+    cands = r.json()["sharpen"]["trace"]["candidates"]
+    assert [c["verdicts"]["regex"]["approved"] for c in cands] == [False, False]  # really matched, and no match
 
 
 def test_verifier_model(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -> None:

@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from strategies.sandbox import policy, runner
+from strategies.sandbox.policy import MARKER
 from tests.fakes.upstream import FakeUpstream, RecordedRequest
 from tests.proxy_server import ProxyServer
 
@@ -241,7 +244,7 @@ def tool_answer(code: str) -> str:
 
 
 def _sandboxes_alive() -> list[str]:
-    """Processes still running a sandbox (their argv names the sandbox's directory)."""
+    """Processes still running a sandbox (their argv carries the sandbox's marker)."""
     alive = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -251,7 +254,7 @@ def _sandboxes_alive() -> list[str]:
                 cmd = f.read()
         except OSError:
             continue
-        if b"sharpen-sandbox-" in cmd:
+        if MARKER.encode() in cmd:
             alive.append(pid)
     return alive
 
@@ -267,6 +270,20 @@ def test_tools_show_the_critic_the_sandbox_output(client: openai.OpenAI, fake_up
     tool = trace(resp)["rounds"][0]["tool"]
     assert tool == "The code ran. Output:\n499500"
     assert content(resp) == answer
+
+
+def test_tools_abstain_without_the_sandbox(client: openai.OpenAI, fake_upstream: FakeUpstream,
+                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(runner, "_PROBE_OK", False)
+    monkeypatch.setattr(policy, "bwrap_path", lambda: str(tmp_path / "no-bwrap-here"))
+    marker = tmp_path / "ran"
+    answer = tool_answer(f"open({str(marker)!r}, 'w')\nprint('ran')")
+    fake_upstream.script(lambda body, i: {"answer": answer, "critique": APPROVE}[kind(body)])
+    resp = ask(client, tools=True)
+    tool = trace(resp)["rounds"][0]["tool"]
+    assert tool.startswith("The code was not run: code execution is unavailable on this server")
+    assert tool in calls(fake_upstream)[1].json["messages"][-1]["content"]
+    assert not marker.exists()
 
 
 def test_tools_without_code_show_nothing(client: openai.OpenAI, fake_upstream: FakeUpstream) -> None:

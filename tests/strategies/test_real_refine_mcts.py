@@ -71,6 +71,27 @@ def test_critique_refine_on_the_real_model(client: openai.OpenAI, model: str) ->
     assert u in (0.0, 0.5, 1.0)
 
 
+CODE_QUESTION = [
+    {"role": "system", "content": "You answer with a Python program in a ```python code block, nothing else."},
+    {"role": "user", "content": "Print the sum of 2 and 3."},
+]
+
+
+def test_critique_refine_with_tools_runs_the_model_code_in_the_sandbox(client: openai.OpenAI, model: str) -> None:
+    """CRITIC's tool on the real model: its Python runs under bubblewrap and the critic sees the result."""
+    resp = client.chat.completions.create(
+        model=model, messages=CODE_QUESTION, max_tokens=48, temperature=0.0,  # type: ignore[arg-type]
+        extra_body={"strategy": {"name": "critique_refine", "max_rounds": 1, "tools": True,
+                                 "critique_max_tokens": 16}, "trace": True}).model_dump()
+    answer = resp["choices"][0]["message"]["content"]
+    assert "```" in answer, answer  # the prompt gets a code block out of the 135M model at temperature 0
+    tool = resp["sharpen"]["trace"]["rounds"][0]["tool"]
+    assert tool is not None and tool.startswith(("The code ran.", "The code failed")), tool
+    assert "unavailable" not in tool
+    calls = _check_honest_usage(resp)
+    assert [c["purpose"] for c in calls] == ["answer", "critique"]
+
+
 def test_mcts_on_the_real_model(client: openai.OpenAI, model: str) -> None:
     resp = _ask(client, model, {"name": "mcts", "iterations": 2, "k": 2, "parallel": 1, "step_tokens": 48,
                                 "max_depth": 4})
