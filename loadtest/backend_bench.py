@@ -1,0 +1,207 @@
+"""What the embedded vLLM's CPU settings cost: weight dtype x LoRA slots, one request vs one n=8 request.
+
+    flock /tmp/sharpen-heavy.lock .venv/bin/python loadtest/backend_bench.py
+        [--model qwen2.5-coder-0.5b-instruct] [--dtypes bfloat16,float32] [--lora off,on]
+        [--isa native,avx2] [--reps 3] [--tokens 128] [--n 8] [--out loadtest/results]
+
+For every combination it starts vLLM (``server.backend.vllm_process.VLLMProcess`` with the
+dtype and LoRA choice forced in ``BackendSettings``; everything else as the backend picks it
+here), warms it up, then ``--reps`` times: one request of ``--tokens`` generated tokens
+(``ignore_eos``, so every run generates exactly that many) and one request with ``n=--n``.
+Straight against vLLM's OpenAI API: no proxy in between. Reports tokens/s (completion tokens /
+wall time), medians and ranges, with the 1-minute load average beside each figure (the machine
+may be shared) and the CPU model and flags on top.
+
+``--isa avx2`` emulates a CPU without AVX-512/AMX on this one: oneDNN's documented ISA cap
+(``ONEDNN_MAX_CPU_ISA=AVX2``), ATen's (``ATEN_CPU_CAPABILITY=avx2``), and torch's CPU feature
+probes patched to say "no AVX-512, no AVX-512 BF16, no AMX" in every vLLM process (a
+``sitecustomize`` module), so vLLM loads its AVX2 kernel library and its non-AMX attention.
+Caches, clock and memory bandwidth stay this machine's: the figures are an emulation, not a
+measurement of an AVX2 CPU.
+
+Raw rows go to ``<out>/backend_bench-<model>-<time>.jsonl``; the table prints as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.backend.cpu import CpuInfo  # noqa: E402
+from server.backend.vllm_process import VLLMProcess  # noqa: E402
+from server.backend.weights import PreparedModel, prepare_model  # noqa: E402
+from server.settings import BackendSettings, Settings  # noqa: E402
+
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+
+# Runs in every Python process of the emulated vLLM (PYTHONPATH), before vLLM probes the CPU.
+SITECUSTOMIZE = """
+import os, sys
+if os.environ.get("SHARPEN_BENCH_EMULATE_AVX2") == "1":
+    import torch.cpu as _cpu
+    for _name in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_avx512_vnni_supported",
+                  "_is_vnni_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        if hasattr(_cpu, _name):
+            setattr(_cpu, _name, lambda: False)
+    print(f"backend_bench: AVX2 emulation active in pid {os.getpid()}", file=sys.stderr, flush=True)
+"""
+
+
+class EmulatedAVX2(VLLMProcess):
+    """vLLM with oneDNN, ATen and torch's feature probes capped at AVX2 (see the module docstring)."""
+
+    site_dir: Path
+
+    def environ(self) -> dict[str, str]:
+        env = super().environ()
+        env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2", SHARPEN_BENCH_EMULATE_AVX2="1")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.site_dir), env.get("PYTHONPATH")) if p)
+        return env
+
+
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+async def generate(client: httpx.AsyncClient, base: str, model: str, n: int, tokens: int, seed: int) -> dict[str, Any]:
+    body = {
+        "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
+        "temperature": 0.8, "n": n, "seed": seed, "ignore_eos": True,
+    }  # fmt: skip
+    load = load1()
+    t0 = time.perf_counter()
+    r = await client.post(f"{base}/chat/completions", json=body)
+    wall = time.perf_counter() - t0
+    r.raise_for_status()
+    done = int(r.json()["usage"]["completion_tokens"])
+    return {"n": n, "wall_s": wall, "completion_tokens": done, "tok_s": done / wall, "load1_before": load}
+
+
+async def run_combo(
+    args: argparse.Namespace, prepared: PreparedModel, combo: tuple[str, str, str], site_dir: Path, out: Any
+) -> dict[str, Any]:
+    isa, dtype, lora = combo
+    settings = BackendSettings(model=args.model, dtype=dtype, lora=lora, start_timeout=900)  # type: ignore[arg-type]
+    log_path = Path(args.scratch) / f"vllm-{isa}-{dtype}-lora-{lora}-{time.strftime('%H%M%S')}.log"
+    cls = EmulatedAVX2 if isa == "avx2" else VLLMProcess
+    proc = cls(settings, prepared, log_path, python=sys.executable)
+    if isinstance(proc, EmulatedAVX2):
+        proc.site_dir = site_dir
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    async with proc:
+        start_s = time.perf_counter() - t0
+        if isa == "avx2" and "AVX2 emulation active" not in await asyncio.to_thread(read_log, log_path):
+            raise SystemExit(f"AVX2 emulation did not take effect; see {log_path}")
+        async with httpx.AsyncClient(timeout=900, trust_env=False) as client:
+            # Warm-up: first requests pay for graph and allocator set-up.
+            await generate(client, proc.base_url, proc.served_name, 1, 16, 0)
+            await generate(client, proc.base_url, proc.served_name, args.n, 16, 0)
+            for rep in range(args.reps):
+                for n in (1, args.n):
+                    row = await generate(client, proc.base_url, proc.served_name, n, args.tokens, 1000 + rep)
+                    row.update(isa=isa, dtype=dtype, lora=lora, rep=rep, start_s=start_s, tokens=args.tokens)
+                    rows.append(row)
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    print(
+                        f"  {isa} {dtype} lora={lora} n={n} rep {rep}: {row['tok_s']:.1f} tok/s "
+                        f"({row['wall_s']:.1f} s, load {row['load1_before']:.2f})",
+                        flush=True,
+                    )
+    summary: dict[str, Any] = {"isa": isa, "dtype": dtype, "lora": lora, "start_s": start_s}
+    for n in (1, args.n):
+        rates = [r["tok_s"] for r in rows if r["n"] == n]
+        loads = [r["load1_before"] for r in rows if r["n"] == n]
+        summary[f"n{n}"] = {
+            "median": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "load_max": max(loads),
+        }
+    return summary
+
+
+def table(summaries: list[dict[str, Any]], n: int) -> str:
+    lines = [
+        f"| ISA | dtype | LoRA slots | one request, tok/s | one n={n} request, tok/s | load (1-min, max) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        a, b = s["n1"], s[f"n{n}"]
+        isa = "AVX2 (emulated)" if s["isa"] == "avx2" else "native"
+        lines.append(
+            f"| {isa} | {s['dtype']} | {s['lora']} | {a['median']:.1f} ({a['min']:.1f}-{a['max']:.1f}) | "
+            f"{b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {max(a['load_max'], b['load_max']):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--dtypes", default="bfloat16,float32")
+    p.add_argument("--lora", default="off,on")
+    p.add_argument("--isa", default="native,avx2")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--out", default=str(ROOT / "loadtest" / "results"))
+    p.add_argument("--scratch", default=tempfile.gettempdir())
+    args = p.parse_args()
+
+    cpu = CpuInfo.detect()
+    print(
+        f"CPU: {cpu.summary()}\nflags: {' '.join(sorted(cpu.flags))}\n"
+        f"python {platform.python_version()}, model {args.model}, {args.tokens} tokens, {args.reps} reps",
+        flush=True,
+    )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_path = Path(args.out) / f"backend_bench-{args.model}-{stamp}.jsonl"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_model(args.model, Settings().cache_dir, python=sys.executable)
+    summaries = []
+    with tempfile.TemporaryDirectory() as site, out_path.open("w") as out:
+        Path(site, "sitecustomize.py").write_text(SITECUSTOMIZE)
+        out.write(
+            json.dumps(
+                {
+                    "cpu": cpu.summary(),
+                    "flags": sorted(cpu.flags),
+                    "model": args.model,
+                    "tokens": args.tokens,
+                    "reps": args.reps,
+                    "n": args.n,
+                }
+            )
+            + "\n"
+        )
+        for isa in args.isa.split(","):
+            for dtype in args.dtypes.split(","):
+                for lora in args.lora.split(","):
+                    s = asyncio.run(run_combo(args, prepared, (isa, dtype, lora), Path(site), out))
+                    out.write(json.dumps({"summary": s}) + "\n")
+                    summaries.append(s)
+    print(f"\nCPU: {cpu.summary()}\n\n{table(summaries, args.n)}\n\nraw: {out_path}")
+
+
+if __name__ == "__main__":
+    main()
