@@ -81,18 +81,48 @@ def load1() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-async def generate(client: httpx.AsyncClient, base: str, model: str, n: int, tokens: int, seed: int) -> dict[str, Any]:
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of a process group: vLLM's
+    server, engine and worker. Less sensitive than wall time to other jobs sharing the cores."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if fields[2] == str(pgid):
+            total += int(fields[11]) + int(fields[12])
+    return total / _TICK
+
+
+async def generate(
+    client: httpx.AsyncClient, base: str, model: str, n: int, tokens: int, seed: int, pgid: int
+) -> dict[str, Any]:
     body = {
         "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens,
         "temperature": 0.8, "n": n, "seed": seed, "ignore_eos": True,
     }  # fmt: skip
     load = load1()
+    cpu0 = await asyncio.to_thread(group_cpu_s, pgid)
     t0 = time.perf_counter()
     r = await client.post(f"{base}/chat/completions", json=body)
     wall = time.perf_counter() - t0
+    cpu = await asyncio.to_thread(group_cpu_s, pgid) - cpu0
     r.raise_for_status()
     done = int(r.json()["usage"]["completion_tokens"])
-    return {"n": n, "wall_s": wall, "completion_tokens": done, "tok_s": done / wall, "load1_before": load}
+    return {
+        "n": n,
+        "wall_s": wall,
+        "completion_tokens": done,
+        "tok_s": done / wall,
+        "cpu_s": cpu,
+        "tok_per_cpu_s": done / cpu if cpu > 0 else None,
+        "load1_before": load,
+    }
 
 
 async def run_combo(
@@ -113,46 +143,76 @@ async def run_combo(
             raise SystemExit(f"AVX2 emulation did not take effect; see {log_path}")
         async with httpx.AsyncClient(timeout=900, trust_env=False) as client:
             # Warm-up: first requests pay for graph and allocator set-up.
-            await generate(client, proc.base_url, proc.served_name, 1, 16, 0)
-            await generate(client, proc.base_url, proc.served_name, args.n, 16, 0)
+            pgid = proc.pid
+            assert pgid is not None
+            await generate(client, proc.base_url, proc.served_name, 1, 16, 0, pgid)
+            await generate(client, proc.base_url, proc.served_name, args.n, 16, 0, pgid)
             for rep in range(args.reps):
                 for n in (1, args.n):
-                    row = await generate(client, proc.base_url, proc.served_name, n, args.tokens, 1000 + rep)
+                    row = await generate(client, proc.base_url, proc.served_name, n, args.tokens, 1000 + rep, pgid)
                     row.update(isa=isa, dtype=dtype, lora=lora, rep=rep, start_s=start_s, tokens=args.tokens)
                     rows.append(row)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                     print(
                         f"  {isa} {dtype} lora={lora} n={n} rep {rep}: {row['tok_s']:.1f} tok/s "
-                        f"({row['wall_s']:.1f} s, load {row['load1_before']:.2f})",
+                        f"({row['wall_s']:.1f} s; {row['tok_per_cpu_s'] or 0:.1f} tok per CPU-s; "
+                        f"load {row['load1_before']:.2f})",
                         flush=True,
                     )
-    summary: dict[str, Any] = {"isa": isa, "dtype": dtype, "lora": lora, "start_s": start_s}
-    for n in (1, args.n):
-        rates = [r["tok_s"] for r in rows if r["n"] == n]
-        loads = [r["load1_before"] for r in rows if r["n"] == n]
-        summary[f"n{n}"] = {
-            "median": statistics.median(rates),
-            "min": min(rates),
-            "max": max(rates),
-            "load_max": max(loads),
-        }
-    return summary
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], n_many: int) -> list[dict[str, Any]]:
+    """Medians and ranges per (ISA, dtype, LoRA), in the order the combinations were run."""
+    combos = list(dict.fromkeys((r["isa"], r["dtype"], r["lora"]) for r in rows))
+    out = []
+    for isa, dtype, lora in combos:
+        mine = [r for r in rows if (r["isa"], r["dtype"], r["lora"]) == (isa, dtype, lora)]
+        summary: dict[str, Any] = {"isa": isa, "dtype": dtype, "lora": lora, "reps": len(mine) // 2}
+        for n in (1, n_many):
+            rates = [r["tok_s"] for r in mine if r["n"] == n]
+            per_cpu = [r["tok_per_cpu_s"] for r in mine if r["n"] == n and r.get("tok_per_cpu_s")]
+            if not rates:
+                return out
+            summary[f"n{n}"] = {
+                "median": statistics.median(rates),
+                "min": min(rates),
+                "max": max(rates),
+                "per_cpu_s": statistics.median(per_cpu) if per_cpu else None,
+                "load_max": max(r["load1_before"] for r in mine if r["n"] == n),
+            }
+        out.append(summary)
+    return out
 
 
 def table(summaries: list[dict[str, Any]], n: int) -> str:
     lines = [
-        f"| ISA | dtype | LoRA slots | one request, tok/s | one n={n} request, tok/s | load (1-min, max) |",
-        "|---|---|---|---|---|---|",
+        f"| ISA | dtype | LoRA slots | reps | one request: tok/s (range) | tok per CPU-s | one n={n} request: "
+        "tok/s (range) | tok per CPU-s | load (1-min, max) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         a, b = s["n1"], s[f"n{n}"]
         isa = "AVX2 (emulated)" if s["isa"] == "avx2" else "native"
+        a_cpu = f"{a['per_cpu_s']:.1f}" if a["per_cpu_s"] else "-"
+        b_cpu = f"{b['per_cpu_s']:.1f}" if b["per_cpu_s"] else "-"
         lines.append(
-            f"| {isa} | {s['dtype']} | {s['lora']} | {a['median']:.1f} ({a['min']:.1f}-{a['max']:.1f}) | "
-            f"{b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {max(a['load_max'], b['load_max']):.2f} |"
+            f"| {isa} | {s['dtype']} | {s['lora']} | {s['reps']} | {a['median']:.1f} ({a['min']:.1f}-{a['max']:.1f}) "
+            f"| {a_cpu} | {b['median']:.1f} ({b['min']:.1f}-{b['max']:.1f}) | {b_cpu} "
+            f"| {max(a['load_max'], b['load_max']):.2f} |"
         )
     return "\n".join(lines)
+
+
+def read_rows(paths: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            row = json.loads(line)
+            if "tok_s" in row:
+                rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -166,7 +226,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "loadtest" / "results"))
     p.add_argument("--scratch", default=tempfile.gettempdir())
+    p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' raw rows")
     args = p.parse_args()
+    if args.table:
+        print(table(summarize(read_rows(args.table), args.n), args.n))
+        return
 
     cpu = CpuInfo.detect()
     print(
@@ -178,7 +242,7 @@ def main() -> None:
     out_path = Path(args.out) / f"backend_bench-{args.model}-{stamp}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     prepared = prepare_model(args.model, Settings().cache_dir, python=sys.executable)
-    summaries = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as site, out_path.open("w") as out:
         Path(site, "sitecustomize.py").write_text(SITECUSTOMIZE)
         out.write(
@@ -197,10 +261,8 @@ def main() -> None:
         for isa in args.isa.split(","):
             for dtype in args.dtypes.split(","):
                 for lora in args.lora.split(","):
-                    s = asyncio.run(run_combo(args, prepared, (isa, dtype, lora), Path(site), out))
-                    out.write(json.dumps({"summary": s}) + "\n")
-                    summaries.append(s)
-    print(f"\nCPU: {cpu.summary()}\n\n{table(summaries, args.n)}\n\nraw: {out_path}")
+                    rows += asyncio.run(run_combo(args, prepared, (isa, dtype, lora), Path(site), out))
+    print(f"\nCPU: {cpu.summary()}\n\n{table(summarize(rows, args.n), args.n)}\n\nraw: {out_path}")
 
 
 if __name__ == "__main__":
