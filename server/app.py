@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from protocol.errors import InvalidRequest, NotFound, SharpenError
+from server import heap
 from server.admin import router as admin_router
 from server.responses import error_response
 from server.routes import router
@@ -96,9 +97,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
             waiter = asyncio.create_task(_when_ready())
         else:
             await services.upstream_up()
+        heap.settle(freeze=settings.gc_freeze, thresholds=settings.gc_thresholds)
         try:
             yield
         finally:
+            heap.release()
             if waiter is not None:
                 waiter.cancel()
             await services.close()

@@ -271,9 +271,8 @@ class ProxyService:
                         yield KEEPALIVE
                 result = task.result()
                 body = self._render(job, result, time.perf_counter() - job.t0)
-                for event in render.chunks(body):
-                    yield sse_event(event)
-                yield DONE
+                # The whole answer is ready: one write, not one per event.
+                yield b"".join([*(sse_event(event) for event in render.chunks(body)), DONE])
                 self._publish(job, result)
             except BaseException as exc:
                 outcome[0] = exc

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 16 * 1024 * 1024
     max_concurrency: int = 4096  # in-flight requests; more get 429
     log_level: str = "info"
+    # The garbage collector (server.heap): the start-up heap frozen out of later collections, young
+    # collections less often. false and [700, 10, 10] are CPython's defaults.
+    gc_freeze: bool = True
+    gc_thresholds: tuple[int, int, int] = (10_000, 20, 100)
 
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     strategies: StrategySettings = Field(default_factory=StrategySettings)
