@@ -129,7 +129,9 @@ async def run_combo(
     args: argparse.Namespace, prepared: PreparedModel, combo: tuple[str, str, str], site_dir: Path, out: Any
 ) -> dict[str, Any]:
     isa, dtype, lora = combo
-    settings = BackendSettings(model=args.model, dtype=dtype, lora=lora, start_timeout=900)  # type: ignore[arg-type]
+    settings = BackendSettings(  # type: ignore[arg-type]
+        model=args.model, dtype=dtype, lora=lora, start_timeout=900, extra_args=args.vllm_arg
+    )
     log_path = Path(args.scratch) / f"vllm-{isa}-{dtype}-lora-{lora}-{time.strftime('%H%M%S')}.log"
     cls = EmulatedAVX2 if isa == "avx2" else VLLMProcess
     proc = cls(settings, prepared, log_path, python=sys.executable)
@@ -150,7 +152,15 @@ async def run_combo(
             for rep in range(args.reps):
                 for n in (1, args.n):
                     row = await generate(client, proc.base_url, proc.served_name, n, args.tokens, 1000 + rep, pgid)
-                    row.update(isa=isa, dtype=dtype, lora=lora, rep=rep, start_s=start_s, tokens=args.tokens)
+                    row.update(
+                        isa=isa,
+                        dtype=dtype,
+                        lora=lora,
+                        rep=rep,
+                        start_s=start_s,
+                        tokens=args.tokens,
+                        vllm_args=args.vllm_arg,
+                    )
                     rows.append(row)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
@@ -160,7 +170,80 @@ async def run_combo(
                         f"load {row['load1_before']:.2f})",
                         flush=True,
                     )
+            if args.prefix_probe:
+                probe = await prefix_probe(client, proc.origin, proc.served_name)
+                probe.update(isa=isa, dtype=dtype, lora=lora, vllm_args=args.vllm_arg)
+                out.write(json.dumps({"prefix_probe": probe}) + "\n")
+                out.flush()
+                print(f"  prefix cache ({' '.join(args.vllm_arg) or 'default block size'}): {probe}", flush=True)
     return rows
+
+
+QUESTION = (
+    "A shop sells pencils in boxes of 12 and erasers in packs of 5. Mia buys 7 boxes of pencils and 4 packs "
+    "of erasers, then gives 3 pencils to each of her 9 classmates. How many pencils and erasers does she have left?"
+)
+
+
+def candidate(i: int, nonce: str) -> str:
+    """A plausible ~150-token worked answer; each differs from the others from its first line."""
+    return (
+        f"[{nonce}-{i}] Step 1: Pencils bought: 7 boxes x 12 = 84 pencils. Step 2: Erasers bought: 4 packs x 5 = "
+        f"20 erasers. Step 3: Pencils given away: 9 classmates x 3 = 27 pencils. Step 4: Pencils left: 84 - 27 = "
+        f"{57 + i % 3} pencils. Step 5: The erasers were not given away, so she still has 20 erasers. Step 6: "
+        f"Together she has {77 + i % 3} items left, {57 + i % 3} pencils and 20 erasers. The answer is {77 + i % 3}."
+    )
+
+
+async def prefix_cache_counts(client: httpx.AsyncClient, origin: str) -> tuple[float, float]:
+    """vLLM's cumulative prefix-cache hits and queries (tokens), from its Prometheus /metrics."""
+    text = (await client.get(f"{origin}/metrics")).text
+    hits = queries = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:prefix_cache_hits_total"):
+            hits += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("vllm:prefix_cache_queries_total"):
+            queries += float(line.rsplit(" ", 1)[1])
+    return hits, queries
+
+
+async def prefix_probe(client: httpx.AsyncClient, origin: str, model: str) -> dict[str, Any]:
+    """best_of_n's verification of 8 candidates by 4 aspects (32 calls at once, as the strategy
+    sends them), in two prompt layouts: the aspect instruction last (the shared system, question
+    and candidate first: ``AspectVerifier.prompt``) and first. The prefix-cache hit rate of each
+    batch comes from vLLM's counters. Different nonces keep the layouts from sharing blocks."""
+    from strategies.base import Candidate
+    from strategies.verifiers.aspect import ASPECTS, AspectVerifier
+
+    aspects = ["approval", "math_steps", "logic_steps", "rederive"]
+    result: dict[str, Any] = {}
+    for layout in ("aspect_first", "aspect_last"):
+        nonce = f"{layout}-{time.time_ns()}"
+        bodies = []
+        for i in range(8):
+            cand = Candidate(index=i, content=candidate(i, nonce))
+            for aspect in aspects:
+                msgs = AspectVerifier(aspect).prompt(QUESTION, cand)
+                if layout == "aspect_first":
+                    user = msgs[1]["content"]
+                    task = user[user.index("Verification task:") :]
+                    msgs[1]["content"] = task + "\n\n" + user[: user.index("Verification task:")].rstrip()
+                    assert ASPECTS[aspect] in msgs[1]["content"]
+                bodies.append({"model": model, "messages": msgs, "max_tokens": 16, "temperature": 0.0})
+        h0, q0 = await prefix_cache_counts(client, origin)
+        t0 = time.perf_counter()
+        replies = await asyncio.gather(*(client.post(f"{origin}/v1/chat/completions", json=b) for b in bodies))
+        wall = time.perf_counter() - t0
+        prompt_tokens = sum(r.json()["usage"]["prompt_tokens"] for r in replies)
+        h1, q1 = await prefix_cache_counts(client, origin)
+        result[layout] = {
+            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 3),
+            "hits": h1 - h0,
+            "queries": q1 - q0,
+            "prompt_tokens": prompt_tokens,
+            "wall_s": round(wall, 2),
+        }
+    return result
 
 
 def summarize(rows: list[dict[str, Any]], n_many: int) -> list[dict[str, Any]]:
@@ -210,7 +293,7 @@ def read_rows(paths: list[str]) -> list[dict[str, Any]]:
     for path in paths:
         for line in Path(path).read_text().splitlines():
             row = json.loads(line)
-            if "tok_s" in row:
+            if "tok_s" in row and not row.get("vllm_args"):
                 rows.append(row)
     return rows
 
@@ -226,6 +309,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--out", default=str(ROOT / "loadtest" / "results"))
     p.add_argument("--scratch", default=tempfile.gettempdir())
+    p.add_argument("--prefix-probe", action="store_true", help="also measure the verifier prompts' prefix-cache hits")
+    p.add_argument("--vllm-arg", action="append", default=[], help="an extra vLLM argument (repeat), e.g. --block-size")
     p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' raw rows")
     args = p.parse_args()
     if args.table:

@@ -2,12 +2,12 @@
 
     .venv/bin/python loadtest/overhead.py [--clients aiohttp,httpx] [--requests 800] [--concurrency 16]
         [--ttft 0.02] [--rounds 3] [--throughput] [--max-rps]
-        [--variant NAME:KEY=VALUE,KEY=VALUE ...]
+        [--variant NAME:KEY=VALUE;KEY=VALUE ...]
 
 Starts the scripted fake upstream (fixed latency) and one ``sharpen serve --upstream`` per
 variant: by default one per upstream HTTP client (``--clients``); with ``--variant``, one per
 named set of settings given as ``SHARPEN_*`` environment variables, e.g.
-``--variant gc-default:SHARPEN_GC_FREEZE=false,SHARPEN_GC_THRESHOLDS=[700,10,10] --variant tuned:``.
+``--variant 'gc-default:SHARPEN_GC_FREEZE=false;SHARPEN_GC_THRESHOLDS=[700,10,10]' --variant tuned:``.
 Each round runs the direct requests and then every variant's, so all of them see the same
 machine; figures are medians over the rounds. Reported: non-streamed latency (added p50/p99),
 streamed time to the first content chunk (added p50/p99) and the requests/s ratio. With
@@ -48,7 +48,7 @@ class Variant:
     @classmethod
     def parse(cls, spec: str) -> Variant:
         name, _, rest = spec.partition(":")
-        env = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+        env = dict(kv.split("=", 1) for kv in rest.split(";") if kv)
         return cls(name, env.pop("client", "aiohttp"), env)
 
 
@@ -141,7 +141,7 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="aiohttp,httpx")
-    ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,...; replaces --clients")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE;...; replaces --clients")
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
