@@ -1,13 +1,20 @@
 """What sharpen adds over its upstream: direct vs through sharpen, interleaved A/B rounds, one run.
 
     .venv/bin/python loadtest/overhead.py [--clients aiohttp,httpx] [--requests 800] [--concurrency 16]
-        [--ttft 0.02] [--rounds 3] [--throughput]
+        [--ttft 0.02] [--rounds 3] [--throughput] [--max-rps]
+        [--variant NAME:KEY=VALUE;KEY=VALUE ...]
 
-Starts the scripted fake upstream (fixed latency) and ``sharpen serve --upstream`` once per
-upstream HTTP client, then for each: non-streamed latency (added p50/p99), streamed time to
-the first content chunk (added p50/p99) and the requests/s ratio. With ``--throughput`` it also
-runs the 256-concurrent, 500 ms-upstream round. The load generator is aiohttp (httpx's client
-cannot load a fast proxy on 2 cores). Everything runs on 127.0.0.1 with bounded request counts.
+Starts the scripted fake upstream (fixed latency) and one ``sharpen serve --upstream`` per
+variant: by default one per upstream HTTP client (``--clients``); with ``--variant``, one per
+named set of settings given as ``SHARPEN_*`` environment variables, e.g.
+``--variant 'gc-default:SHARPEN_GC_FREEZE=false;SHARPEN_GC_THRESHOLDS=[700,10,10]' --variant tuned:``.
+Each round runs the direct requests and then every variant's, so all of them see the same
+machine; figures are medians over the rounds. Reported: non-streamed latency (added p50/p99),
+streamed time to the first content chunk (added p50/p99) and the requests/s ratio. With
+``--throughput`` it also runs the 256-concurrent, 500 ms-upstream round; with ``--max-rps``, the
+requests/s one sharpen worker sustains against a zero-latency upstream (64 concurrent). The load
+generator is aiohttp (httpx's client cannot load a fast proxy on 2 cores), and it shares the
+cores with the proxy and the fake. Everything runs on 127.0.0.1 with bounded request counts.
 """
 
 from __future__ import annotations
@@ -15,17 +22,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+
+@dataclass
+class Variant:
+    """One sharpen process: its name, upstream client and extra environment."""
+
+    name: str
+    client: str = "aiohttp"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        name, _, rest = spec.partition(":")
+        env = dict(kv.split("=", 1) for kv in rest.split(";") if kv)
+        return cls(name, env.pop("client", "aiohttp"), env)
 
 
 def free_port() -> int:
@@ -88,61 +112,86 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))] * 1000
 
 
-async def ab(direct: str, proxy: str, n: int, c: int, rounds: int, stream: bool) -> dict[str, float]:
+async def ab(direct: str, proxies: list[str], n: int, c: int, rounds: int, stream: bool) -> list[dict[str, float]]:
+    """Interleaved rounds: direct, then each proxy; medians per proxy against the direct medians."""
     await load(direct, 100, 8, stream)
-    await load(proxy, 100, 8, stream)
-    d50, d99, p50, p99, rd, rp = [], [], [], [], [], []
+    for proxy in proxies:
+        await load(proxy, 100, 8, stream)
+    d50, d99, rd = [], [], []
+    p50: list[list[float]] = [[] for _ in proxies]
+    p99: list[list[float]] = [[] for _ in proxies]
+    rp: list[list[float]] = [[] for _ in proxies]
     for _ in range(rounds):
         d, drps = await load(direct, n, c, stream)
-        p, prps = await load(proxy, n, c, stream)
-        d50.append(pct(d, 50)), d99.append(pct(d, 99)), p50.append(pct(p, 50)), p99.append(pct(p, 99))
-        rd.append(drps), rp.append(prps)
+        d50.append(pct(d, 50)), d99.append(pct(d, 99)), rd.append(drps)
+        for i, proxy in enumerate(proxies):
+            p, prps = await load(proxy, n, c, stream)
+            p50[i].append(pct(p, 50)), p99[i].append(pct(p, 99)), rp[i].append(prps)
     med = statistics.median
-    return {"direct_p50": med(d50), "proxy_p50": med(p50), "added_p50": med(p50) - med(d50),
-            "added_p99": med(p99) - med(d99), "rps_ratio": med(rp) / med(rd)}
+    return [{"direct_p50": med(d50), "proxy_p50": med(p50[i]), "added_p50": med(p50[i]) - med(d50),
+             "added_p99": med(p99[i]) - med(d99), "rps_ratio": med(rp[i]) / med(rd), "rps": med(rp[i]),
+             "direct_rps": med(rd)} for i in range(len(proxies))]
 
 
-def start(cmd: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", default="aiohttp,httpx")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE;...; replaces --clients")
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ttft", type=float, default=0.02)
     ap.add_argument("--throughput", action="store_true", help="also 256 concurrent against a 500 ms upstream")
+    ap.add_argument("--max-rps", action="store_true", help="also req/s against a zero-latency upstream")
+    ap.add_argument("--only-max-rps", action="store_true", help="only the zero-latency req/s rounds")
     a = ap.parse_args()
+    variants = [Variant.parse(v) for v in a.variant] or [Variant(c, c) for c in a.clients.split(",")]
     sharpen = str(Path(sys.executable).parent / "sharpen")
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        fast, slow = free_port(), free_port()
-        for port, ttft in ((fast, a.ttft), (slow, 0.5)):
-            fake = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--ttft", str(ttft)]
+        fakes = {"fast": a.ttft, "slow": 0.5, "zero": 0.0}
+        ports: dict[str, int] = {}
+        for key, ttft in fakes.items():
+            ports[key] = free_port()
+            fake = [sys.executable, "-m", "tests.fakes.upstream", "--port", str(ports[key]), "--ttft", str(ttft)]
             procs.append(start(fake))
-            wait_http(f"http://127.0.0.1:{port}/health", 20)
+            wait_http(f"http://127.0.0.1:{ports[key]}/health", 20)
         print(f"fake upstream: {a.ttft * 1000:.0f} ms to first token; {a.concurrency} concurrent clients; "
-              f"{a.requests} requests x {a.rounds} interleaved rounds")
-        print(f"{'client':8} {'mode':7} {'direct p50':>11} {'added p50':>10} {'added p99':>10} {'rps ratio':>10}")
-        for client in a.clients.split(","):
-            for upstream_port, rows in ((fast, ("json", "stream")), (slow, ("256@500ms",) if a.throughput else ())):
-                if not rows:
-                    continue
+              f"{a.requests} requests x {a.rounds} interleaved rounds; load {os.getloadavg()[0]:.2f}")
+        print(f"{'variant':12} {'mode':9} {'direct p50':>11} {'added p50':>10} {'added p99':>10} {'rps ratio':>10} "
+              f"{'rps':>7}")
+        modes = [] if a.only_max_rps else [("fast", "json"), ("fast", "stream")]
+        if a.throughput and not a.only_max_rps:
+            modes.append(("slow", "256@500ms"))
+        if a.max_rps or a.only_max_rps:
+            modes.append(("zero", "max-rps"))
+        for key, mode in modes:
+            upstream = f"http://127.0.0.1:{ports[key]}/v1"
+            started = []
+            for v in variants:
                 port = free_port()
-                p = start([sharpen, "serve", "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--port", str(port),
-                           "--upstream-client", client])
+                p = start([sharpen, "serve", "--upstream", upstream, "--port", str(port), "--upstream-client",
+                           v.client], v.env)
                 procs.append(p)
-                wait_http(f"http://127.0.0.1:{port}/health", 60)
-                direct, proxy = f"http://127.0.0.1:{upstream_port}/v1", f"http://127.0.0.1:{port}/v1"
-                for mode in rows:
-                    if mode == "256@500ms":
-                        r = asyncio.run(ab(direct, proxy, 2000, 256, 2, False))
-                    else:
-                        r = asyncio.run(ab(direct, proxy, a.requests, a.concurrency, a.rounds, mode == "stream"))
-                    print(f"{client:8} {mode:7} {r['direct_p50']:9.2f}ms {r['added_p50']:8.2f}ms "
-                          f"{r['added_p99']:8.2f}ms {r['rps_ratio']:10.2f}", flush=True)
+                started.append((p, f"http://127.0.0.1:{port}/v1"))
+            for _, url in started:
+                wait_http(url.removesuffix("/v1") + "/health", 60)
+            urls = [url for _, url in started]
+            if mode == "256@500ms":
+                rows = asyncio.run(ab(upstream, urls, 2000, 256, 2, False))
+            elif mode == "max-rps":
+                rows = asyncio.run(ab(upstream, urls, 4000, 64, a.rounds, False))
+            else:
+                rows = asyncio.run(ab(upstream, urls, a.requests, a.concurrency, a.rounds, mode == "stream"))
+            for v, r in zip(variants, rows, strict=True):
+                print(f"{v.name:12} {mode:9} {r['direct_p50']:9.2f}ms {r['added_p50']:8.2f}ms "
+                      f"{r['added_p99']:8.2f}ms {r['rps_ratio']:10.2f} {r['rps']:7.0f}", flush=True)
+            for p, _ in started:
                 p.terminate()
                 p.wait(10)
     finally:

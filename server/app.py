@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from protocol.errors import InvalidRequest, NotFound, SharpenError
+from server import heap
 from server.admin import router as admin_router
 from server.limits import BodyLimit
 from server.redact import clip
@@ -108,9 +109,11 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
             waiter = asyncio.create_task(_when_ready())
         else:
             await services.upstream_up()
+        heap.settle(freeze=settings.gc_freeze, thresholds=settings.gc_thresholds)
         try:
             yield
         finally:
+            heap.release()
             if waiter is not None:
                 waiter.cancel()
             await services.close()

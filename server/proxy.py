@@ -235,7 +235,7 @@ class ProxyService:
             raise
         overhead = time.perf_counter() - job.t0 - ran
         resp.headers["x-sharpen-overhead-ms"] = f"{overhead * 1000:.3f}"
-        self.metrics.overhead.labels(job.endpoint).observe(overhead)
+        self.metrics.child(self.metrics.overhead, job.endpoint).observe(overhead)
         self._finish(job, None, result)
         return resp
 
@@ -273,9 +273,8 @@ class ProxyService:
                         yield KEEPALIVE
                 result = task.result()
                 body = self._render(job, result, time.perf_counter() - job.t0)
-                for event in render.chunks(body):
-                    yield sse_event(event)
-                yield DONE
+                # The whole answer is ready: one write, not one per event.
+                yield b"".join([*(sse_event(event) for event in render.chunks(body)), DONE])
                 self._publish(job, result)
             except BaseException as exc:
                 outcome[0] = exc
@@ -299,7 +298,7 @@ class ProxyService:
         opened = time.monotonic() - ran  # when the strategy opened the upstream stream (monotonic, as record wants)
         sniffer = UsageSniffer()
         overhead = time.perf_counter() - job.t0 - ran
-        self.metrics.overhead.labels(job.endpoint).observe(overhead)
+        self.metrics.child(self.metrics.overhead, job.endpoint).observe(overhead)
 
         def on_close(gone: bool, failure: SharpenError | None) -> None:
             error = None if failure is None else failure.message
@@ -319,14 +318,18 @@ class ProxyService:
         """Hands the finished request to the event stream (adaptation, metrics); never blocks."""
         req, strategy, ctx = job.req, job.strategy, job.ctx
         if result.uncertainty is not None:
-            self.metrics.uncertainty.labels(strategy.name).observe(result.uncertainty.score)
+            self.metrics.child(self.metrics.uncertainty, strategy.name).observe(result.uncertainty.score)
         if not self.events.active or not isinstance(req, ChatCompletionRequest) or result.response is None:
             return
         choices = result.response.get("choices") or [{}]
         answer = (choices[0].get("message") or {}).get("content") if isinstance(choices[0], dict) else None
+        # The messages as sent upstream (the client's, plus any recalled memory) are already plain
+        # dicts: re-dumping the validated models cost more than the rest of the event.
+        sent = ctx.body.get("messages")
+        messages = sent if isinstance(sent, list) else [m.model_dump(exclude_none=True) for m in req.messages]
         self.events.publish(RequestEvent(
             request_id=str(result.response.get("id", "")), tenant=ctx.tenant, model=ctx.model, strategy=strategy.name,
-            messages=[m.model_dump(exclude_none=True) for m in req.messages], answer=answer,
+            messages=messages, answer=answer,
             uncertainty=result.uncertainty, usage=ctx.usage.model_dump(), remember=job.routing.remember,
             memory_used=job.routing.memory_ids()))
 
@@ -346,20 +349,20 @@ class ProxyService:
         elif isinstance(exc, SharpenError):
             status = str(status_of(exc))
             if isinstance(exc, UpstreamError):
-                m.upstream_errors.labels(type(exc).__name__).inc()
+                m.child(m.upstream_errors, type(exc).__name__).inc()
         elif isinstance(exc, asyncio.CancelledError | ConnectionError | ClientGone):
             status = "499"
             if isinstance(exc, ClientGone):
                 m.disconnects.inc()
         else:
             status = "500"
-        m.requests.labels(endpoint, strategy.name, status).inc()
-        m.latency.labels(endpoint, strategy.name).observe(time.perf_counter() - t0)
+        m.child(m.requests, endpoint, strategy.name, status).inc()
+        m.child(m.latency, endpoint, strategy.name).observe(time.perf_counter() - t0)
         u = ctx.usage
         if u.total_tokens:
             m.count_tokens(ctx.model, u.prompt_tokens, u.completion_tokens)
         for call in ctx.calls:
-            m.upstream_calls.labels(call.purpose).inc()
+            m.child(m.upstream_calls, call.purpose).inc()
 
 
 def _has_own(body: dict[str, Any]) -> bool:

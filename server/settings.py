@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,10 +75,16 @@ class BackendSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 0  # 0 picks a free loopback port
     max_model_len: int = 2048
-    max_lora_rank: int = 8
+    # What runs fast depends on the CPU: "auto"/None here are chosen at start-up from its features
+    # (server.backend.tuning), and the start-up log says what was chosen and why.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 only where it is native
+    lora: Literal["auto", "on", "off"] = "auto"  # LoRA slots; auto: on when adapters are expected
+    expect_adapters: bool = True  # set from adapt.enabled by Settings unless given
+    max_lora_rank: int = 8  # set to adapt.rank by Settings unless given (a larger cap costs ~30%)
     max_loras: int = 2
-    kv_cache_gib: float = 2.0
-    omp_threads_bind: str | None = None  # e.g. "0-1"; None binds every core of this machine
+    kv_cache_gib: float | None = None  # None: room for 16 full-length sequences of the model
+    omp_threads_bind: str | None = None  # e.g. "0-1"; None: one CPU per physical core, less the reserved
+    reserved_cpus: int | None = None  # CPUs kept from vLLM's workers; None: 0 up to 4 cores, else 1
     extra_args: list[str] = Field(default_factory=list)
     start_timeout: float = 900.0
     restart_backoff: float = 2.0
@@ -160,6 +166,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0)  # most seconds for a request's head to arrive
     max_concurrency: int = 4096  # in-flight requests; more get 429
     log_level: str = "info"
+    # The garbage collector (server.heap): the start-up heap frozen out of later collections, young
+    # collections less often. false and [700, 10, 10] are CPython's defaults.
+    gc_freeze: bool = True
+    gc_thresholds: tuple[int, int, int] = (10_000, 20, 100)
 
     upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
     strategies: StrategySettings = Field(default_factory=StrategySettings)
@@ -181,6 +191,16 @@ class Settings(BaseSettings):
     @property
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @model_validator(mode="after")
+    def _backend_follows_adapt(self) -> Settings:
+        """The embedded backend's LoRA slots follow adaptation, unless the backend section says."""
+        given = self.backend.model_fields_set
+        if "expect_adapters" not in given:
+            self.backend.expect_adapters = self.adapt.enabled
+        if "max_lora_rank" not in given:
+            self.backend.max_lora_rank = self.adapt.rank
+        return self
 
 
 class _YamlSource(PydanticBaseSettingsSource):

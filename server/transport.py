@@ -35,6 +35,13 @@ class TransportResponse(abc.ABC):
         A coroutine rather than an iterator: each layer of async generator costs per chunk,
         and a proxy relays thousands of chunks a second."""
 
+    def read_buffered(self) -> bytes:
+        """The body bytes already received and not yet read, without waiting (``b""`` if none).
+
+        Lets the relay send whatever piled up while it was writing as one write, with no
+        timer armed; a transport that cannot tell returns ``b""`` and every read waits."""
+        return b""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Drops the connection (an upstream like vLLM then aborts the request). Idempotent."""
@@ -69,6 +76,13 @@ class _AiohttpResponse(TransportResponse):
         try:
             return await self._resp.content.readany()
         except (aiohttp.ClientError, OSError) as exc:
+            self._resp.close()
+            raise UpstreamError(f"upstream stream broke off: {exc!r}") from None
+
+    def read_buffered(self) -> bytes:
+        try:
+            return self._resp.content.read_nowait()
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
             self._resp.close()
             raise UpstreamError(f"upstream stream broke off: {exc!r}") from None
 

@@ -48,15 +48,19 @@ class UpstreamReply:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """Bytes as they arrive; raises ``UpstreamTimeout`` when the upstream goes quiet."""
-        read = self._resp.read_chunk
+        read, buffered = self._resp.read_chunk, self._resp.read_buffered
         idle = self._idle
         try:
             while True:
-                # The timeout covers only the wait for the upstream, not the client's reading.
-                async with asyncio.timeout(idle):
-                    data = await read()
+                # What arrived while the last chunk was being written goes out as one chunk, with
+                # no timer: a timeout per chunk costs more than the write when tokens pile up.
+                data = buffered()
                 if not data:
-                    return
+                    # The timeout covers only the wait for the upstream, not the client's reading.
+                    async with asyncio.timeout(idle):
+                        data = await read()
+                    if not data:
+                        return
                 yield data
         except TimeoutError:
             raise UpstreamTimeout(f"upstream went quiet for {idle:g} s mid-stream") from None

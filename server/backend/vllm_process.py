@@ -5,106 +5,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import sys
 import time
-from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import httpx
 
-from server.backend.weights import PreparedModel
+from server.backend.catalog import PreparedModel
+from server.backend.cpu import CpuInfo
+from server.backend.process_group import free_loopback_port, group_alive, log_tail, signal_group
+from server.backend.tuning import BackendPlan, plan_backend
 from server.settings import BackendSettings, inherited_environ
+
+__all__ = ["BackendError", "VLLMProcess", "free_loopback_port", "log_tail"]
 
 logger = logging.getLogger(__name__)
 
 _POLL_INTERVAL = 0.5
 _MAX_BACKOFF = 60.0
-_LOG_TAIL_LINES = 40
 
 
 class BackendError(RuntimeError):
     """The vLLM child failed to start, died, or did not become healthy in time."""
-
-
-def free_loopback_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago (the OS may hand it out again)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _cpu_list() -> str:
-    """The CPUs this process may run on, in vLLM's list syntax (e.g. ``0-1`` or ``0,2-3``)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = list(range(os.cpu_count() or 1))
-    ranges: list[str] = []
-    start = prev = cpus[0]
-    for cpu in [*cpus[1:], None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        ranges.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(ranges)
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process remains in the process group ``pgid``.
-
-    ``killpg(pgid, 0)`` alone is not enough: orphaned grandchildren that exited stay in the group
-    as zombies when PID 1 of a container does not reap them, and would look alive forever.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # Fields after the parenthesised command: state, ppid, pgrp, ...
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            data = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    # vLLM's progress bars redraw with carriage returns; keep the last state of each line.
-    tail: deque[str] = deque(maxlen=lines)
-    for line in data.split("\n"):
-        tail.append(line.rstrip("\r").rsplit("\r", 1)[-1])
-    return "\n".join(tail)
 
 
 class VLLMProcess:
@@ -128,11 +53,14 @@ class VLLMProcess:
         log_path: Path,
         *,
         python: str = sys.executable,
+        cpu: CpuInfo | None = None,
     ) -> None:
         self.settings = settings
         self.model = model
         self.log_path = log_path
         self.python = python
+        # What runs fast on this CPU (``cpu`` is injectable so tests can play another machine).
+        self.plan: BackendPlan = plan_backend(settings, cpu or CpuInfo.detect(), model)
         self.port = settings.port or free_loopback_port()
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -199,24 +127,15 @@ class VLLMProcess:
             "--host", s.host,
             "--port", str(self.port),
             "--max-model-len", str(s.max_model_len),
-            "--enable-lora",
-            "--max-lora-rank", str(s.max_lora_rank),
-            "--max-loras", str(s.max_loras),
+            *self.plan.args(),
             *s.extra_args,
         ]  # fmt: skip
 
     def environ(self) -> dict[str, str]:
-        """The child's environment: ours plus vLLM's CPU settings."""
-        s = self.settings
+        """The child's environment: ours plus vLLM's CPU settings (``plan``)."""
         env = inherited_environ()
-        env.update(
-            VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",  # enables /v1/load_lora_adapter
-            VLLM_CPU_KVCACHE_SPACE=str(max(1, round(s.kv_cache_gib))),  # vLLM takes whole GiB
-            # vLLM's default keeps a core in reserve, which costs ~30% throughput on 2 cores.
-            VLLM_CPU_OMP_THREADS_BIND=s.omp_threads_bind or _cpu_list(),
-            VLLM_CPU_NUM_OF_RESERVED_CPU="0",
-            VLLM_NO_USAGE_STATS="1",
-        )
+        env.update(self.plan.environ())
+        env["VLLM_NO_USAGE_STATS"] = "1"
         if self.model.is_local:
             # Local weights: never reach for a hub (unreachable here, slow to time out).
             env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -249,6 +168,8 @@ class VLLMProcess:
         """
         if self._proc is not None or self._stopping:
             raise BackendError("VLLMProcess.start called twice")
+        for reason in self.plan.reasons:
+            logger.info("vLLM backend: %s", reason)
         try:
             await self._spawn()
         except OSError as e:
@@ -318,7 +239,7 @@ class VLLMProcess:
                 if not healthy and proc.returncode is None and self._was_ready:
                     # A restart that hangs: kill it, and the loop below counts another death.
                     logger.error("restarted vLLM was not ready in time; killing it")
-                    _signal_group(proc.pid, signal.SIGKILL)
+                    signal_group(proc.pid, signal.SIGKILL)
             code = await proc.wait()
             self._ready = False
             if self._stopping:
@@ -339,7 +260,7 @@ class VLLMProcess:
                 code, self.restarts, self.settings.max_restarts, delay,
             )  # fmt: skip
             # A dead leader's stragglers (engine core, workers) would hold memory and the port.
-            _signal_group(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -367,20 +288,20 @@ class VLLMProcess:
         if proc is None:
             return
         pgid = proc.pid  # start_new_session made the child its group's leader
-        if proc.returncode is None or _group_alive(pgid):
+        if proc.returncode is None or group_alive(pgid):
             logger.info("stopping vLLM (pid %d)", pgid)
-            _signal_group(pgid, signal.SIGTERM)
+            signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_grace
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), timeout=self.stop_grace)
         # The leader is gone; give its children the rest of the grace period to follow.
         while time.monotonic() < deadline:
-            if not _group_alive(pgid):
+            if not group_alive(pgid):
                 break
             await asyncio.sleep(0.1)
-        if proc.returncode is None or _group_alive(pgid):
+        if proc.returncode is None or group_alive(pgid):
             logger.warning("vLLM (pid %d) ignored SIGTERM; killing its process group", pgid)
-            _signal_group(pgid, signal.SIGKILL)
+            signal_group(pgid, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout=5.0)
 
@@ -396,16 +317,16 @@ class VLLMProcess:
         if proc is None:
             return
         pgid = proc.pid
-        if not _group_alive(pgid):
+        if not group_alive(pgid):
             return
-        _signal_group(pgid, signal.SIGTERM)
+        signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # An unreaped (zombie) leader does not count as alive, so this needs no event loop.
-            if not _group_alive(pgid):
+            if not group_alive(pgid):
                 return
             time.sleep(0.05)
-        _signal_group(pgid, signal.SIGKILL)
+        signal_group(pgid, signal.SIGKILL)
 
     # ---- async context manager --------------------------------------------------------------
 

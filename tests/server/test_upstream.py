@@ -178,6 +178,57 @@ async def test_streaming_chunks_arrive_before_the_end(fake_upstream: FakeUpstrea
     assert times[-1] - times[0] > 0.35
 
 
+async def test_chunks_that_pile_up_while_writing_go_out_as_one(
+    fake_upstream: FakeUpstream, make_upstream: Any, client: str
+) -> None:
+    u = make_upstream(fake_upstream.url)
+    fake_upstream.tok = 0.005
+    fake_upstream.length = 40
+    reply = await u.request("POST", "/chat/completions", orjson.dumps({**CHAT, "stream": True}))
+    pieces = []
+    async for chunk in reply.chunks():
+        pieces.append(chunk)
+        await asyncio.sleep(0.05)  # a slow write to the client: ~10 tokens arrive meanwhile
+    raw = b"".join(pieces)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    events = [e for e in raw.split(b"\n\n") if e and e != b"data: [DONE]"]
+    text = "".join(orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events)
+    assert text == fake_upstream.default_content(CHAT, 0)
+    if client == "aiohttp":  # it hands over everything buffered; httpx's transport yields chunk by chunk
+        assert len(pieces) < len(events) / 3
+
+
+class Buffered(TransportResponse):
+    """Bytes already received: ``read_buffered`` hands them over; ``read_chunk`` counts waits."""
+
+    status, content_type = 200, "text/event-stream"
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts, self.waits = parts, 0
+
+    async def read(self) -> bytes:
+        raise AssertionError("not used")
+
+    async def read_chunk(self) -> bytes:
+        self.waits += 1
+        return self.parts.pop(0) if self.parts else b""
+
+    def read_buffered(self) -> bytes:
+        data, self.parts = b"".join(self.parts[:2]), self.parts[2:]
+        return data
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_buffered_bytes_are_relayed_without_waiting() -> None:
+    from server.upstream import UpstreamReply
+
+    resp = Buffered([b"a", b"b", b"c", b"d", b"e"])
+    pieces = [c async for c in UpstreamReply(resp, idle=5).chunks()]
+    assert pieces == [b"ab", b"cd", b"e"] and resp.waits == 1  # one wait: for the end of the stream
+
+
 async def test_closing_a_stream_early_cancels_the_upstream(fake_upstream: FakeUpstream, make_upstream: Any) -> None:
     u = make_upstream(fake_upstream.url)
     fake_upstream.tok = 0.05

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.backend.cpu import CpuInfo
 from server.backend.vllm_process import BackendError, VLLMProcess
 from server.backend.weights import PreparedModel, prepare_model
 from server.settings import BackendSettings, Settings
+from tests.server.backend.cpus import SAPPHIRE_RAPIDS, ZEN3, cpu
 
 # A stand-in for vLLM: answers /health with 200 after an optional delay. Modes: serve, exit
 # (prints an error and exits 3), hang (never listens), child (also spawns a sleeping grandchild),
@@ -53,12 +56,15 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), Health).serve_forever()
 class StandIn(VLLMProcess):
     """Runs the stand-in script instead of vLLM."""
 
-    def __init__(self, tmp_path: Path, mode: str = "serve", delay: float = 0.0, **settings: object) -> None:
+    def __init__(
+        self, tmp_path: Path, mode: str = "serve", delay: float = 0.0, cpu: CpuInfo | None = None, **settings: object
+    ) -> None:
         defaults: dict[str, object] = {"restart_backoff": 0.05, "max_restarts": 3, "start_timeout": 30.0}
         super().__init__(
             BackendSettings.model_validate(defaults | settings),
             PreparedModel(tmp_path / "model", "stand-in"),
             tmp_path / "logs" / "vllm.log",
+            cpu=cpu,
         )
         self.script = tmp_path / "stand_in.py"
         self.script.write_text(STAND_IN)
@@ -111,33 +117,44 @@ def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     settings = BackendSettings(kv_cache_gib=0.4, max_model_len=1024, extra_args=["--seed", "1"])
     model = PreparedModel(tmp_path / "m", "small")
-    process = VLLMProcess(settings, model, tmp_path / "log", python="/py")
+    process = VLLMProcess(settings, model, tmp_path / "log", python="/py", cpu=cpu(SAPPHIRE_RAPIDS))
     assert 0 < process.port < 65536
     assert process.base_url == f"http://127.0.0.1:{process.port}/v1"
     assert process.served_name == "small" and not process.ready and process.pid is None
     assert process.command() == [
         "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"),
         "--served-model-name", "small", "--host", "127.0.0.1", "--port", str(process.port),
-        "--max-model-len", "1024", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
+        "--max-model-len", "1024", "--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
         "--seed", "1",
     ]  # fmt: skip
     env = process.environ()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
-    cpus = sorted(os.sched_getaffinity(0))
-    if cpus == list(range(cpus[-1] + 1)):
-        assert env["VLLM_CPU_OMP_THREADS_BIND"] == f"0-{cpus[-1]}"
 
-    named = BackendSettings(port=8123, served_model_name="alias", kv_cache_gib=3, omp_threads_bind="0")
-    hub = VLLMProcess(named, PreparedModel(Path("org/model"), "org/model", hub_id="org/model"), tmp_path / "l")
+    named = BackendSettings(port=8123, served_model_name="alias", kv_cache_gib=3, omp_threads_bind="0", lora="off")
+    hub_model = PreparedModel(Path("org/model"), "org/model", hub_id="org/model")
+    hub = VLLMProcess(named, hub_model, tmp_path / "l", cpu=cpu(ZEN3))
     assert hub.port == 8123 and hub.served_name == "alias"
     assert hub.command()[3:6] == ["--model", "org/model", "--served-model-name"]
+    assert hub.command()[-2:] == ["--dtype", "float32"]  # no LoRA slots, float32 on an AVX2-only CPU
     env = hub.environ()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
     assert "HF_HUB_OFFLINE" not in env and "TRANSFORMERS_OFFLINE" not in env
+
+
+async def test_start_logs_the_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.backend.vllm_process")
+    process = StandIn(tmp_path, cpu=cpu(ZEN3))
+    await process.start()
+    await process.stop()
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("vLLM backend: ")]
+    assert logged == [f"vLLM backend: {reason}" for reason in process.plan.reasons]
+    assert any("dtype float32 (auto)" in line for line in logged)
 
 
 async def test_start_failure_is_a_backend_error(tmp_path: Path) -> None:
@@ -267,7 +284,9 @@ async def test_kill_sync_ends_the_group_without_the_loop(tmp_path: Path) -> None
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
 async def test_real_vllm_serves_and_stops(tmp_path: Path) -> None:
     model = await asyncio.to_thread(prepare_model, "smollm2-135m-instruct", Settings().cache_dir)
-    settings = BackendSettings(kv_cache_gib=1, max_model_len=1024, start_timeout=600)
+    # float32 from the bf16 folder and no LoRA slots: the choices for a CPU without native bf16
+    # (the shared real server covers bf16 with LoRA).
+    settings = BackendSettings(kv_cache_gib=1, max_model_len=1024, start_timeout=600, dtype="float32", lora="off")
     process = VLLMProcess(settings, model, tmp_path / "vllm.log", python=sys.executable)
     async with process, httpx.AsyncClient(base_url=process.base_url, timeout=120, trust_env=False) as client:
         pgid = process.pid
@@ -285,6 +304,8 @@ async def test_real_vllm_serves_and_stops(tmp_path: Path) -> None:
         )
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["message"]["content"].strip()
+        log = (tmp_path / "vllm.log").read_text(errors="replace")
+        assert "dtype=torch.float32" in log and "--enable-lora" not in log
     assert not process.ready and not alive(pgid)
     # Nothing left in its process group (exited workers may linger as zombies until PID 1 reaps them).
     assert group_members(pgid) == []

@@ -1,0 +1,71 @@
+"""A child process group on Linux: a free port for it, whether it lives, signals, its log's tail."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections import deque
+from pathlib import Path
+
+_LOG_TAIL_LINES = 40
+
+
+def free_loopback_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago (the OS may hand it out again)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process remains in the process group ``pgid``.
+
+    ``killpg(pgid, 0)`` alone is not enough: orphaned grandchildren that exited stay in the group
+    as zombies when PID 1 of a container does not reap them, and would look alive forever.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Sends ``sig`` to the process group ``pgid``, if it is still there."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' if it cannot be read)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    # vLLM's progress bars redraw with carriage returns; keep the last state of each line.
+    tail: deque[str] = deque(maxlen=lines)
+    for line in data.split("\n"):
+        tail.append(line.rstrip("\r").rsplit("\r", 1)[-1])
+    return "\n".join(tail)
