@@ -21,7 +21,9 @@ COPY strategies ./strategies
 COPY memory ./memory
 COPY adapt ./adapt
 COPY evals ./evals
-RUN pip install --no-cache-dir . \
+# Optional extras, e.g. --build-arg EXTRAS='[ray]' for training on a Ray cluster (deploy/).
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS}" \
     && useradd --system --uid 10001 --home-dir /data --create-home sharpen
 
 USER 10001

@@ -27,6 +27,8 @@ _FIELDS = {"tenant", "task", "answer", "score", "kind", "insights", "workflow", 
 def _memory(request: Request) -> Services:
     s: Services = request.app.state.services
     s.auth.require_admin(request.headers.get("authorization"))
+    if s.role == "replica":
+        raise ServiceUnavailable(s.not_primary, code="not_primary")
     if s.memory is None:
         raise ServiceUnavailable("Memory is not enabled on this server.", code="memory_disabled")
     return s

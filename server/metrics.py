@@ -41,6 +41,12 @@ class Metrics:
                                  registry=r)
         self.adapt_labels = Gauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
                                   "reason)", ["tenant", "outcome"], registry=r)
+        # several upstream replicas (server/pool.py)
+        self.replica_calls = Counter("sharpen_replica_calls", "Upstream calls per replica and outcome",
+                                     ["replica", "outcome"], registry=r)
+        self.replica_up = Gauge("sharpen_replica_up", "1 while the replica is in service", ["replica"], registry=r)
+        self.replica_in_flight = Gauge("sharpen_replica_in_flight", "Calls in flight on the replica", ["replica"],
+                                       registry=r)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         if prompt:
@@ -63,6 +69,13 @@ class Metrics:
             self.adapt_labels.labels(tenant, "kept").set(lab.get("kept", 0))
             for reason, n in (lab.get("skipped") or {}).items():
                 self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
+
+    def replica_call(self, replica: str, outcome: str) -> None:
+        self.replica_calls.labels(replica, outcome).inc()
+
+    def replica_state(self, replica: str, up: bool, in_flight: int) -> None:
+        self.replica_up.labels(replica).set(1 if up else 0)
+        self.replica_in_flight.labels(replica).set(in_flight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
