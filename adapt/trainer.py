@@ -2,8 +2,8 @@
 
 A trainer takes a ``TrainJob`` (base weights, examples, hyperparameters, output folder) and runs
 it somewhere else than the server's event loop. ``LocalProcessTrainer`` runs
-``python -m adapt.train_worker`` as a child process with its thread count capped; a Ray-based
-trainer would submit the same job JSON as a Ray job (see the README) and read the same
+``python -m adapt.train_worker`` as a child process with its thread count capped;
+``adapt.ray_trainer.RayJobTrainer`` submits the same job JSON as a Ray job and reads the same
 ``progress.json`` from shared storage.
 """
 
@@ -61,6 +61,31 @@ class Trainer(abc.ABC):
         """Asks the job to stop; ``run`` then returns a cancelled outcome."""
 
 
+def write_job_file(job: TrainJob) -> Path:
+    """Writes ``job_dir/job.json`` (what ``adapt.train_worker`` reads); returns its path."""
+    d = Path(job.job_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    job_file = d / "job.json"
+    job_file.write_text(json.dumps(asdict(job)))
+    return job_file
+
+
+def worker_env(job: TrainJob) -> dict[str, str]:
+    """The variables the worker needs on top of its environment: thread caps, offline hubs."""
+    threads = str(job.hyper.get("threads", 1))
+    return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def read_progress(job: TrainJob) -> dict[str, Any]:
+    """The worker's latest ``progress.json`` (empty before it wrote one)."""
+    try:
+        data = json.loads((Path(job.job_dir) / "progress.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 class LocalProcessTrainer(Trainer):
     """Trains in a child process on this machine (CPU here, the GPU where there is one)."""
 
@@ -76,17 +101,11 @@ class LocalProcessTrainer(Trainer):
 
     def _prepare(self, job: TrainJob) -> tuple[Path, dict[str, str], Any]:
         """Writes the job file; returns it, the child's environment and its open log file."""
-        d = Path(job.job_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        job_file = d / "job.json"
-        job_file.write_text(json.dumps(asdict(job)))
-        threads = str(job.hyper.get("threads", 1))
-        env = self.environ | {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                                     "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-                                     "TRANSFORMERS_OFFLINE": "1"}
+        job_file = write_job_file(job)
+        env = self.environ | worker_env(job)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        return job_file, env, open(d / "train.log", "ab")
+        return job_file, env, open(Path(job.job_dir) / "train.log", "ab")
 
     async def run(self, job: TrainJob) -> TrainOutcome:
         job_file, env, log = self._prepare(job)
@@ -110,11 +129,7 @@ class LocalProcessTrainer(Trainer):
         return TrainOutcome(False, "failed", error=str(err), progress=prog)
 
     def progress(self, job: TrainJob) -> dict[str, Any]:
-        try:
-            data = json.loads((Path(job.job_dir) / "progress.json").read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
+        return read_progress(job)
 
     async def cancel(self, job: TrainJob) -> None:
         (Path(job.job_dir) / "cancel").touch()

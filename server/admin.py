@@ -31,6 +31,8 @@ _FIELDS = {"tenant", "task", "answer", "score", "kind", "insights", "workflow", 
 def _memory(request: Request, *, stats: bool = False) -> Services:
     s: Services = request.app.state.services
     s.auth.require_admin(request.headers.get("authorization"))
+    if s.role == "replica":
+        raise ServiceUnavailable(s.not_primary, code="not_primary")
     if s.memory is None:
         raise ServiceUnavailable("Memory is not enabled on this server.", code="memory_disabled")
     if s.memory.failure is not None and not stats:  # fail fast: the store will never be ready

@@ -17,7 +17,9 @@ from protocol.errors import InvalidRequest, NotFound, SharpenError
 from server import heap
 from server.admin import router as admin_router
 from server.limits import BodyLimit
+from server.pool import UpstreamPool
 from server.redact import clip
+from server.replica import unique_urls
 from server.responses import error_response
 from server.routes import router
 from server.services import Services
@@ -84,10 +86,12 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
     """Builds the app. ``upstream`` is injectable (tests); by default it is made from the settings'
     URL, or from ``backend`` (a managed vLLM child started in the lifespan)."""
     if upstream is None:
-        url = backend.base_url if backend is not None else settings.upstream.url
-        if not url:
+        urls = [backend.base_url] if backend is not None else unique_urls(settings.upstream.endpoints)
+        if not urls:
             raise ValueError("an upstream URL or a managed backend is required")
-        upstream = Upstream(url, settings.upstream)
+        # one URL: the plain client, so the hot path pays nothing for balancing
+        pool = UpstreamPool if len(urls) > 1 else None
+        upstream = pool(urls, settings.upstream) if pool else Upstream(urls[0], settings.upstream)
     services = Services(settings, upstream)
 
     @contextlib.asynccontextmanager

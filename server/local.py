@@ -20,10 +20,12 @@ from server.settings import load_settings
 def local_server(config: str | None, upstream: str | None) -> Iterator[str]:
     """Yields the base URL (…/v1) of a sharpen in front of ``upstream``, or of the embedded
     default backend when it is None; memory is off (an eval must not learn from itself)."""
+    # role replica: it writes no memory and no adapters, and must not take the data folder's
+    # lock from a `sharpen serve` started while it runs
     settings = load_settings(config=config, upstream={"url": upstream} if upstream else None,
-                             memory={"enabled": False})
+                             memory={"enabled": False}, role="replica")
     backend = None
-    if not settings.upstream.url:
+    if not settings.upstream.endpoints:
         from server.backend.vllm_process import VLLMProcess  # heavy: only without an upstream
         from server.backend.weights import prepare_model
 

@@ -40,6 +40,12 @@ class Metrics:
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                                      registry=r)
         self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers", registry=r)
+        # several upstream replicas (server/pool.py)
+        self.replica_calls = Counter("sharpen_replica_calls", "Upstream calls per replica and outcome",
+                                     ["replica", "outcome"], registry=r)
+        self.replica_up = Gauge("sharpen_replica_up", "1 while the replica is in service", ["replica"], registry=r)
+        self.replica_in_flight = Gauge("sharpen_replica_in_flight", "Calls in flight on the replica", ["replica"],
+                                       registry=r)
         a = self.admin_registry  # labelled by tenant: the admin's to read
         self.adapt_cycles = Counter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"], registry=a)
         self.adapt_accuracy = Gauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
@@ -81,6 +87,13 @@ class Metrics:
             self.adapt_labels.labels(tenant, "kept").set(lab.get("kept", 0))
             for reason, n in (lab.get("skipped") or {}).items():
                 self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
+
+    def replica_call(self, replica: str, outcome: str) -> None:
+        self.child(self.replica_calls, replica, outcome).inc()
+
+    def replica_state(self, replica: str, up: bool, in_flight: int) -> None:
+        self.child(self.replica_up, replica).set(1 if up else 0)
+        self.child(self.replica_in_flight, replica).set(in_flight)
 
     def render(self, admin: bool = False) -> bytes:
         """The exposition; the per-model series only for the admin."""

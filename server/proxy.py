@@ -34,6 +34,7 @@ from server import render
 from server.auth import Principal
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.pool import UpstreamPool
 from server.redact import clip
 from server.replay import Replay
 from server.routing import Routing
@@ -87,6 +88,8 @@ class ProxyService:
                  adapt: AdaptationService | None = None) -> None:
         self.settings = settings
         self.upstream = upstream
+        # several replicas: each request's calls are pinned to one (none of this with one upstream)
+        self._pool = upstream if isinstance(upstream, UpstreamPool) else None
         self.models = models
         self.strategies = strategies
         self.metrics = metrics
@@ -201,6 +204,8 @@ class ProxyService:
             routed = job.routing.acquired = self.adapt.acquire(principal.tenant, upstream_model)
             if routed != upstream_model:
                 ctx.body["model"] = ctx.model = job.routing.adapter = routed
+        if self._pool is not None:  # several replicas: this request's calls stay on one
+            ctx.upstream = self._pool.pin(ctx.body)
         return job
 
     async def _recall(self, job: Job, req: ChatCompletionRequest, body: dict[str, Any], principal: Principal) -> None:

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
-from protocol.errors import InvalidRequest
+from protocol.errors import InvalidRequest, ServiceUnavailable
 from protocol.wire import parse_json, validate
+from server.pool import UpstreamPool
 from server.redact import redact_url
 from server.services import Services
 
@@ -36,9 +37,14 @@ async def health() -> Response:
 @router.get("/ready")
 async def ready(request: Request) -> Response:
     s = _services(request)
-    s.authenticate(request)
+    who = s.authenticate(request)
     ok = await s.upstream_ready()
-    body = {"status": "ready" if ok else "waiting for upstream", "upstream": redact_url(s.upstream.base_url)}
+    body: dict[str, Any] = {"status": "ready" if ok else "waiting for upstream"}
+    if isinstance(s.upstream, UpstreamPool):
+        # adapter names are tenants' business: the admin sees them, others a count
+        body["replicas"] = [r if who.admin else {**r, "adapters": len(r["adapters"])} for r in s.upstream.states()]
+    else:
+        body["upstream"] = redact_url(s.upstream.base_url)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -74,6 +80,8 @@ async def feedback(request: Request) -> dict[str, Any]:
     """Scores a recent answer: ``{"id": <response id>, "score": 0..1}``; stored as an experience."""
     s = _services(request)
     principal = s.authenticate(request)
+    if s.role == "replica":
+        raise ServiceUnavailable(s.not_primary, code="not_primary")
     if s.recorder is None:
         raise InvalidRequest("Memory is not enabled on this server.", param="memory")
     fb = validate(Feedback, await _json(request))

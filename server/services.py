@@ -12,6 +12,8 @@ from protocol.events import EventBus
 from server.auth import Authenticator, Principal
 from server.metrics import Metrics
 from server.models import ModelRegistry
+from server.ownership import claim
+from server.pool import UpstreamPool
 from server.proxy import ProxyService
 from server.replay import Replay
 from server.settings import Settings, inherited_environ
@@ -40,6 +42,7 @@ class Services:
         self.models = ModelRegistry(upstream)
         self.strategies = StrategyRegistry(builtin_strategies())
         self.events = EventBus()
+        self.role, self._lock, self.not_primary = claim(settings.data_dir, settings.role)
         self.memory, self.recorder = self._memory(settings)
         replay = Replay(self.memory, settings.memory) if self.memory is not None else None
         self.adapt = self._adaptation(settings)
@@ -52,7 +55,7 @@ class Services:
     def _memory(self, settings: Settings) -> tuple[MemoryService | None, ExperienceRecorder | None]:
         """The experience memory, when enabled and its libraries (faiss, numpy) are installed."""
         s = settings.memory
-        if not s.enabled:
+        if not s.enabled or self.role == "replica":  # the primary owns the memory's files
             return None, None
         try:
             from memory.service import MemoryConfig, MemoryService
@@ -75,19 +78,33 @@ class Services:
         if not settings.adapt.enabled:
             return None
         from adapt.service import AdaptationService
-        from adapt.trainer import LocalProcessTrainer
+        from adapt.trainer import LocalProcessTrainer, Trainer
 
         embedder = self.memory.embedder if self.memory is not None else None
         teacher = None
         if settings.adapt.teacher_url:
             teacher = Upstream(settings.adapt.teacher_url, settings.upstream)
-        svc = AdaptationService(settings.adapt, settings.data_dir / "adapt", self.upstream, self.events,
-                                embedder=embedder, teacher=teacher,
-                                trainer=LocalProcessTrainer(environ=inherited_environ()))
+        trainer: Trainer = LocalProcessTrainer(environ=inherited_environ())
+        if settings.adapt.trainer == "ray":
+            from adapt.ray_trainer import RayJobTrainer
+
+            assert settings.adapt.ray_address is not None  # the settings validate it
+            trainer = RayJobTrainer(settings.adapt.ray_address, python=settings.adapt.ray_python,
+                                    runtime_env=settings.adapt.ray_runtime_env)
+        args = (settings.adapt, settings.data_dir / "adapt", self.upstream, self.events)
+        if self.role == "replica":  # the primary adapts; this process follows its routes
+            from adapt.follower import ReplicaAdaptation
+
+            return ReplicaAdaptation(*args, embedder=embedder, follow_s=settings.replica_follow_s,
+                                     not_primary=self.not_primary)
+        svc = AdaptationService(*args, embedder=embedder, teacher=teacher, trainer=trainer)
         svc.on_cycle = lambda job: self.metrics.record_cycle(job.tenant, job.status, job.report)
         return svc
 
     async def start(self) -> None:
+        if isinstance(self.upstream, UpstreamPool):
+            self.upstream.metrics = self.metrics
+            await self.upstream.start()
         if self.memory is not None and self.recorder is not None:
             await self.memory.start()
             await self.recorder.start()
@@ -130,3 +147,5 @@ class Services:
         if self.memory is not None:
             await self.memory.stop()
         await self.upstream.aclose()
+        if self._lock is not None:
+            self._lock.release()

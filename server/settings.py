@@ -51,7 +51,8 @@ class UpstreamSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str | None = None  # e.g. http://127.0.0.1:8001/v1; None starts the embedded backend
+    url: str | None = None  # e.g. http://127.0.0.1:8001/v1; None (and no urls) starts the embedded backend
+    urls: list[str] = Field(default_factory=list)  # several replicas of one model, balanced (server/pool.py)
     client: Literal["aiohttp", "httpx"] = "aiohttp"  # the hot path's HTTP client (see transport.py)
     api_key: str | None = None  # sent upstream as a bearer token when set
     max_connections: int = 4096  # pool size: at least 1,000 concurrent streams
@@ -59,10 +60,27 @@ class UpstreamSettings(BaseModel):
     retry_backoff: float = 0.05
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
+    # Several replicas (urls): health checks, and how the pool balances and fails over.
+    health_interval_s: float = 2.0  # between health checks of a replica in service
+    backoff_s: float = 0.5  # first retry of a failed replica; doubles up to backoff_max_s
+    backoff_max_s: float = 30.0
+    affinity_slack: int = 4  # a prompt prefix's replica is kept while it has at most this many more
+    #                          requests in flight than the least loaded one
+
     @field_validator("url")
     @classmethod
     def _strip(cls, v: str | None) -> str | None:
         return v.rstrip("/") if v else v
+
+    @field_validator("urls")
+    @classmethod
+    def _strip_all(cls, v: list[str]) -> list[str]:
+        return [u.rstrip("/") for u in v]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every upstream base URL, in order: ``urls``, else ``url`` (empty: embedded backend)."""
+        return self.urls or ([self.url] if self.url else [])
 
 
 class BackendSettings(BaseModel):
@@ -135,11 +153,21 @@ class MemorySettings(BaseModel):
 
 
 class AdaptSettings(AdaptConfig):
-    """The adaptation loop's config, plus what the server alone reads: whether it runs at all and
-    the teacher upstream it connects to."""
+    """The adaptation loop's config, plus what the server alone reads: whether it runs at all, the
+    teacher upstream it connects to, and which trainer it builds (a child process or Ray jobs)."""
 
     enabled: bool = False
     teacher_url: str | None = None  # a stronger OpenAI-compatible upstream for the answers (TT-D)
+    trainer: Literal["local", "ray"] = "local"  # where training runs: a child process, or a Ray job
+    ray_address: str | None = None  # the Ray cluster's job API (dashboard), e.g. http://ray-head:8265
+    ray_python: str = "python"  # the interpreter on the cluster that has torch, transformers and peft
+    ray_runtime_env: dict[str, Any] = Field(default_factory=dict)  # added to the job's runtime_env
+
+    @model_validator(mode="after")
+    def _ray_needs_address(self) -> AdaptSettings:
+        if self.trainer == "ray" and not self.ray_address:
+            raise ValueError("adapt.trainer 'ray' needs adapt.ray_address (the Ray dashboard's URL)")
+        return self
 
 
 class Settings(BaseSettings):
@@ -160,6 +188,11 @@ class Settings(BaseSettings):
     # API key -> tenant. With none configured, every request is the "default" tenant.
     api_keys: dict[str, str] = Field(default_factory=dict)
     admin_key: str | None = None
+
+    # Who owns data_dir's state (memory, adapter registry, queues): the primary holds a lock on it;
+    # a replica serves without memory and follows the primary's adapter routes. auto: primary if free.
+    role: Literal["auto", "primary", "replica"] = "auto"
+    replica_follow_s: float = 5.0  # how often a replica re-reads the adapter routes
 
     max_body_bytes: int = 16 * 1024 * 1024  # every route; a larger declared length is refused unread
     body_timeout_s: float = Field(default=30.0, gt=0)  # most seconds between two chunks of a request body

@@ -10,14 +10,17 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 import uvicorn
 
 from server.app import Backend, HotPath, create_app
 from server.settings import Settings, load_settings
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -40,7 +43,17 @@ class ProxyServer:
         cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
                              log_level="warning", access_log=False, lifespan="on")
         self._server = uvicorn.Server(cfg)
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._server.serve()), daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # the app's loop, once started
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self._server.serve()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        """Runs a coroutine on the app's loop (e.g. a call on one of its services) and waits."""
+        assert self.loop is not None, "not started"
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     @property
     def root(self) -> str:

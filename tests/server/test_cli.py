@@ -13,6 +13,7 @@ from server import cli
 from server.app import HotPath
 from server.backend.weights import PACKAGED
 from server.connection import HeadDeadlineProtocol
+from server.pool import UpstreamPool
 from server.transport import AiohttpTransport, HttpxTransport
 
 
@@ -131,3 +132,19 @@ def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) 
 def test_is_loopback() -> None:
     assert cli._is_loopback("127.0.0.1") and cli._is_loopback("::1") and cli._is_loopback("localhost")
     assert not cli._is_loopback("0.0.0.0") and not cli._is_loopback("::") and not cli._is_loopback("host.lan")
+
+
+def test_upstream_repeated_is_a_pool_of_replicas(tmp_path: Path, served: list[dict[str, Any]]) -> None:
+    assert cli.main(["serve", "--upstream", "http://a:8000/v1", "--upstream", "http://b:8000/v1/",
+                     "--role", "replica"]) == 0
+    (call,) = served
+    services = call["app"].services
+    assert isinstance(services.upstream, UpstreamPool) and services.role == "replica"
+    assert [r.label for r in services.upstream.replicas] == ["http://a:8000/v1", "http://b:8000/v1"]
+
+
+def test_a_list_in_the_config_is_a_pool_too(tmp_path: Path, served: list[dict[str, Any]]) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("upstream:\n  urls: [http://a:8000/v1, http://b:8000/v1]\n")
+    assert cli.main(["serve", "--config", str(cfg)]) == 0
+    assert isinstance(served[0]["app"].services.upstream, UpstreamPool)
