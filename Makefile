@@ -10,6 +10,10 @@ BIN := $(VENV)/bin
 BACKEND ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(BACKEND)
 ARGS ?=
+# The status page's browser test drives Debian's chromium (apt; never a browser build downloaded
+# by a tool). Installed as root, or through sudo when there is one.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 .PHONY: serve test lint install bench clean
 
@@ -29,7 +33,10 @@ ifeq ($(BACKEND),cpu)
 endif
 	touch $(STAMP)
 
-install: $(STAMP)
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+install: $(STAMP) $(CHROMIUM)
 
 serve: $(STAMP)
 	$(BIN)/sharpen models prepare
@@ -39,7 +46,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(CHROMIUM)
 	$(BIN)/pytest -q -p no:cacheprovider $(ARGS)
 
 bench: $(STAMP)

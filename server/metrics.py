@@ -28,6 +28,12 @@ class Metrics:
         self.upstream_errors = Counter("sharpen_upstream_errors", "Failed upstream interactions", ["kind"], registry=r)
         self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["model", "kind"], registry=r)
         self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"], registry=r)
+        # By strategy too (what each strategy costs); kept apart from tokens by model so that
+        # neither counter multiplies the other's label values.
+        self.strategy_tokens = Counter("sharpen_strategy_tokens", "Tokens spent upstream, by strategy",
+                                       ["strategy", "kind"], registry=r)
+        self.strategy_calls = Counter("sharpen_strategy_upstream_calls", "Upstream calls made, by strategy",
+                                      ["strategy"], registry=r)
         self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer", registry=r)
         self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
@@ -63,6 +69,14 @@ class Metrics:
             self.adapt_labels.labels(tenant, "kept").set(lab.get("kept", 0))
             for reason, n in (lab.get("skipped") or {}).items():
                 self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
+
+    def count_strategy(self, strategy: str, prompt: int, completion: int, calls: int) -> None:
+        if prompt:
+            self.strategy_tokens.labels(strategy, "prompt").inc(prompt)
+        if completion:
+            self.strategy_tokens.labels(strategy, "completion").inc(completion)
+        if calls:
+            self.strategy_calls.labels(strategy).inc(calls)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -77,6 +77,9 @@ class BackendSettings(BaseModel):
     max_model_len: int = 2048
     max_lora_rank: int = 8
     max_loras: int = 2
+    # How vLLM reads tool calls out of the text (Qwen2.5 and Hermes-style models write
+    # <tool_call>{...}</tool_call>); None turns tool_choice "auto" off.
+    tool_call_parser: str | None = "hermes"
     kv_cache_gib: float = 2.0
     omp_threads_bind: str | None = None  # e.g. "0-1"; None binds every core of this machine
     extra_args: list[str] = Field(default_factory=list)
@@ -136,6 +139,19 @@ class AdaptSettings(AdaptConfig):
     teacher_url: str | None = None  # a stronger OpenAI-compatible upstream for the answers (TT-D)
 
 
+class UISettings(BaseModel):
+    """The status page (``GET /ui``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Where `sharpen eval --out` folders are looked for (a report folder, or a folder of them);
+    # <data_dir>/evals is always searched too. The newest report is shown.
+    eval_dirs: list[Path] = Field(default_factory=lambda: [Path("evals-out")])
+    refresh_s: float = 2.0  # how often the page polls its summary
+    traffic_window_s: float = 900.0  # the window of recent requests it summarises
+
+
 class Settings(BaseSettings):
     """Everything sharpen is configured with."""
 
@@ -164,6 +180,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
+    ui: UISettings = Field(default_factory=UISettings)
 
     @classmethod
     def settings_customise_sources(

@@ -6,6 +6,7 @@ from typing import Any
 
 from protocol.errors import UpstreamError
 from protocol.wire import ChatCompletionRequest
+from strategies import tool_calls
 from strategies.answers import extract
 from strategies.base import Candidate, StrategyContext
 
@@ -36,8 +37,14 @@ async def sample(request: ChatCompletionRequest, ctx: StrategyContext, n: int, t
         raise UpstreamError("the upstream returned no candidates")
     out = []
     for i, ch in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0)))):
-        content = (ch.get("message") or {}).get("content") or ""
-        out.append(Candidate(index=i, content=content, answer=extract(content),
+        message = ch.get("message") or {}
+        content = message.get("content") or ""
+        # A candidate that calls tools votes with its calls (same functions, equivalent arguments);
+        # verifiers read the calls as text after whatever it said.
+        calls = tool_calls.key(message)
+        if calls is not None:
+            content = "\n".join(filter(None, [content, tool_calls.describe(message)]))
+        out.append(Candidate(index=i, content=content, answer=calls if calls is not None else extract(content),
                              finish_reason=ch.get("finish_reason"), logprob=mean_logprob(ch)))
     return data, out
 

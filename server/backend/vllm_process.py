@@ -202,6 +202,9 @@ class VLLMProcess:
             "--enable-lora",
             "--max-lora-rank", str(s.max_lora_rank),
             "--max-loras", str(s.max_loras),
+            # tool_choice "auto" (the SDK's default when a request has tools) needs a parser;
+            # "required" and a named function work without one (structured output).
+            *(["--enable-auto-tool-choice", "--tool-call-parser", s.tool_call_parser] if s.tool_call_parser else []),
             *s.extra_args,
         ]  # fmt: skip
 
