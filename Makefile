@@ -10,6 +10,10 @@ BIN := $(VENV)/bin
 BACKEND ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(BACKEND)
 ARGS ?=
+# The status page's browser test drives Debian's chromium (apt; never a browser build downloaded
+# by a tool). Installed as root, or through sudo when there is one.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || command -v sudo)
 
 .PHONY: serve test lint install system-deps bench clean
 
@@ -29,12 +33,14 @@ ifeq ($(BACKEND),cpu)
 endif
 	touch $(STAMP)
 
-# The code sandbox (critique_refine's tools, code checkers) needs bubblewrap and libseccomp;
+# The code sandbox (critique_refine's tools, PAL candidates) needs bubblewrap and libseccomp;
 # without them tools are refused, never run unconfined. Idempotent: apt runs only when one is missing.
-SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 system-deps:
 	@command -v bwrap >/dev/null && /sbin/ldconfig -p | grep -q 'libseccomp\.so\.2' || { \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap libseccomp2; }
+
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
 
 install: system-deps $(STAMP)
 
@@ -46,7 +52,7 @@ lint: system-deps $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-test: lint
+test: lint $(CHROMIUM)
 	$(BIN)/pytest -q -p no:cacheprovider $(ARGS)
 
 bench: $(STAMP)

@@ -83,8 +83,12 @@ class AuthenticationFailed(SharpenError):
     type = "authentication_error"
     default_code = "invalid_api_key"
 
+    def __init__(self, message: str, *, challenge: str = "Bearer") -> None:
+        super().__init__(message)
+        self.challenge = challenge  # the WWW-Authenticate scheme the client is invited to use
+
     def headers(self) -> dict[str, str]:
-        return {"WWW-Authenticate": "Bearer"}
+        return {"WWW-Authenticate": self.challenge}
 
 
 class PermissionDenied(SharpenError):

@@ -25,6 +25,7 @@ from server.routes import router
 from server.services import Services
 from server.settings import Settings
 from server.streaming import ClientGone
+from server.ui import router as ui_router
 from server.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ def create_app(settings: Settings, *, upstream: Upstream | None = None, backend:
     app.state.services = services
     app.include_router(router)
     app.include_router(admin_router)
+    if settings.ui.enabled:
+        app.include_router(ui_router)
 
     @app.exception_handler(SharpenError)
     async def _sharpen_error(request: Request, exc: SharpenError) -> Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from dataclasses import dataclass
 
@@ -29,10 +31,13 @@ class Authenticator:
         self.enabled = bool(self._keys)
         self._anonymous = Principal(DEFAULT_TENANT, admin=not self._admin)
 
-    def authenticate(self, authorization: str | None) -> Principal:
+    def authenticate(self, authorization: str | None, *, basic: bool = False) -> Principal:
+        """The principal behind ``authorization``. With ``basic``, HTTP Basic credentials are
+        accepted too (the key as the password): a browser asks for them by itself. Only read-only
+        pages take them, since a browser sends them unasked, also from other sites' forms."""
         if not self.enabled and not self._admin:
             return self._anonymous
-        key = _bearer(authorization)
+        key = _bearer(authorization) if not basic else _bearer(authorization) or _basic(authorization)
         if self._admin and key is not None and hmac.compare_digest(key, self._admin):
             return Principal(DEFAULT_TENANT, admin=True)
         if not self.enabled:
@@ -49,6 +54,19 @@ class Authenticator:
         if not p.admin:
             raise PermissionDenied("This route needs the admin key.")
         return p
+
+
+def _basic(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        _, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return password or None
 
 
 def _bearer(header: str | None) -> str | None:

@@ -35,6 +35,12 @@ class Metrics:
         self.model_tokens = Counter("sharpen_model_tokens", "Tokens spent upstream, by model or adapter (admin only)",
                                     ["model", "kind"], registry=self.admin_registry)
         self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"], registry=r)
+        # By strategy too (what each strategy costs); kept apart from tokens by model so that
+        # neither counter multiplies the other's label values.
+        self.strategy_tokens = Counter("sharpen_strategy_tokens", "Tokens spent upstream, by strategy",
+                                       ["strategy", "kind"], registry=r)
+        self.strategy_calls = Counter("sharpen_strategy_upstream_calls", "Upstream calls made, by strategy",
+                                      ["strategy"], registry=r)
         self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer", registry=r)
         self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
@@ -94,6 +100,14 @@ class Metrics:
     def replica_state(self, replica: str, up: bool, in_flight: int) -> None:
         self.child(self.replica_up, replica).set(1 if up else 0)
         self.child(self.replica_in_flight, replica).set(in_flight)
+
+    def count_strategy(self, strategy: str, prompt: int, completion: int, calls: int) -> None:
+        if prompt:
+            self.child(self.strategy_tokens, strategy, "prompt").inc(prompt)
+        if completion:
+            self.child(self.strategy_tokens, strategy, "completion").inc(completion)
+        if calls:
+            self.child(self.strategy_calls, strategy).inc(calls)
 
     def render(self, admin: bool = False) -> bytes:
         """The exposition; the per-model series only for the admin."""

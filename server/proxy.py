@@ -48,6 +48,7 @@ from server.streaming import (
     cancel_on_disconnect,
     sse_event,
 )
+from server.traffic import Finished, Traffic
 from server.upstream import Upstream
 from strategies.base import AnyRequest, Caps, Strategy, StrategyContext, StrategyResult
 from strategies.registry import StrategyRegistry
@@ -74,6 +75,7 @@ class Job:
     ctx: StrategyContext
     t0: float
     routing: Routing = field(default_factory=Routing)
+    uncertainty: float | None = None  # the strategy's, once known (for the traffic record)
 
     @property
     def with_trace(self) -> bool:
@@ -85,8 +87,9 @@ class ProxyService:
 
     def __init__(self, settings: Settings, upstream: Upstream, models: ModelRegistry,
                  strategies: StrategyRegistry, metrics: Metrics, events: EventBus, replay: Replay | None = None,
-                 adapt: AdaptationService | None = None) -> None:
+                 adapt: AdaptationService | None = None, traffic: Traffic | None = None) -> None:
         self.settings = settings
+        self.traffic = traffic
         self.upstream = upstream
         # several replicas: each request's calls are pinned to one (none of this with one upstream)
         self._pool = upstream if isinstance(upstream, UpstreamPool) else None
@@ -324,6 +327,7 @@ class ProxyService:
         req, strategy, ctx = job.req, job.strategy, job.ctx
         if result.uncertainty is not None:
             self.metrics.child(self.metrics.uncertainty, strategy.name).observe(result.uncertainty.score)
+            job.uncertainty = result.uncertainty.score
         if not self.events.active or not isinstance(req, ChatCompletionRequest) or result.response is None:
             return
         choices = result.response.get("choices") or [{}]
@@ -361,11 +365,16 @@ class ProxyService:
                 m.disconnects.inc()
         else:
             status = "500"
+        latency = time.perf_counter() - t0
         m.child(m.requests, endpoint, strategy.name, status).inc()
-        m.child(m.latency, endpoint, strategy.name).observe(time.perf_counter() - t0)
+        m.child(m.latency, endpoint, strategy.name).observe(latency)
         u = ctx.usage
+        if self.traffic is not None:
+            self.traffic.observe(Finished(ctx.tenant, endpoint, strategy.name, int(status), latency, u.prompt_tokens,
+                                          u.completion_tokens, len(ctx.calls), job.uncertainty))
         if u.total_tokens:
             m.count_tokens(ctx.model, u.prompt_tokens, u.completion_tokens)
+        m.count_strategy(strategy.name, u.prompt_tokens, u.completion_tokens, len(ctx.calls))
         for call in ctx.calls:
             m.child(m.upstream_calls, call.purpose).inc()
 

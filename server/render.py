@@ -74,6 +74,10 @@ def chunks(response: dict[str, Any], *, piece_chars: int = 24) -> list[dict[str,
         for k in range(0, len(text), piece_chars):
             out.append({**base, "choices": [{"index": i, "delta": {"content": text[k : k + piece_chars]},
                                              "finish_reason": None}]})
+        calls = (ch.get("message") or {}).get("tool_calls") or []
+        if calls:  # whole, one chunk: the SDK's accumulator joins fragments by each call's index
+            delta = [{"index": j, **{k: v for k, v in c.items() if k != "index"}} for j, c in enumerate(calls)]
+            out.append({**base, "choices": [{"index": i, "delta": {"tool_calls": delta}, "finish_reason": None}]})
         out.append({**base, "choices": [{"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")}]})
     tail = {**base, "choices": [], "usage": response.get("usage")}
     if "sharpen" in response:

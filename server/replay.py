@@ -63,6 +63,9 @@ class Replay:
     def __init__(self, memory: MemoryService | None, settings: MemorySettings) -> None:
         self.memory = memory
         self.settings = settings
+        # Per tenant since start: requests that recalled, and those that got at least one memory.
+        self.recalls: dict[str, int] = {}
+        self.hits: dict[str, int] = {}
 
     def options(self, req: ChatCompletionRequest) -> MemoryOptions:
         s = self.settings
@@ -92,6 +95,9 @@ class Replay:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         hits = await self.memory.recall(tenant, task_of(messages), k=k, threshold=self.settings.threshold)
         section = render_hits(hits, self.settings.inject_tokens)
+        self.recalls[tenant] = self.recalls.get(tenant, 0) + 1
+        if section:
+            self.hits[tenant] = self.hits.get(tenant, 0) + 1
         if not section:
             return req, []
         if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):

@@ -10,8 +10,7 @@ from starlette.responses import JSONResponse, Response
 
 from protocol.errors import InvalidRequest, ServiceUnavailable
 from protocol.wire import parse_json, validate
-from server.pool import UpstreamPool
-from server.redact import redact_url
+from server.forward import FORWARD_METHODS, TOP_LEVEL
 from server.services import Services
 
 router = APIRouter()
@@ -38,13 +37,7 @@ async def health() -> Response:
 async def ready(request: Request) -> Response:
     s = _services(request)
     who = s.authenticate(request)
-    ok = await s.upstream_ready()
-    body: dict[str, Any] = {"status": "ready" if ok else "waiting for upstream"}
-    if isinstance(s.upstream, UpstreamPool):
-        # adapter names are tenants' business: the admin sees them, others a count
-        body["replicas"] = [r if who.admin else {**r, "adapters": len(r["adapters"])} for r in s.upstream.states()]
-    else:
-        body["upstream"] = redact_url(s.upstream.base_url)
+    ok, body = await s.readiness(admin=who.admin)
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -91,3 +84,14 @@ async def feedback(request: Request) -> dict[str, Any]:
 
 async def _json(request: Request) -> Any:
     return parse_json(await request.body())
+
+
+async def forward(request: Request) -> Response:
+    """Everything else the upstream serves (see server/forward.py); registered last."""
+    s = _services(request)
+    return await s.forwarder.handle(request, s.authenticate(request))
+
+
+for _path in sorted(TOP_LEVEL):
+    router.add_api_route(_path, forward, methods=FORWARD_METHODS, include_in_schema=False)
+router.add_api_route("/v1/{rest:path}", forward, methods=FORWARD_METHODS, include_in_schema=False)

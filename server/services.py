@@ -10,13 +10,18 @@ from starlette.requests import Request
 
 from protocol.events import EventBus
 from server.auth import Authenticator, Principal
+from server.eval_reports import EvalReports
+from server.forward import Forwarder
 from server.metrics import Metrics
 from server.models import ModelRegistry
 from server.ownership import claim
 from server.pool import UpstreamPool
 from server.proxy import ProxyService
+from server.redact import redact_url
 from server.replay import Replay
 from server.settings import Settings, inherited_environ
+from server.status import StatusService
+from server.traffic import Traffic
 from server.upstream import Upstream
 from strategies import builtin_strategies
 from strategies.registry import StrategyRegistry
@@ -44,12 +49,20 @@ class Services:
         self.events = EventBus()
         self.role, self._lock, self.not_primary = claim(settings.data_dir, settings.role)
         self.memory, self.recorder = self._memory(settings)
-        replay = Replay(self.memory, settings.memory) if self.memory is not None else None
+        self.replay = Replay(self.memory, settings.memory) if self.memory is not None else None
         self.adapt = self._adaptation(settings)
         if self.adapt is not None:
             self.adapt.models_changed = self.models.refresh
-        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events, replay,
-                                  self.adapt)
+        self.traffic = Traffic(window_s=settings.ui.traffic_window_s)
+        self.proxy = ProxyService(settings, upstream, self.models, self.strategies, self.metrics, self.events,
+                                  self.replay, self.adapt, self.traffic)
+        self.forwarder = Forwarder(upstream, self.metrics, max_concurrency=settings.max_concurrency,
+                                   read_body=self.proxy.read_body, traffic=self.traffic, adapt=self.adapt)
+        self.status = StatusService(
+            self.traffic, EvalReports([*settings.ui.eval_dirs, settings.data_dir / "evals"]), self.readiness,
+            refresh_s=settings.ui.refresh_s, memory=self.memory, replay=self.replay, adapt=self.adapt,
+            strategies=self.strategies.names(),
+            presets={k: p.model_dump() for k, p in settings.strategies.presets.items()})
         self._ready: tuple[float, bool] = (0.0, False)
 
     def _memory(self, settings: Settings) -> tuple[MemoryService | None, ExperienceRecorder | None]:
@@ -127,16 +140,37 @@ class Services:
         self.metrics.upstream_ready.set(1 if ok else 0)
         return ok
 
+    async def readiness(self, admin: bool = False) -> tuple[bool, dict[str, Any]]:
+        """What ``/ready`` answers: whether the upstream answers, and where it is (each replica's
+        state with several; adapter names, a tenant's business, only for the admin)."""
+        ok = await self.upstream_ready()
+        body: dict[str, Any] = {"status": "ready" if ok else "waiting for upstream"}
+        if isinstance(self.upstream, UpstreamPool):
+            body["replicas"] = [r if admin else {**r, "adapters": len(r["adapters"])} for r in self.upstream.states()]
+        else:
+            body["upstream"] = redact_url(self.upstream.base_url)
+        return ok, body
+
     def model_cards(self, tenant: str) -> list[dict[str, Any]]:
-        """The upstream's models the tenant may use (not other tenants' adapters), then each
-        one's ``model@strategy`` variants."""
+        """The upstream's models the tenant may use (not other tenants' adapters), each one's
+        ``model@strategy`` variants, then the configured presets; variants and presets say
+        their strategy in ``strategy``."""
         cards = [c for c in self.models.cards() if self.adapt is None or self.adapt.visible(tenant, str(c["id"]))]
         out = list(cards)
         for card in cards:
             for name in self.strategies.names():
                 if name != "passthrough":
                     out.append({"id": f"{card['id']}@{name}", "object": "model", "created": card.get("created", 0),
-                                "owned_by": "sharpen", "root": card.get("root", card["id"]), "parent": card["id"]})
+                                "owned_by": "sharpen", "root": card.get("root", card["id"]), "parent": card["id"],
+                                "strategy": name})
+        taken = {str(c["id"]) for c in out}
+        for alias, preset in self.settings.strategies.presets.items():
+            model = preset.model or self.models.default
+            if alias in taken or model is None or (self.adapt is not None and not self.adapt.visible(tenant, model)):
+                continue
+            out.append({"id": alias, "object": "model", "created": 0, "owned_by": "sharpen", "root": model,
+                        "parent": model, "strategy": preset.strategy or self.settings.strategies.default,
+                        "preset": True})
         return out
 
     async def close(self) -> None:

@@ -100,6 +100,9 @@ class BackendSettings(BaseModel):
     expect_adapters: bool = True  # set from adapt.enabled by Settings unless given
     max_lora_rank: int = 8  # set to adapt.rank by Settings unless given (a larger cap costs ~30%)
     max_loras: int = 2
+    # How vLLM reads tool calls out of the text (Qwen2.5 and Hermes-style models write
+    # <tool_call>{...}</tool_call>); None turns tool_choice "auto" off.
+    tool_call_parser: str | None = "hermes"
     kv_cache_gib: float | None = None  # None: room for 16 full-length sequences of the model
     omp_threads_bind: str | None = None  # e.g. "0-1"; None: one CPU per physical core, less the reserved
     reserved_cpus: int | None = None  # CPUs kept from vLLM's workers; None: 0 up to 4 cores, else 1
@@ -170,6 +173,19 @@ class AdaptSettings(AdaptConfig):
         return self
 
 
+class UISettings(BaseModel):
+    """The status page (``GET /ui``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    # Where `sharpen eval --out` folders are looked for (a report folder, or a folder of them);
+    # <data_dir>/evals is always searched too. The newest report is shown.
+    eval_dirs: list[Path] = Field(default_factory=lambda: [Path("evals-out")])
+    refresh_s: float = 2.0  # how often the page polls its summary
+    traffic_window_s: float = 900.0  # the window of recent requests it summarises
+
+
 class Settings(BaseSettings):
     """Everything sharpen is configured with."""
 
@@ -209,6 +225,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = Field(default_factory=MemorySettings)
     adapt: AdaptSettings = Field(default_factory=AdaptSettings)
     backend: BackendSettings = Field(default_factory=BackendSettings)
+    ui: UISettings = Field(default_factory=UISettings)
 
     @classmethod
     def settings_customise_sources(

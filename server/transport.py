@@ -23,6 +23,7 @@ class TransportResponse(abc.ABC):
 
     status: int
     content_type: str
+    headers: Mapping[str, str]  # the response's headers (forwarded routes pass some on)
 
     @abc.abstractmethod
     async def read(self) -> bytes:
@@ -63,6 +64,7 @@ class _AiohttpResponse(TransportResponse):
     def __init__(self, resp: aiohttp.ClientResponse) -> None:
         self._resp = resp
         self.status = resp.status
+        self.headers = resp.headers
         self.content_type = resp.headers.get("Content-Type", "")
 
     async def read(self) -> bytes:
@@ -130,6 +132,7 @@ class _HttpxResponse(TransportResponse):
         self._resp = resp
         self._iter: AsyncIterator[bytes] | None = None
         self.status = resp.status_code
+        self.headers = resp.headers
         self.content_type = resp.headers.get("content-type", "")
 
     async def read(self) -> bytes:

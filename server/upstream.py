@@ -27,6 +27,7 @@ class UpstreamReply:
         self._resp = resp
         self._idle = idle
         self.status = resp.status
+        self.headers = resp.headers
 
     async def read(self) -> bytes:
         try:
@@ -124,6 +125,31 @@ class Upstream:
             finally:
                 await resp.close()
             raise UpstreamStatusError.from_upstream(resp.status, raw)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def forward(self, method: str, path: str, body: bytes | None, headers: dict[str, str], *,
+                      root: bool = False) -> UpstreamReply:
+        """Sends a client's request on as it came, and returns the answer whatever its status:
+        the forwarded routes pass the upstream's own errors through untouched. Only connection
+        failures are retried (nothing reached the upstream then); a 5xx is the client's to see.
+        ``headers`` replace the JSON defaults (a multipart upload keeps its content type)."""
+        url = (self.root_url if root else self.base_url) + path
+        sent = {**headers, **({"Authorization": self._headers["Authorization"]} if "Authorization" in self._headers
+                              else {})}
+        t = self.settings.timeouts
+        attempts = self.settings.retries + 1
+        for attempt in range(attempts):
+            try:
+                async with asyncio.timeout(t.first_byte):
+                    resp = await self._transport.send(method, url, body, sent)
+            except TimeoutError:
+                raise UpstreamTimeout(f"upstream did not answer within {t.first_byte:g} s") from None
+            except UpstreamConnectError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(self.settings.retry_backoff * (2**attempt))
+                continue
+            return UpstreamReply(resp, t.idle)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

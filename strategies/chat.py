@@ -38,7 +38,7 @@ def first_finish(data: dict[str, Any]) -> str:
 
 def form_key(c: Candidate) -> tuple[int, float]:
     """Best-formed first: finished normally, then most confident."""
-    return (0 if c.finish_reason == "stop" else 1, -(c.logprob if c.logprob is not None else -1e9))
+    return (0 if c.finish_reason in ("stop", "tool_calls") else 1, -(c.logprob if c.logprob is not None else -1e9))
 
 
 def votes(cands: list[Candidate]) -> Counter[str]:

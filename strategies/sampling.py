@@ -6,7 +6,8 @@ from typing import Any
 
 from protocol.errors import UpstreamError
 from protocol.wire import ChatCompletionRequest
-from strategies.answers import final_answer, placeholders
+from strategies import tool_calls
+from strategies.answers import FORM_OK, final_answer, placeholders
 from strategies.base import Candidate, StrategyContext
 from strategies.chat import question
 from strategies.confidence import from_openai, measure
@@ -49,9 +50,18 @@ def candidates(data: dict[str, Any], request: ChatCompletionRequest, *, start: i
     templates = placeholders(question(request))
     out = []
     for i, ch in enumerate(sorted(choices, key=lambda c: int(c.get("index", 0)))):
-        content = (ch.get("message") or {}).get("content") or ""
+        message = ch.get("message") or {}
+        content = message.get("content") or ""
         finish = ch.get("finish_reason")
-        answer, form = final_answer(content, finish, templates)
+        # A candidate that calls tools votes with its calls (same functions, equivalent arguments);
+        # verifiers read the calls as text after whatever it said.
+        calls = tool_calls.key(message)
+        answer: str | None
+        if calls is not None:
+            content = "\n".join(filter(None, [content, tool_calls.describe(message)]))
+            answer, form = calls, FORM_OK
+        else:
+            answer, form = final_answer(content, finish, templates)
         out.append(Candidate(index=start + i, content=content, answer=answer, finish_reason=finish,
                              logprob=mean_logprob(ch), confidence=measure(from_openai(ch.get("logprobs"))),
                              form=form))

@@ -15,7 +15,7 @@ from pydantic import Field
 from protocol.errors import InvalidRequest, SharpenError
 from protocol.uncertainty import Uncertainty
 from protocol.wire import ChatCompletionRequest
-from strategies import pal, sampling, selection, waves
+from strategies import pal, sampling, selection, tool_calls, waves
 from strategies.answers import extract, majority
 from strategies.base import AnyRequest, Candidate, Caps, Strategy, StrategyContext, StrategyOptions, StrategyResult
 from strategies.chat import first_text, form_key, question
@@ -83,7 +83,7 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         best, share = majority([c.answer for c in cands])
         # Counted without extract's last-line fallback, which "finds" an answer in any free-form
         # text: otherwise free-form candidates never reach universal self-consistency.
-        parsed = sum(extract(c.content, last_line=False) is not None for c in cands)
+        parsed = sum(tool_calls.is_key(c.answer) or extract(c.content, last_line=False) is not None for c in cands)
         if opts.usc and len(cands) > 1 and (best is None or parsed < len(cands) / 2):
             ranked = await self._universal(request, ctx, cands, notes)
         else:

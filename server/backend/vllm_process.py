@@ -128,6 +128,9 @@ class VLLMProcess:
             "--port", str(self.port),
             "--max-model-len", str(s.max_model_len),
             *self.plan.args(),
+            # tool_choice "auto" (the SDK's default when a request has tools) needs a parser;
+            # "required" and a named function work without one (structured output).
+            *(["--enable-auto-tool-choice", "--tool-call-parser", s.tool_call_parser] if s.tool_call_parser else []),
             *s.extra_args,
         ]  # fmt: skip
 

@@ -51,6 +51,9 @@ LogprobFn = Callable[[dict[str, Any], int, int, str], float]
 CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 COMPLETION_PATHS = frozenset({CHAT_PATH, COMPLETIONS_PATH})
+# Routes the fake echoes (what a forwarding proxy sent on), as vLLM serves them.
+ECHO_PREFIXES = ("/v1/responses", "/v1/audio/", "/v1/score", "/v1/rerank", "/v1/classify", "/tokenize",
+                 "/detokenize", "/pooling", "/classify", "/score", "/rerank", "/v2/rerank", "/invocations", "/version")
 
 VERIFY_SUFFIX = " FINAL VERIFICATION ANSWER: True"
 _VERIFY_RE = re.compile(r"verif|critique", re.IGNORECASE)
@@ -449,7 +452,48 @@ class FakeUpstream:
             return self._load_lora(state.rec.json)
         if method == "POST" and path == "/v1/unload_lora_adapter":
             return self._unload_lora(state.rec.json)
+        if method == "POST" and path == "/v1/embeddings":
+            return self._embeddings(state.rec.json)
+        if path.startswith(ECHO_PREFIXES):
+            return await self._echo(request, state)
         return _error(404, f"fake: no route for {method} {path}")
+
+    def _embeddings(self, body: Any) -> web.Response:
+        body = body if isinstance(body, dict) else {}
+        inp = body.get("input")
+        items = inp if isinstance(inp, list) else [inp]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]} for i in range(len(items))]
+        n = sum(len(str(x).split()) for x in items)
+        return web.json_response({"object": "list", "data": data, "model": body.get("model", self.model),
+                                  "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    async def _echo(self, request: web.Request, state: _State) -> web.StreamResponse:
+        """Any other inference route (responses, tokenize, score, audio, ...): what arrived, as
+        JSON; ``"stream": true`` gets it as three SSE events; ``/v1/audio/speech`` answers bytes."""
+        rec = state.rec
+        echo = {"object": "fake.echo", "method": request.method, "path": request.path, "query": rec.query,
+                "body": rec.json, "content_type": rec.headers.get("content-type"),
+                "authorization": rec.headers.get("authorization"), "usage": {"input_tokens": 3, "output_tokens": 4}}
+        if request.path == "/v1/audio/speech":
+            resp = web.StreamResponse(headers={"Content-Type": "audio/mpeg",
+                                               "Content-Disposition": 'attachment; filename="speech.mp3"'})
+            await resp.prepare(request)
+            for k in range(3):
+                await resp.write(bytes([k]) * 1024)
+                await _sleep(state.knobs.tok)
+            await resp.write_eof()
+            return resp
+        if isinstance(rec.json, dict) and rec.json.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "X-Request-Id": "fake-req"})
+            await resp.prepare(request)
+            for k in range(3):
+                await resp.write(f"event: fake.delta\ndata: {json.dumps({'k': k, 'path': request.path})}\n\n".encode())
+                await _sleep(state.knobs.tok)
+            done = {"type": "response.completed", "response": {"usage": echo["usage"]}}
+            await resp.write(f"event: response.completed\ndata: {json.dumps(done)}\n\n".encode())
+            await resp.write_eof()
+            return resp
+        return web.json_response(echo, headers={"X-Request-Id": "fake-req", "X-Internal": "not forwarded"})
 
     def _should_fail(self, state: _State) -> bool:
         knobs = state.knobs

@@ -166,7 +166,7 @@ def test_unknown_model_is_404(quick_proxy: ProxyServer) -> None:
     assert "gpt-17" in err["message"]
 
 
-@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nope"), ("POST", "/v1/embeddings"), ("GET", "/"),
+@pytest.mark.parametrize(("method", "path"), [("GET", "/nope"), ("POST", "/v1/load_lora_adapter"), ("GET", "/"),
                                               ("DELETE", "/v2/chat/completions")])
 def test_unknown_route_is_404_openai_shaped(quick_proxy: ProxyServer, method: str, path: str) -> None:
     error_of(httpx.request(method, quick_proxy.root + path, timeout=5), 404, code="not_found",

@@ -4,6 +4,7 @@ strict validation of that choice, and the server's caps."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -160,10 +161,40 @@ def test_models_list_strategy_variants(fake_upstream: FakeUpstream, proxy: Proxy
     assert "fake@best_of_n" in ids and "fake@self_consistency" in ids
     assert "fake@passthrough" not in ids
     card = next(m for m in r.json()["data"] if m["id"] == "fake@best_of_n")
-    assert card["parent"] == "fake"
+    assert (card["parent"], card["strategy"]) == ("fake", "best_of_n")
     # and each listed variant is usable as a model name
     c = openai.OpenAI(base_url=proxy.url, api_key="unused", max_retries=0)
     assert {m.id for m in c.models.list()} >= {"fake@best_of_n", "fake@self_consistency"}
+
+
+def test_models_list_presets(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer],
+                             tmp_path: Path) -> None:
+    presets = {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 4}},
+               "cheap": {"strategy": "self_consistency"},  # the upstream's default model
+               "plain": {"model": "fake"},  # the server's default strategy
+               "a-only": {"model": "fake-tenant-a-v1", "strategy": "auto"}}  # tenant a's adapter
+    p = make_proxy(fake_upstream.url, api_keys={"ka": "tenant-a", "kb": "tenant-b"},
+                   strategies={"presets": presets, "default": "auto"},
+                   adapt={"enabled": True, "tenants": ["tenant-a"], "base_model_path": str(tmp_path)})
+    assert p.app.services.adapt is not None
+    p.app.services.adapt.registry.new_version("tenant-a", "fake", tmp_path, parent=None, data_hash="", hyper={})
+
+    def listed(key: str) -> dict[str, dict[str, Any]]:
+        r = HTTP.get(p.url + "/models", headers={"authorization": f"Bearer {key}"}, timeout=10)
+        return {m["id"]: m for m in r.json()["data"] if m.get("preset")}
+
+    b = listed("kb")
+    assert b["smart"] == {"id": "smart", "object": "model", "created": 0, "owned_by": "sharpen", "root": "fake",
+                               "parent": "fake", "strategy": {"name": "best_of_n", "n": 4}, "preset": True}
+    assert (b["cheap"]["root"], b["cheap"]["strategy"]) == ("fake", "self_consistency")
+    assert b["plain"]["strategy"] == "auto"
+    assert "a-only" not in b  # another tenant's adapter stays invisible behind a preset too
+    assert listed("ka")["a-only"]["root"] == "fake-tenant-a-v1"
+    # and the SDK lists them as models, usable by name
+    c = openai.OpenAI(base_url=p.url, api_key="kb", max_retries=0)
+    assert {"smart", "cheap", "plain"} <= {m.id for m in c.models.list()}
+    r = c.chat.completions.create(model="smart", messages=[{"role": "user", "content": "hi"}])
+    assert r.model_extra is not None and r.model_extra["sharpen"]["strategy"] == "best_of_n"
 
 
 # ---------------------------------------------------------------------------- validation

@@ -125,8 +125,10 @@ def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.Monkey
         "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"),
         "--served-model-name", "small", "--host", "127.0.0.1", "--port", str(process.port),
         "--max-model-len", "1024", "--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-        "--seed", "1",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--seed", "1",
     ]  # fmt: skip
+    no_tools = VLLMProcess(BackendSettings(tool_call_parser=None), model, tmp_path / "log", python="/py")
+    assert "--enable-auto-tool-choice" not in no_tools.command() and "--tool-call-parser" not in no_tools.command()
     env = process.environ()
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
