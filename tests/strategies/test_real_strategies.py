@@ -168,16 +168,18 @@ class NHistogram:
         self.vllm = vllm
         # An earlier test's (aborted) request may still be finishing, and its stats land a moment
         # after it has: start from an idle server whose n histogram has stopped moving.
-        deadline = time.monotonic() + 30
+        # On a loaded 2-core CI machine the logger lagged more than 0.5 s (an earlier test's request
+        # was counted inside the next test's window), so the count must hold still for 2.5 s.
+        deadline = time.monotonic() + 45
+        key = ("vllm:request_params_n_count", "")
         before = _metrics(vllm)
-        while time.monotonic() < deadline:
+        still = 0
+        while time.monotonic() < deadline and still < 5:
             time.sleep(0.5)
             now = _metrics(vllm)
             idle = now.get(("vllm:num_requests_running", ""), 0) == 0 and \
                 now.get(("vllm:num_requests_waiting", ""), 0) == 0
-            key = ("vllm:request_params_n_count", "")
-            if idle and now.get(key) == before.get(key):
-                break
+            still = still + 1 if idle and now.get(key) == before.get(key) else 0
             before = now
         self.before = before
 
