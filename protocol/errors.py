@@ -8,6 +8,7 @@ any of them into an OpenAI-shaped response: ``{"error": {"message", "type", "par
     │   ├── CanaryInvalid (code adaptation_canary_invalid: adapt.canary unreadable or unusable)
     │   └── LabellingFailed (422, code adaptation_unlabelled: no usable consensus label)
     ├── AuthenticationFailed (401)
+    ├── RequestTimeout (408: the request body did not arrive in time)
     ├── PermissionDenied (403)
     ├── NotFound (404)
     │   └── ModelNotFound

@@ -27,7 +27,10 @@ def exposed() -> set[str]:
     m.uncertainty.labels("s").observe(0.5)
     m.record_cycle("t", "succeeded", {"heldout": {"greedy_before": 0.5}, "phases_s": {"train": 1.0},
                                       "labelling": {"kept": 1, "skipped": {"split": 1}}})
-    names = set(re.findall(r"^(sharpen_\w+)", m.render().decode(), re.M))
+    m.replica_call("http://r:1", "ok")
+    m.replica_state("http://r:1", True, 0)
+    # the admin's scrape: per-model and per-tenant series are rendered only for it
+    names = set(re.findall(r"^(sharpen_\w+)", m.render(admin=True).decode(), re.M))
     return {n for n in names if not n.endswith("_created")}
 
 

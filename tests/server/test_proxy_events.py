@@ -27,7 +27,7 @@ HTTP = httpx.Client(timeout=20)  # one client: a new one per request costs more 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
 KEYS = {"sk-a": "team-a", "sk-b": "team-b"}
 SC = {"name": "self_consistency", "n": 4}
-BON = {"name": "best_of_n", "n": 4, "verifiers": ["agreement"]}
+BON = {"name": "best_of_n", "n": 4, "verifiers": ["agreement"], "pal": 0}  # prose only: the fake writes no programs
 
 
 @pytest.fixture

@@ -142,7 +142,9 @@ def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.Monkey
     hub = VLLMProcess(named, hub_model, tmp_path / "l", cpu=cpu(ZEN3))
     assert hub.port == 8123 and hub.served_name == "alias"
     assert hub.command()[3:6] == ["--model", "org/model", "--served-model-name"]
-    assert hub.command()[-2:] == ["--dtype", "float32"]  # no LoRA slots, float32 on an AVX2-only CPU
+    # no LoRA slots, float32 on an AVX2-only CPU; the tool-call parser whatever the CPU
+    assert hub.command()[-5:] == ["--dtype", "float32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert "--enable-lora" not in hub.command()
     env = hub.environ()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
