@@ -25,6 +25,9 @@ class AdaptConfig(BaseModel):
     # consensus: "ttrl" labels the uncertain queries alone; "ttsi" adds `siblings` synthesized ones each
     mode: Literal["ttrl", "ttsi"] = "ttrl"
     label_n: int = Field(default=8, ge=2, le=64)  # samples per question (one n=N call)
+    # program-aided candidates per question (one more n=k call; run in the sandbox): where they
+    # ran and agree, their answer is the label (0: the prose vote alone)
+    label_pal: int = Field(default=4, ge=0, le=16)
     label_temperature: float = 0.8
     label_max_tokens: int = 256
     min_share: float = 0.5  # keep a question only if its winning answer has this share of the votes

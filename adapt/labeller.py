@@ -11,12 +11,12 @@ from __future__ import annotations
 import abc
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from protocol.upstream import UpstreamAPI
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling
+from strategies import pal, sampling
 from strategies.base import Candidate, StrategyContext
 
 
@@ -25,7 +25,8 @@ class Label:
     """The consensus over one question's candidates.
 
     ``answer`` is the winning normalised final answer (None when no candidate had one);
-    ``share`` its fraction of all N candidates; ``confidence`` in [0, 1] (here the winners'
+    ``share`` its fraction of all N candidates (of the programs that ran, when they decided);
+    ``confidence`` in [0, 1] (here the winners'
     mean per-token probability); ``agreeing`` the finished rationales that reach ``answer``,
     most confident first; ``disagreeing`` the finished ones that reach another answer."""
 
@@ -38,6 +39,7 @@ class Label:
     disagreeing: list[str] = field(default_factory=list)
     origin: int | None = None  # the queued query this question came from (itself or a sibling)
     sibling: bool = False
+    program: str | None = None  # what the executed programs agreed on (None: none ran or they split)
 
 
 class Labeller(abc.ABC):
@@ -55,10 +57,17 @@ class Labeller(abc.ABC):
 
 
 class MajorityVote(Labeller):
-    """Plain majority vote over ``n`` samples; confidence is exp(mean token logprob) of the winners."""
+    """Majority vote over ``n`` samples; confidence is exp(mean token logprob) of the winners.
 
-    def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256) -> None:
+    With ``pal`` > 0, that many program-aided candidates (``strategies.pal``: the model writes
+    Python, the sandbox runs it) are drawn too. Their printed answers vote, and where programs
+    ran and agree, the label must be their answer (the PAL paper's observation: an executed
+    program is a far more reliable label than a small model's prose). The rationales trained on
+    stay the prose ones that reach that answer."""
+
+    def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256, pal: int = 0) -> None:
         self.n = n
+        self.pal = pal
         self.temperature = temperature
         self.max_tokens = max_tokens
 
@@ -69,28 +78,42 @@ class MajorityVote(Labeller):
                               tenant=tenant, deadline=time.monotonic() + 900)
         req = ChatCompletionRequest.model_validate(body)
         _, cands = await sampling.sample(req, ctx, self.n, self.temperature, [])
-        return vote(task, cands)
+        programs: list[Candidate] = []
+        if self.pal:
+            _, programs = await pal.draw(req, ctx, self.pal, self.temperature, start=len(cands))
+        return vote(task, cands, programs)
 
 
 def _prob(c: Candidate) -> float:
     return math.exp(c.logprob) if c.logprob is not None else 0.0
 
 
-def vote(task: str, cands: list[Candidate]) -> Label:
-    """The majority label of ``cands`` (ties go to the more confident group)."""
+def vote(task: str, cands: list[Candidate], programs: list[Candidate] | None = None) -> Label:
+    """The majority label of ``cands`` and ``programs`` (ties go to the more confident group).
+    Programs that ran and agree on one answer (a strict majority of those that ran) decide it."""
+    ran = [c.answer for c in programs or [] if c.answer is not None]
+    top = Counter(ran).most_common(2)
+    program = top[0][0] if top and (len(top) == 1 or top[0][1] > top[1][1]) else None
     groups: dict[str, list[Candidate]] = defaultdict(list)
-    for c in cands:
+    for c in [*cands, *(programs or [])]:
         if c.answer is not None:
             groups[c.answer].append(c)
+    total = len(cands) + len(programs or [])
     if not groups:
-        return Label(task=task, answer=None, share=0.0, confidence=0.0, n=len(cands))
-    best = max(groups, key=lambda a: (len(groups[a]), sum(map(_prob, groups[a])) / len(groups[a])))
+        return Label(task=task, answer=None, share=0.0, confidence=0.0, n=total)
+    best = program if program is not None else \
+        max(groups, key=lambda a: (len(groups[a]), sum(map(_prob, groups[a])) / len(groups[a])))
     won = groups[best]
+    prose = [c for c in won if not c.program]
     # A rationale cut off by max_tokens is no example to imitate, whatever its answer.
-    finished = sorted((c for c in won if c.finish_reason == "stop"), key=_prob, reverse=True)
-    others = [c.content for a, g in groups.items() if a != best for c in g if c.finish_reason == "stop"]
-    return Label(task=task, answer=best, share=len(won) / len(cands), confidence=sum(map(_prob, won)) / len(won),
-                 n=len(cands), agreeing=list(dict.fromkeys(c.content for c in finished)), disagreeing=others)
+    finished = sorted((c for c in prose if c.finish_reason == "stop"), key=_prob, reverse=True)
+    others = [c.content for a, g in groups.items() if a != best for c in g if c.finish_reason == "stop"
+              and not c.program]
+    # Decided by programs, the share is theirs (how settled the executed answer is); else the vote's.
+    share = Counter(ran)[best] / len(ran) if program is not None else len(won) / total
+    return Label(task=task, answer=best, share=share,
+                 confidence=sum(map(_prob, prose or won)) / len(prose or won), n=total,
+                 agreeing=list(dict.fromkeys(c.content for c in finished)), disagreeing=others, program=program)
 
 
 def keep(label: Label, *, min_share: float, min_confidence: float) -> str | None:

@@ -4,6 +4,7 @@ thresholds, and one n=N call with logprobs against the fake upstream."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -49,6 +50,37 @@ def test_no_answer_at_all() -> None:
     assert (lab.answer, lab.share, lab.confidence, lab.agreeing) == (None, 0.0, 0.0, [])
 
 
+def prog(i: int, answer: str | None) -> Candidate:
+    c = Candidate(index=i, content=f"```python\nprint({answer})\n```", answer=answer, logprob=-0.5,
+                  finish_reason="stop")
+    c.program = True
+    return c
+
+
+def test_agreeing_programs_decide_the_label_against_the_prose_majority() -> None:
+    """Prose says 7 three times to one; the programs that ran agree on 9: the label is 9, its
+    share theirs, and the one prose rationale reaching 9 is the example (code never is)."""
+    lab = vote("q", [cand(0, "7"), cand(1, "7"), cand(2, "7"), cand(3, "9", lp=-0.4)],
+               [prog(4, "9"), prog(5, "9"), prog(6, None)])
+    assert (lab.answer, lab.program, lab.share, lab.n) == ("9", "9", 1.0, 7)
+    assert lab.agreeing == ["work 3. The answer is 9."] and len(lab.disagreeing) == 3
+    assert lab.confidence == pytest.approx(math.exp(-0.4))  # the prose winners' confidence
+    assert keep(lab, min_share=0.5, min_confidence=0.0) is None
+
+
+def test_split_or_silent_programs_leave_the_prose_vote() -> None:
+    split = vote("q", [cand(0, "7"), cand(1, "7"), cand(2, "3")], [prog(3, "9"), prog(4, "3")])
+    assert split.program is None and split.answer == "7" and split.share == pytest.approx(2 / 5)
+    silent = vote("q", [cand(0, "7"), cand(1, "3")], [prog(2, None), prog(3, None)])
+    assert silent.program is None and silent.answer in ("7", "3") and silent.n == 4
+
+
+def test_a_program_answer_no_prose_reaches_has_no_rationale() -> None:
+    lab = vote("q", [cand(0, "7"), cand(1, "7")], [prog(2, "9")])
+    assert lab.answer == "9" and lab.agreeing == []
+    assert keep(lab, min_share=0.5, min_confidence=0.0) == "no_finished_rationale"
+
+
 @pytest.mark.parametrize(("label", "reason"), [
     (Label("q", None, 0.0, 0.0, 8), "no_answer"),
     (Label("q", "7", 0.375, 0.9, 8, agreeing=["a"]), "no_majority"),
@@ -75,6 +107,25 @@ async def test_majority_vote_labels_with_one_n_call(fake_upstream: FakeUpstream,
     assert body["n"] == 8 and body["temperature"] == 0.9 and body["max_tokens"] == 64 and body["logprobs"] is True
     assert lab.answer == "7" and lab.share == 0.75 and lab.n == 8 and 0 < lab.confidence <= 1
     assert lab.agreeing == ["Six and one. The answer is 7."]
+
+
+async def test_program_aided_labelling_runs_the_programs(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    """With pal, a second n=k call asks for programs; they run in the real sandbox and their
+    printed answer (6 * 7 = 42) overrules the prose majority (40)."""
+    if not Path("/usr/bin/bwrap").exists():
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+
+    def reply(body: dict[str, Any], i: int) -> str:
+        if "Python program" in str(body["messages"][-1]["content"]):
+            return "```python\nprint(6 * 7)\n```"
+        return "So 6 times 7. The answer is 42." if i == 0 else "Six sevens. The answer is 40."
+
+    fake_upstream.script(reply)
+    lab = await MajorityVote(4, pal=2, max_tokens=64).label(upstream, "fake", "t", "What is 6 times 7?")
+    calls = fake_upstream.completion_calls()
+    assert [c.json["n"] for c in calls] == [4, 2]
+    assert (lab.answer, lab.program, lab.share, lab.n) == ("42", "42", 1.0, 6)
+    assert lab.agreeing == ["So 6 times 7. The answer is 42."]
 
 
 async def test_upstream_failure_raises(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
