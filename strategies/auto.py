@@ -84,7 +84,7 @@ class Auto(Strategy[AutoOptions]):
                                  first=(probe, cands))
         upstream, merged = drawn.upstream, drawn.candidates
         probe_trace.update(waves=drawn.waves, stopped_early=drawn.stopped_early)
-        if o.pal:  # best_of_n's program-aided candidates, beside the prose ones
+        if o.pal and pal.applicable(request):  # best_of_n's program-aided candidates, beside the prose ones
             extra, programs = await pal.draw(request, ctx, o.pal, o.temperature, start=len(merged))
             upstream, merged = pal.merge(upstream, extra), merged + programs
         result = await self._bon().judge(request, ctx, upstream, merged, notes)

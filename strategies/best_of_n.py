@@ -80,13 +80,15 @@ class BestOfN(Strategy[BestOfNOptions]):
 
     @classmethod
     def fit(cls, options: BestOfNOptions, caps: Caps) -> BestOfNOptions:
-        if "n" in options.model_fields_set:
-            return options
-        n = min(options.n, caps.max_n)
-        llm = sum(1 for v in options.chosen_verifiers() if v in verifiers.ASPECTS)
-        if llm and n * llm > caps.max_verifier_calls:
-            n = max(1, caps.max_verifier_calls // llm)
-        return options if n == options.n else options.model_copy(update={"n": n})
+        n = options.n
+        if "n" not in options.model_fields_set:
+            n = min(options.n, caps.max_n)
+            llm = sum(1 for v in options.chosen_verifiers() if v in verifiers.ASPECTS)
+            if llm and n * llm > caps.max_verifier_calls:
+                n = max(1, caps.max_verifier_calls // llm)
+        # the default share of programs follows n down; a pal the client chose is checked instead
+        k = options.pal if "pal" in options.model_fields_set else min(options.pal, n // 2)
+        return options if (n, k) == (options.n, options.pal) else options.model_copy(update={"n": n, "pal": k})
 
     def check(self, caps: Caps) -> None:
         super().check(caps)
@@ -127,11 +129,24 @@ class BestOfN(Strategy[BestOfNOptions]):
         notes: list[str] = []
         upstream: dict[str, Any] = {"choices": []}
         cands: list[Candidate] = []
-        if o.n > o.pal:
-            upstream, cands = await sampling.sample(request, ctx, o.n - o.pal, o.temperature, notes)
-        if o.pal:
-            extra, programs = await pal.draw(request, ctx, o.pal, o.temperature, start=len(cands))
-            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + programs
+        k = o.pal if pal.applicable(request) else 0
+        if k < o.pal:
+            notes.append("no program-aided candidates: the request wants tool calls or JSON")
+        # the prose and the program calls are independent: one round trip, not two
+        prose = sampling.sample(request, ctx, o.n - k, o.temperature, notes) if o.n > k else None
+        programs = pal.draw(request, ctx, k, o.temperature, start=o.n - k) if k else None
+        tasks = [asyncio.ensure_future(c) for c in (prose, programs) if c is not None]
+        try:
+            got = await asyncio.gather(*tasks)
+        except BaseException:  # one call failed: the other's upstream work is not wanted either
+            for t in tasks:
+                t.cancel()
+            raise
+        if prose is not None:
+            upstream, cands = got[0]
+        if programs is not None:
+            extra, progs = got[-1]
+            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + progs
         return await self.judge(request, ctx, upstream, cands, notes)
 
     async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],

@@ -54,6 +54,15 @@ async def execute(reply: str, *, wall_s: float = 5.0, cpu_s: int = 3) -> Executi
     return Execution("ok", extract(lines[-1]), res.stdout.strip()[-200:])
 
 
+def applicable(request: ChatCompletionRequest) -> bool:
+    """Whether programs can answer this request: not when it wants tool calls or JSON (a
+    printed line is neither), so best_of_n and auto draw prose candidates only there."""
+    if (request.model_extra or {}).get("tools"):
+        return False
+    rf = request.response_format or {}
+    return rf.get("type") not in ("json_object", "json_schema")
+
+
 def pal_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation with the PAL instruction appended to the last user turn (a string
     content; content parts get a text part appended)."""

@@ -4,8 +4,8 @@ thresholds, and one n=N call with logprobs against the fake upstream."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest

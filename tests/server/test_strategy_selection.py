@@ -68,7 +68,7 @@ def test_body_strategy_as_a_name(fake_upstream: FakeUpstream, proxy: ProxyServer
 
 
 def test_body_strategy_as_an_object(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
-    r = post(proxy, chat({"name": "best_of_n", "n": 3, "verifiers": ["agreement"]}, trace=True))
+    r = post(proxy, chat({"name": "best_of_n", "n": 3, "verifiers": ["agreement"], "pal": 0}, trace=True))
     s = r.json()["sharpen"]
     assert s["strategy"] == "best_of_n"
     assert s["trace"]["options"]["n"] == 3
@@ -104,7 +104,7 @@ def test_model_suffix_that_is_no_strategy_stays_part_of_the_name(fake_upstream: 
 
 def test_preset(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -> None:
     proxy = make_proxy(fake_upstream.url, strategies={
-        "presets": {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 3, "verifiers": ["agreement"]}}}})
+        "presets": {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 3, "verifiers": ["agreement"], "pal": 0}}}})
     r = post(proxy, chat(model="smart", trace=True))
     s = r.json()["sharpen"]
     assert s["strategy"] == "best_of_n" and s["trace"]["options"]["n"] == 3
@@ -133,7 +133,7 @@ def test_precedence_body_header_suffix_preset_default(fake_upstream: FakeUpstrea
     proxy = make_proxy(fake_upstream.url, strategies={
         "default": {"name": "self_consistency", "n": 5},
         "presets": {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 3,
-                                                               "verifiers": ["agreement"]}}},
+                                                               "verifiers": ["agreement"], "pal": 0}}},
     })
     header = {"X-Sharpen-Strategy": "passthrough"}
 
@@ -304,7 +304,15 @@ def test_within_caps_and_defaults_fit_them(fake_upstream: FakeUpstream, capped: 
     fake_upstream.clear()
     r = post(proxy, chat("best_of_n", trace=True))
     assert r.status_code == 200, r.text
-    assert r.json()["sharpen"]["trace"]["options"]["n"] == 2  # 2 candidates x 4 LLM aspects = 8 calls
+    # the default verifier is the candidates' own confidence (no calls): n is the cap, and the
+    # default share of program-aided candidates (a second call) is fitted to it
+    options = r.json()["sharpen"]["trace"]["options"]
+    assert (options["n"], options["pal"]) == (4, 2)
+    assert sorted(c.json["n"] for c in fake_upstream.completion_calls()) == [2, 2]
+    fake_upstream.clear()
+    r = post(proxy, chat({"name": "best_of_n", "verifiers": ["approval", "rederive"], "pal": 0}, trace=True))
+    assert r.status_code == 200, r.text
+    assert r.json()["sharpen"]["trace"]["options"]["n"] == 4  # 4 candidates x 2 LLM aspects = 8 calls
     assert len(fake_upstream.completion_calls()) == 1 + 8
 
 

@@ -36,7 +36,7 @@ def proxy(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -
 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
 TRUE = "FINAL VERIFICATION ANSWER: True"
-BON = {"name": "best_of_n", "n": 2, "verifiers": ["approval"]}
+BON = {"name": "best_of_n", "n": 2, "verifiers": ["approval"], "pal": 0}  # prose: the fake writes no programs
 
 
 def is_verifier(body: dict[str, Any]) -> bool:
@@ -125,7 +125,7 @@ def test_keepalives_then_the_answer_then_usage(fake_upstream: FakeUpstream, slow
 def test_chosen_answer_matches_the_non_streamed_one(fake_upstream: FakeUpstream, slow_proxy: ProxyServer) -> None:
     fake_upstream.ttft = 0.0
     fake_upstream.script(script(["3", "7", "7", "7"]))
-    strategy = {"name": "best_of_n", "n": 4, "verifiers": ["agreement"]}
+    strategy = {"name": "best_of_n", "n": 4, "verifiers": ["agreement"], "pal": 0}
     body = chat(strategy)
     body["stream"] = False
     expected = HTTP.post(slow_proxy.url + "/chat/completions", json=body, timeout=10).json()
@@ -226,7 +226,7 @@ def test_deadline_streamed_is_an_error_event(fake_upstream: FakeUpstream,
 def test_deadline_during_verification_answers_from_agreement(fake_upstream: FakeUpstream,
                                                              proxy: ProxyServer) -> None:
     fake_upstream.script(script(["3", "7", "7", "7"], on_candidates=lambda: setattr(fake_upstream, "ttft", 5.0)))
-    body = chat({"name": "best_of_n", "n": 4, "deadline_s": 0.5}, trace=True)
+    body = chat({"name": "best_of_n", "n": 4, "deadline_s": 0.5, "verifiers": ["approval"], "pal": 0}, trace=True)
     body["stream"] = False
     t0 = time.monotonic()
     r = HTTP.post(proxy.url + "/chat/completions", json=body, timeout=10)
@@ -243,7 +243,8 @@ def test_deadline_during_verification_answers_from_agreement(fake_upstream: Fake
 def test_small_token_budget_skips_verifiers_and_answers_from_agreement(
         fake_upstream: FakeUpstream, proxy: ProxyServer, stream: bool) -> None:
     fake_upstream.script(script(["3", "7", "7", "7"]))
-    body = chat({"name": "best_of_n", "n": 4, "max_upstream_tokens": 10}, trace=True)
+    aspects = ["approval", "math_steps", "logic_steps", "rederive"]
+    body = chat({"name": "best_of_n", "n": 4, "max_upstream_tokens": 10, "verifiers": aspects, "pal": 0}, trace=True)
     body["stream"] = stream
     r = HTTP.post(proxy.url + "/chat/completions", json=body, timeout=10)
     assert r.status_code == 200, r.text
@@ -264,4 +265,4 @@ def test_small_token_budget_skips_verifiers_and_answers_from_agreement(
     assert [c["purpose"] for c in t["calls"] if c["ok"]] == ["candidates"]
     for c in t["candidates"]:
         assert all("budget" in (c["verdicts"][f"aspect:{a}"]["error"] or "")
-                   for a in ("approval", "math_steps", "logic_steps", "rederive"))
+                   for a in aspects)

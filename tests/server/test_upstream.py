@@ -203,6 +203,9 @@ class Buffered(TransportResponse):
 
     status, content_type = 200, "text/event-stream"
 
+    status = 200
+    headers: dict[str, str] = {}
+
     def __init__(self, parts: list[bytes]) -> None:
         self.parts, self.waits = parts, 0
 
