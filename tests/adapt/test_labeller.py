@@ -4,8 +4,8 @@ thresholds, and one n=N call with logprobs against the fake upstream."""
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,7 +112,7 @@ async def test_majority_vote_labels_with_one_n_call(fake_upstream: FakeUpstream,
 async def test_program_aided_labelling_runs_the_programs(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
     """With pal, a second n=k call asks for programs; they run in the real sandbox and their
     printed answer (6 * 7 = 42) overrules the prose majority (40)."""
-    if not Path("/usr/bin/bwrap").exists():
+    if shutil.which("bwrap") is None:
         pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
 
     def reply(body: dict[str, Any], i: int) -> str:

@@ -104,7 +104,8 @@ def test_model_suffix_that_is_no_strategy_stays_part_of_the_name(fake_upstream: 
 
 def test_preset(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer]) -> None:
     proxy = make_proxy(fake_upstream.url, strategies={
-        "presets": {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 3, "verifiers": ["agreement"], "pal": 0}}}})
+        "presets": {"smart": {"model": "fake", "strategy": {"name": "best_of_n", "n": 3, "verifiers": ["agreement"],
+                                                            "pal": 0}}}})
     r = post(proxy, chat(model="smart", trace=True))
     s = r.json()["sharpen"]
     assert s["strategy"] == "best_of_n" and s["trace"]["options"]["n"] == 3
