@@ -101,7 +101,8 @@ class BackendSettings(BaseModel):
     max_lora_rank: int = 8  # set to adapt.rank by Settings unless given (a larger cap costs ~30%)
     max_loras: int = 2
     # How vLLM reads tool calls out of the text (Qwen2.5 and Hermes-style models write
-    # <tool_call>{...}</tool_call>); None turns tool_choice "auto" off.
+    # <tool_call>{...}</tool_call>). vLLM 0.32 refuses every tool_choice but "none" without one;
+    # None turns tools off.
     tool_call_parser: str | None = "hermes"
     kv_cache_gib: float | None = None  # None: room for 16 full-length sequences of the model
     omp_threads_bind: str | None = None  # e.g. "0-1"; None: one CPU per physical core, less the reserved

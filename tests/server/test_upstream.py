@@ -202,8 +202,6 @@ class Buffered(TransportResponse):
     """Bytes already received: ``read_buffered`` hands them over; ``read_chunk`` counts waits."""
 
     status, content_type = 200, "text/event-stream"
-
-    status = 200
     headers: dict[str, str] = {}
 
     def __init__(self, parts: list[bytes]) -> None:

@@ -50,8 +50,8 @@ MAX_TOKENS = 64
 ASPECTS = ["approval", "math_steps", "logic_steps", "rederive"]
 QUESTION = [{"role": "user", "content": "What is 7 + 5? Answer briefly and end with 'The answer is X.'"}]
 SC = {"name": "self_consistency", "n": N}
-BON = {"name": "best_of_n", "n": N, "verifiers": [*ASPECTS, "agreement"]}
-BON_2 = {"name": "best_of_n", "n": N, "verifiers": ["approval", "rederive", "agreement"]}  # cheaper, for streaming
+BON = {"name": "best_of_n", "n": N, "verifiers": [*ASPECTS, "agreement"], "pal": 0}  # programs: real_selection
+BON_2 = {"name": "best_of_n", "n": N, "verifiers": ["approval", "rederive", "agreement"], "pal": 0}  # cheaper, streamed
 
 
 # ---- a sharpen whose upstream calls are recorded ----------------------------------------------
@@ -78,6 +78,7 @@ class _RecordingResponse(TransportResponse):
         self._rec = rec
         self.status = inner.status
         self.content_type = inner.content_type
+        self.headers = inner.headers
 
     async def read(self) -> bytes:
         data = await self._inner.read()

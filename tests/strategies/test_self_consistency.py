@@ -252,7 +252,7 @@ def test_program_aided_candidates_vote(fake_upstream: FakeUpstream, proxy: Proxy
     resp = ask(proxy, {"name": "self_consistency", "n": 6, "pal": 3}, extra_body={"trace": True})
     assert content(resp) == "The answer is 7."  # the prose reply of the winning answer, not the code
     t = resp["sharpen"]["trace"]
-    assert [c["purpose"] for c in t["calls"]] == ["candidates", "candidates:pal"]
+    assert sorted(c["purpose"] for c in t["calls"]) == ["candidates", "candidates:pal"]  # concurrent calls
     assert [c.json["n"] for c in calls(fake_upstream)] == [3, 3]
     runs = [c["verdicts"]["execution_run"]["status"] for c in t["candidates"] if "execution_run" in c["verdicts"]]
     assert runs == ["ok", "ok", "failed"]  # a failed program abstains, the request still answers
