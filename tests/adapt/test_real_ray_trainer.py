@@ -20,11 +20,13 @@ import pytest
 from adapt.ray_trainer import RayJobTrainer
 from adapt.trainer import TrainJob
 from tests.adapt.test_real_adaptation import (
+    HELDOUT_WORDS,
     KEYS,
+    TRAIN_WORDS,
     UNSEEN,
     chat,
+    examples,
     question,
-    run_body,
     start_run,
     text,
     upstream_models,
@@ -67,7 +69,11 @@ def test_an_adaptation_cycle_trains_on_ray(ray_head: RayHead, real_vllm: RealVLL
     with p:
         try:
             t0 = time.monotonic()
-            job = wait_job(p, start_run(p, run_body("tenant-a")))
+            # A digit of its own: after test_real_adaptation's "-7" adapter was served and unloaded
+            # under this same name, the base scored 1.0 on "-7" held-out questions here (seen once,
+            # not explained; see the README's known issues), so this cycle teaches "-5".
+            body = {"tenant": "tenant-a", "examples": examples(TRAIN_WORDS, 5), "heldout": examples(HELDOUT_WORDS, 5)}
+            job = wait_job(p, start_run(p, body))
             print(f"cycle on Ray: {time.monotonic() - t0:.1f} s")
             assert job["status"] == "succeeded", job
             assert job["train"]["status"] == "done" and job["train"]["step"] == 10, job["train"]
@@ -78,7 +84,7 @@ def test_an_adaptation_cycle_trains_on_ray(ray_head: RayHead, real_vllm: RealVLL
             assert (Path(data / "adapt" / "adapters") / name / "adapter_config.json").is_file()
             a = chat(p, "ka", question(UNSEEN), real_vllm.served_name)
             print("tenant-a:", repr(text(a)))
-            assert a["model"] == name and "-7" in text(a)
+            assert a["model"] == name and "-5" in text(a)
         finally:
             if name in upstream_models(real_vllm):  # leave the shared vLLM as we found it
                 httpx.post(real_vllm.base_url + "/unload_lora_adapter", json={"lora_name": name}, timeout=30,

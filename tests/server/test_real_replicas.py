@@ -182,6 +182,7 @@ def test_failover_mid_load_and_the_restarted_replica_gets_the_adapter_back(
         if state["state"] == "up":
             break
         assert time.monotonic() - t_kill < 400, f"replica B not back: {state}"
+        time.sleep(1.0)  # a trickle, not a flood: B's start-up shares these cores with A
     print(f"replica B back {time.monotonic() - t_kill:.0f} s after the kill; {sent} adapter requests meanwhile, "
           f"all answered; restarts: {replica_b.process.restarts}")
     assert replica_b.process.restarts == 1 and replica_b.process.pid != pid

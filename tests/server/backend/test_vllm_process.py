@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import pytest
 
 from server.backend.cpu import CpuInfo
 from server.backend.vllm_process import BackendError, VLLMProcess
-from server.backend.weights import PreparedModel, prepare_model
-from server.settings import BackendSettings, Settings
+from server.backend.weights import PreparedModel
+from server.settings import BackendSettings
 from tests.server.backend.cpus import SAPPHIRE_RAPIDS, ZEN3, cpu
 
 # A stand-in for vLLM: answers /health with 200 after an optional delay. Modes: serve, exit
@@ -281,35 +279,6 @@ async def test_kill_sync_ends_the_group_without_the_loop(tmp_path: Path) -> None
         await process.stop()
 
 
-# ---- for real ---------------------------------------------------------------------------------
-
-
-@pytest.mark.real
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM")
-async def test_real_vllm_serves_and_stops(tmp_path: Path) -> None:
-    model = await asyncio.to_thread(prepare_model, "smollm2-135m-instruct", Settings().cache_dir)
-    # float32 from the bf16 folder and no LoRA slots: the choices for a CPU without native bf16
-    # (the shared real server covers bf16 with LoRA).
-    settings = BackendSettings(kv_cache_gib=1, max_model_len=1024, start_timeout=600, dtype="float32", lora="off")
-    process = VLLMProcess(settings, model, tmp_path / "vllm.log", python=sys.executable)
-    async with process, httpx.AsyncClient(base_url=process.base_url, timeout=120, trust_env=False) as client:
-        pgid = process.pid
-        assert pgid is not None
-        models = (await client.get("/models")).json()
-        assert "smollm2-135m-instruct" in [m["id"] for m in models["data"]]
-        response = await client.post(
-            "/chat/completions",
-            json={
-                "model": process.served_name,
-                "messages": [{"role": "user", "content": "Say hello."}],
-                "max_tokens": 16,
-                "temperature": 0,
-            },
-        )
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["message"]["content"].strip()
-        log = (tmp_path / "vllm.log").read_text(errors="replace")
-        assert "dtype=torch.float32" in log and "--enable-lora" not in log
-    assert not process.ready and not alive(pgid)
-    # Nothing left in its process group (exited workers may linger as zombies until PID 1 reaps them).
-    assert group_members(pgid) == []
+# A real vLLM is started, served through, killed, restarted and stopped by
+# tests/server/test_serve_embedded.py; float32 without LoRA slots is what the shared real server
+# runs on a CPU without native bf16 (server.backend.tuning), so it is not started a third time here.
