@@ -98,7 +98,7 @@ def vote(task: str, cands: list[Candidate], programs: list[Candidate] | None = N
     for c in [*cands, *(programs or [])]:
         if c.answer is not None:
             groups[c.answer].append(c)
-    total = len(cands) + len(programs or [])
+    total = len(cands) + len(ran)  # a program that did not run abstains: it is no vote at all
     if not groups:
         return Label(task=task, answer=None, share=0.0, confidence=0.0, n=total)
     best = program if program is not None else \

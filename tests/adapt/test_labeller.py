@@ -62,7 +62,7 @@ def test_agreeing_programs_decide_the_label_against_the_prose_majority() -> None
     share theirs, and the one prose rationale reaching 9 is the example (code never is)."""
     lab = vote("q", [cand(0, "7"), cand(1, "7"), cand(2, "7"), cand(3, "9", lp=-0.4)],
                [prog(4, "9"), prog(5, "9"), prog(6, None)])
-    assert (lab.answer, lab.program, lab.share, lab.n) == ("9", "9", 1.0, 7)
+    assert (lab.answer, lab.program, lab.share, lab.n) == ("9", "9", 1.0, 6)  # the silent program: no vote
     assert lab.agreeing == ["work 3. The answer is 9."] and len(lab.disagreeing) == 3
     assert lab.confidence == pytest.approx(math.exp(-0.4))  # the prose winners' confidence
     assert keep(lab, min_share=0.5, min_confidence=0.0) is None
@@ -72,7 +72,7 @@ def test_split_or_silent_programs_leave_the_prose_vote() -> None:
     split = vote("q", [cand(0, "7"), cand(1, "7"), cand(2, "3")], [prog(3, "9"), prog(4, "3")])
     assert split.program is None and split.answer == "7" and split.share == pytest.approx(2 / 5)
     silent = vote("q", [cand(0, "7"), cand(1, "3")], [prog(2, None), prog(3, None)])
-    assert silent.program is None and silent.answer in ("7", "3") and silent.n == 4
+    assert silent.program is None and silent.answer in ("7", "3") and (silent.n, silent.share) == (2, 0.5)
 
 
 def test_a_program_answer_no_prose_reaches_has_no_rationale() -> None:
