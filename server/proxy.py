@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -196,7 +196,7 @@ class ProxyService:
         ctx = StrategyContext(upstream=self.upstream, body=fwd, endpoint=endpoint, model=upstream_model,
                               tenant=principal.tenant, deadline=time.monotonic() + deadline,
                               max_upstream_tokens=None if strategy.streams_natively else budget,
-                              resolver=self.models.resolve)
+                              resolver=self._resolver(principal.tenant))
         job = Job(endpoint, req, strategy, ctx, t0)
         if isinstance(req, ChatCompletionRequest):
             await self._recall(job, req, body, principal)
@@ -210,6 +210,18 @@ class ProxyService:
         if self._pool is not None:  # several replicas: this request's calls stay on one
             ctx.upstream = self._pool.pin(ctx.body)
         return job
+
+    def _resolver(self, tenant: str) -> Callable[[str], Awaitable[str]]:
+        """Resolves the models a strategy's own calls name (``verifier_model``, ``critic_model``)
+        with the same visibility as the request's ``model``: another tenant's adapter is unknown."""
+
+        async def resolve(name: str) -> str:
+            model = await self.models.resolve(name)
+            if self.adapt is not None and not self.adapt.visible(tenant, model):
+                raise ModelNotFound(f"The model '{clip(name)}' does not exist.", param="strategy")
+            return model
+
+        return resolve
 
     async def _recall(self, job: Job, req: ChatCompletionRequest, body: dict[str, Any], principal: Principal) -> None:
         if self.replay is None:

@@ -263,3 +263,11 @@ def test_another_tenants_adapter_is_invisible(start: Callable[..., tuple[ProxySe
     assert error(chat("kb", "fake-tenant-a-v1"), 404)["code"] == "model_not_found"
     assert "fake-tenant-a-v1" in listed("ka")
     assert not any(m.startswith("fake-tenant-a-v1") for m in listed("kb"))
+    # nor as the model a strategy's own calls go to (verifier, critic): 404, and no call reaches it
+    fake_upstream.clear()
+    for key, strategy in (("verifier_model", "best_of_n"), ("critic_model", "critique_refine")):
+        r = httpx.post(p.url + "/chat/completions", headers={"authorization": "Bearer kb"}, timeout=10,
+                       json={"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+                             "strategy": {"name": strategy, key: "fake-tenant-a-v1"}})
+        assert error(r, 404)["code"] == "model_not_found", r.text
+    assert not any(c.json.get("model") == "fake-tenant-a-v1" for c in fake_upstream.completion_calls())
