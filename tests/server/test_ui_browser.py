@@ -98,7 +98,8 @@ def busy(fake_upstream: FakeUpstream, make_proxy: Callable[..., ProxyServer], tm
     for _ in a.chat.completions.create(model="fake", messages=[{"role": "user", "content": "stream"}], stream=True):
         pass
     a.chat.completions.create(model="fake", messages=[{"role": "user", "content": "Question 3: what is 3 + 3?"}],
-                              extra_body={"strategy": {"name": "best_of_n", "n": 4, "verifiers": ["approval"]}})
+                              extra_body={"strategy": {"name": "best_of_n", "n": 4, "verifiers": ["approval"],
+                                                       "pal": 0}})
     for k in range(3):
         b.chat.completions.create(model="fake@self_consistency",
                                   messages=[{"role": "user", "content": f"Question {k}: what is {k} + {k}?"}],
