@@ -86,8 +86,13 @@ class BestOfN(Strategy[BestOfNOptions]):
             llm = sum(1 for v in options.chosen_verifiers() if v in verifiers.ASPECTS)
             if llm and n * llm > caps.max_verifier_calls:
                 n = max(1, caps.max_verifier_calls // llm)
-        # the default share of programs follows n down; a pal the client chose is checked instead
-        k = options.pal if "pal" in options.model_fields_set else min(options.pal, n // 2)
+        # Programs are part of the default policy (n=8, 2 programs, measured). A client that asks
+        # for n candidates gets n samples of its own prompt in one call unless it asks for pal;
+        # the default share follows n down when the cap lowers it. A pal the client chose is checked.
+        if "pal" in options.model_fields_set:
+            k = options.pal
+        else:
+            k = 0 if "n" in options.model_fields_set else min(options.pal, n // 2)
         return options if (n, k) == (options.n, options.pal) else options.model_copy(update={"n": n, "pal": k})
 
     def check(self, caps: Caps) -> None:

@@ -38,11 +38,11 @@ def _usage_adds_up(data: dict[str, Any]) -> None:
 
 
 def test_default_best_of_n_is_a_confidence_vote_with_programs(real_proxy: ProxyServer) -> None:
-    data = _ask(real_proxy, {"name": "best_of_n", "n": 4})
+    data = _ask(real_proxy, {"name": "best_of_n"})
     t = data["sharpen"]["trace"]
     assert t["verifiers"] == ["confidence", "execution"]
-    # two program-aided candidates of the four, and no verifier calls at all
-    assert sorted((c["purpose"], c["n"]) for c in t["calls"]) == [("candidates", 2), ("candidates:pal", 2)]
+    # the default policy: two program-aided candidates of the eight, and no verifier calls at all
+    assert sorted((c["purpose"], c["n"]) for c in t["calls"]) == [("candidates", 6), ("candidates:pal", 2)]
     for c in t["candidates"]:
         score = c["verdicts"]["confidence"]["score"]
         assert 0 < score <= 1 and math.isclose(score, math.exp(c["logprob"]), rel_tol=1e-6)
