@@ -32,10 +32,15 @@ def group_alive(pgid: int) -> bool:
         return False
     except PermissionError:
         return True
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         return True
-    for entry in proc.iterdir():
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (non-zombie) processes in process group ``pgid``, read from /proc."""
+    out = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -45,8 +50,8 @@ def group_alive(pgid: int) -> bool:
         # Fields after the parenthesised command: state, ppid, pgrp, ...
         fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            return True
-    return False
+            out.append(int(entry.name))
+    return out
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> None:

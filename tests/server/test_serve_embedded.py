@@ -21,6 +21,7 @@ import httpx
 import openai
 import pytest
 
+from server.backend.process_group import group_members
 from tests.proxy_server import free_port
 from tests.real_backend import REAL_MODEL
 
@@ -118,22 +119,6 @@ def vllm_processes(port: int) -> dict[int, int]:
             if fields[0] not in ("Z", "X"):
                 found[int(entry.name)] = int(fields[2])
     return found
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in process group ``pgid``: vLLM's server, engine and workers."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            out.append(int(entry.name))
-    return out
 
 
 def _chat(serve: Serve) -> str:

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from server.backend.cpu import CpuInfo
+from server.backend.process_group import group_members
 from server.backend.vllm_process import BackendError, VLLMProcess
 from server.backend.weights import PreparedModel
 from server.settings import BackendSettings
@@ -83,20 +84,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rfind(")") + 2] not in "ZX"
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in the process group ``pgid``."""
-    members = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            stat = stat_file.read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
-            members.append(int(stat_file.parent.name))
-    return members
 
 
 async def eventually(condition: object, timeout: float = 15.0) -> None:
