@@ -1,12 +1,12 @@
 """Calibrating from eval results: ``auto``'s probe threshold, and ``best_of_n``'s verifier
 weights and vote temperature (``calibrate_weights``, see ``evals.fit_weights``).
 
-Run the eval once with ``auto:agree_threshold=1.01`` (always escalates, so every item records
-both what the probe alone would have answered and what best_of_n answered) plus the greedy
-baseline, then ``sharpen calibrate --results DIR/results.jsonl``. For each candidate threshold it
-estimates accuracy and tokens had ``auto`` answered from the probe whenever the probe's
-agreement reached the threshold, and picks the cheapest one that keeps ``gain`` of best_of_n's
-accuracy gain over greedy.
+Run the eval once with ``auto:pal=0,agree_threshold=1.01`` (the prose probe, which then always
+escalates, so every item records both what the probe alone would have answered and what
+best_of_n answered) plus the greedy baseline, then ``sharpen calibrate --results
+DIR/results.jsonl``. For each candidate threshold it estimates accuracy and tokens had ``auto``
+answered from the probe whenever the probe's agreement reached the threshold, and picks the
+cheapest one that keeps ``gain`` of best_of_n's accuracy gain over greedy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def calibrate(results: Path, *, auto_label: str | None = None, greedy_label: str
     records = read(results)
     autos = [r for r in records if "probe_agreement" in r and (auto_label is None or r["strategy"] == auto_label)]
     if not autos:
-        raise ValueError("no auto results with probe data: run the eval with 'auto:agree_threshold=1.01'")
+        raise ValueError("no auto results with probe data: run the eval with "
+                         "'auto:pal=0,agree_threshold=1.01'")
     greedy = {r["item"]: float(r["correct"]) for r in records if r["strategy"] == greedy_label}
     n = len(autos)
     bon_acc = sum(float(r["correct"]) for r in autos) / n

@@ -21,6 +21,7 @@ from loadtest.selection_rescore import (
     Rec,
     auto,
     auto_pal,
+    auto_programs_first,
     best_single,
     borda,
     cisc,
@@ -75,6 +76,9 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     g["auto (probe, then best_of_n with pal=2)"] = [
         (f"probe={p},T={t},boost={b}", partial(auto_pal, probe=p, pal_k=2, temperature=t, boost=b))
         for p in (2, 3) for t in (0.05, 0.1) for b in (0.5, 1.0)]
+    g["auto (programs first, then best_of_n)"] = [
+        (f"pal={k},T={t},boost={b}", partial(auto_programs_first, pal_k=k, temperature=t, boost=b))
+        for k in (2, 3, 4) for t in (0.05, 0.1) for b in (0.5, 1.0)]
     g["auto[probe->cisc]"] = [
         (f"probe={p},min_lp={m}", partial(auto, probe=p, min_conf=m))
         for p in (2, 3, 4) for m in (None, -0.3, -0.2, -0.1)]

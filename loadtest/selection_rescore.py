@@ -268,5 +268,18 @@ def auto_pal(r: Rec, probe: int, pal_k: int, temperature: float | None, boost: f
     return correct, tokens + (r.prompt_tokens if n - pal_k > probe else 0)  # the top-up call's prompt
 
 
+def auto_programs_first(r: Rec, pal_k: int, temperature: float | None, boost: float, n: int = 8) -> Pick:
+    """``auto`` as shipped: ``pal_k`` program-aided candidates are the probe (one call); when
+    every program that ran printed the same answer (at least one ran), that answer returns at
+    once; else the other ``n - pal_k`` prose candidates (a second call) join best_of_n's vote
+    with the probe's programs (``policy`` with ``pal_k`` of ``n``)."""
+    progs = r.pal[:pal_k]
+    printed = {c.answer for c in progs if c.answer is not None}
+    probe_tokens = r.pal_prompt_tokens + sum(c.tokens for c in progs)
+    if len(printed) == 1:
+        return next(c.correct for c in progs if c.answer is not None), probe_tokens
+    return policy(r, "mean_logprob", temperature, boost=boost, pal_k=pal_k, n=n)
+
+
 def oracle(r: Rec) -> Pick:
     return int(any(c.correct for c in r.samples)), _tok(r, r.samples)

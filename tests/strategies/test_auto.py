@@ -228,16 +228,88 @@ def test_escalation_in_waves_stops_once_settled(fake_upstream: FakeUpstream, pro
     assert usage_of(resp) == fake_upstream.total_usage()
 
 
-def test_escalation_adds_the_program_aided_candidates(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
-    def fn(body: dict[str, Any], i: int) -> str:
-        if "Python program" in body["messages"][-1]["content"]:
-            return "```python\nprint(2 + 2)\n```"
-        return f"Probe {i}. The answer is {['4', '5', '6'][i % 3]}."
+def programs(printed: list[str | None], prose: list[str] | None = None) -> Callable[[dict[str, Any], int], str]:
+    """Program-aided calls: program i prints ``printed[i]`` (None: a reply with no code); prose
+    calls say ``prose[i]``."""
 
-    fake_upstream.script(fn)
+    def fn(body: dict[str, Any], i: int) -> str:
+        if "Python program" in str(body["messages"][-1]["content"]):
+            p = printed[i]
+            return "I cannot write code." if p is None else f"```python\nprint({p})\n```"
+        assert prose is not None, body
+        return f"Prose {i}. The answer is {prose[i]}."
+
+    return fn
+
+
+def ask_auto(proxy: ProxyServer, strategy: dict[str, Any], **kw: Any) -> dict[str, Any]:
     r = _client(proxy.url).chat.completions.create(
-        model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", "probe_n": 3, "n": 6}, "trace": True})
-    t = r.model_dump()["sharpen"]["trace"]
-    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 3), ("candidates:wave2", 3),
-                                                              ("candidates:pal", 2)]
-    assert r.choices[0].message.content is not None and r.choices[0].message.content.endswith("The answer is 4.")
+        model="fake", messages=MESSAGES, extra_body={"strategy": {"name": "auto", **strategy}, "trace": True}, **kw)
+    out: dict[str, Any] = r.model_dump()
+    return out
+
+
+def test_agreeing_programs_answer_with_one_call(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(programs(["3 + 4", "7"]))
+    resp = ask_auto(proxy, {})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates:pal", 2)]
+    assert t["probe"] == "programs" and t["escalated"] is False and t["probe_answer"] == "7"
+    assert content(resp).endswith("The answer is 7.") and "print(" in content(resp)
+    assert resp["sharpen"]["uncertainty"] == 0.0
+    assert usage_of(resp) == fake_upstream.total_usage()
+
+
+def test_one_program_that_ran_settles_with_less_certainty(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(programs([None, "7"]))
+    resp = ask_auto(proxy, {})
+    t = resp["sharpen"]["trace"]
+    assert t["escalated"] is False and t["probe_agreement"] == 0.5
+    assert content(resp).endswith("The answer is 7.")  # the program that ran, not the one that abstained
+    assert resp["sharpen"]["uncertainty"] == 0.5
+
+
+@pytest.mark.parametrize("printed", [["7", "8"], [None, None]])
+def test_unsettled_programs_escalate_to_the_prose_and_one_vote(fake_upstream: FakeUpstream, proxy: ProxyServer,
+                                                               printed: list[str | None]) -> None:
+    fake_upstream.script(programs(printed, ["7", "7", "5", "7", "6", "7"]))
+    resp = ask_auto(proxy, {"n": 8})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates:pal", 2), ("candidates", 6)]
+    assert t["probe"] == "programs" and t["escalated"] is True
+    assert len(t["candidates"]) == 8
+    assert content(resp).endswith("The answer is 7.")
+    assert usage_of(resp) == fake_upstream.total_usage()
+
+
+def test_escalated_indices_line_up(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    # the programs disagree (9 vs 8); one prose reply says 8: the vote is 8, and the reply returned
+    # must be a candidate that says 8 (a misaligned merge would return another's text)
+    fake_upstream.script(programs(["9", "8"], ["8", "5"]))
+    resp = ask_auto(proxy, {"n": 4})
+    assert content(resp).endswith("The answer is 8.")
+    assert len(resp["sharpen"]["trace"]["candidates"]) == 4
+
+
+def test_more_choices_than_programs_probe_with_prose(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(programs(["7", "7"], ["7", "7", "7"]))
+    resp = ask_auto(proxy, {"probe_n": 3}, n=3)
+    t = resp["sharpen"]["trace"]
+    assert t["probe"] == "prose" and t["escalated"] is False
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 3)]
+    assert len(resp["choices"]) == 3
+
+
+def test_json_requests_probe_with_prose_and_draw_no_programs(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(programs(["7", "7"], ['{"a": 1}', '{"a": 2}', '{"a": 3}', '{"a": 4}']))
+    resp = ask_auto(proxy, {"probe_n": 2, "n": 4}, response_format={"type": "json_object"})
+    t = resp["sharpen"]["trace"]
+    assert t["probe"] == "prose"
+    assert all(c["purpose"] != "candidates:pal" for c in t["calls"])
+
+
+def test_pal_above_n_is_a_400(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        ask_auto(proxy, {"pal": 5, "n": 4})
+    assert err.value.body["param"] == "strategy.pal"  # type: ignore[index]
+    assert fake_upstream.completion_calls() == []
