@@ -7,12 +7,14 @@ them an in-process fake (``tests/fakes/transport.py``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 
 
 class Reply(Protocol):
     """An upstream answer once its headers are in."""
+
+    headers: Mapping[str, str]  # case-insensitive lookups ("content-type")
 
     async def read(self) -> bytes:
         """The whole body."""

@@ -170,16 +170,20 @@ class Forwarder:
             raise HTTPException(405, f"Method {request.method} not allowed on {path}.",
                                 headers={"Allow": OWN_ROUTES[path]})
         up_path, root = target(path)
-        body = await self.read_body(request)
-        content_type = request.headers.get("content-type", "")
-        self._check_model(principal.tenant, model_of(body, content_type))
-        if path.startswith("/v1/models/"):
-            self._check_model(principal.tenant, path[len("/v1/models/"):])
-        if self.in_flight >= self.max_concurrency:
-            raise RateLimited(f"Over the limit of {self.max_concurrency} requests in flight; retry shortly.")
+        label = endpoint_label(path)
+        try:
+            body = await self.read_body(request)
+            content_type = request.headers.get("content-type", "")
+            self._check_model(principal.tenant, model_of(body, content_type))
+            if path.startswith("/v1/models/"):
+                self._check_model(principal.tenant, path[len("/v1/models/"):])
+            if self.in_flight >= self.max_concurrency:
+                raise RateLimited(f"Over the limit of {self.max_concurrency} requests in flight; retry shortly.")
+        except BaseException as exc:  # refused before the upstream: counted all the same
+            self.metrics.requests.labels(label, STRATEGY, str(_status(exc))).inc()
+            raise
         query = request.url.query
         headers = {h: v for h in _REQUEST_HEADERS if (v := request.headers.get(h))}
-        label = endpoint_label(path)
         self.in_flight += 1
         self.metrics.in_flight.inc()
         try:

@@ -107,14 +107,20 @@ class ProxyService:
 
     async def handle(self, endpoint: str, request: Request, principal: Principal) -> Response | SSEResponse:
         t0 = time.perf_counter()
-        self._admit()
+        admitted, name = False, "none"
         try:
+            self._admit()
+            admitted = True
             req, body = await self._parse(endpoint, request)
             strategy, model_name = self._choose(endpoint, body, request)
+            name = strategy.name
             strategy.admit(req)
             job = await self._route(endpoint, req, body, strategy, model_name, principal, t0)
-        except BaseException:
-            self._release()
+        except BaseException as exc:
+            if admitted:
+                self._release()
+            # refused before any work (429, 400, 404, 413): counted, or the error rate hides them
+            self.metrics.child(self.metrics.requests, endpoint, name, _status(exc)).inc()
             raise
         return await self._run(job, request)
 
@@ -365,18 +371,11 @@ class ProxyService:
             job.routing.acquired = None
         self._release()
         m = self.metrics
-        if exc is None:
-            status = "200"
-        elif isinstance(exc, SharpenError):
-            status = str(status_of(exc))
-            if isinstance(exc, UpstreamError):
-                m.child(m.upstream_errors, type(exc).__name__).inc()
-        elif isinstance(exc, asyncio.CancelledError | ConnectionError | ClientGone):
-            status = "499"
-            if isinstance(exc, ClientGone):
-                m.disconnects.inc()
-        else:
-            status = "500"
+        status = "200" if exc is None else _status(exc)
+        if isinstance(exc, UpstreamError):
+            m.child(m.upstream_errors, type(exc).__name__).inc()
+        elif isinstance(exc, ClientGone):
+            m.disconnects.inc()
         latency = time.perf_counter() - t0
         m.child(m.requests, endpoint, strategy.name, status).inc()
         m.child(m.latency, endpoint, strategy.name).observe(latency)
@@ -389,6 +388,15 @@ class ProxyService:
         m.count_strategy(strategy.name, u.prompt_tokens, u.completion_tokens, len(ctx.calls))
         for call in ctx.calls:
             m.child(m.upstream_calls, call.purpose).inc()
+
+
+def _status(exc: BaseException) -> str:
+    """The status label a failed request is counted under (499: the client left)."""
+    if isinstance(exc, SharpenError):
+        return str(status_of(exc))
+    if isinstance(exc, asyncio.CancelledError | ConnectionError | ClientGone):
+        return "499"
+    return "500"
 
 
 def _has_own(body: dict[str, Any]) -> bool:

@@ -65,6 +65,7 @@ class PoolReply(UpstreamReply):
     def __init__(self, inner: UpstreamReply, release: Callable[[], None]) -> None:
         self._inner, self._release = inner, release
         self.status = inner.status
+        self.headers = inner.headers
         self._done = False
 
     def _finish(self) -> None:

@@ -175,10 +175,18 @@ class StrategyContext:
         return (await self.chat_raw(body, purpose=purpose))[1]
 
     async def open_stream(self, body: dict[str, Any], *, purpose: str, path: str = "/chat/completions") -> Reply:
-        """Opens a streamed call; the caller relays it and accounts usage from its usage chunk."""
+        """Opens a streamed call; the caller relays it and accounts usage from its usage chunk.
+        An answer that is not an event stream is a 502 here, before the client's stream starts
+        (relayed, the SDK would see a 200 with no events and raise nothing)."""
         self._check_budget()
         body.setdefault("model", self.model)
-        return await self.upstream.request("POST", path, orjson.dumps(body))
+        reply = await self.upstream.request("POST", path, orjson.dumps(body))
+        ctype = reply.headers.get("content-type", "")
+        if not ctype.startswith("text/event-stream"):
+            await reply.close()
+            raise UpstreamError(f"upstream answered a streamed request with {ctype or 'no content type'!r}, "
+                                "not an event stream")
+        return reply
 
 
 OptionsT = TypeVar("OptionsT", bound=StrategyOptions)

@@ -23,8 +23,9 @@ AnswerFn = Callable[[dict[str, Any], int], str]  # (request body, choice index) 
 class FakeReply:
     """A finished answer (``protocol.upstream.Reply``)."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, content_type: str = "application/json") -> None:
         self._body = body
+        self.headers = {"content-type": content_type}
 
     async def read(self) -> bytes:
         return self._body

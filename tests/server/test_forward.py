@@ -137,6 +137,8 @@ def test_tenant_scoping_of_adapter_names(served: ProxyServer, fake_upstream: Fak
     r = httpx.get(served.url + "/models/fake-tenant-a-v1", headers=B, timeout=10)
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert len(fake_upstream.requests) == n  # none of them reached the upstream
+    metrics = httpx.get(served.root + "/metrics", headers=A, timeout=10).text
+    assert 'sharpen_requests_total{endpoint="/embeddings",status="404",strategy="forward"} 1.0' in metrics  # counted
     r = httpx.post(served.url + "/embeddings", json={"model": "fake-tenant-a-v1", "input": "x"}, headers=A, timeout=10)
     assert r.status_code == 200  # its owner may
 

@@ -286,6 +286,27 @@ def test_metrics_count_requests_and_tokens(fake_upstream: FakeUpstream, proxy: P
     assert m[("sharpen_overhead_seconds_count", (("endpoint", "/chat/completions"),))] == 2
 
 
+def test_metrics_count_refused_requests(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    def count(status: str, strategy: str) -> float:
+        return metric_samples(proxy).get(("sharpen_requests_total", (("endpoint", "/chat/completions"),
+                                                                     ("status", status), ("strategy", strategy))), 0.0)
+
+    before = {k: count(*k) for k in (("404", "passthrough"), ("400", "none"), ("400", "self_consistency"))}
+    url = proxy.url + "/chat/completions"
+    assert httpx.post(url, json={"model": "nope", "messages": MESSAGES}, timeout=5).status_code == 404
+    assert httpx.post(url, json={"model": "fake", "messages": MESSAGES, "strategy": "nosuch"},
+                      timeout=5).status_code == 400
+    assert httpx.post(url, json={"model": "fake", "messages": MESSAGES, "n": 4,  # more choices than it draws
+                                 "strategy": {"name": "self_consistency", "n": 2}}, timeout=5).status_code == 400
+    assert httpx.post(url, content=b"{not json", headers={"content-type": "application/json"},
+                      timeout=5).status_code == 400
+    assert count("404", "passthrough") == before[("404", "passthrough")] + 1
+    assert count("400", "none") == before[("400", "none")] + 2  # no strategy was chosen yet
+    assert count("400", "self_consistency") == before[("400", "self_consistency")] + 1
+    assert fake_upstream.completion_calls() == []
+    assert metric_samples(proxy)[("sharpen_requests_in_flight", ())] == 0
+
+
 def test_metrics_in_flight_gauge_while_a_request_runs(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
     fake_upstream.ttft = 1.0
     t = threading.Thread(target=lambda: httpx.post(proxy.url + "/chat/completions",

@@ -294,6 +294,17 @@ def test_garbage_from_upstream(fake_upstream: FakeUpstream, proxy: ProxyServer, 
         assert r.content == b"data: {not json\n\n"
 
 
+@pytest.mark.parametrize("body", [b"{not js", b'{"id": "x", "choices": []}'])
+def test_streamed_request_answered_without_an_event_stream_is_502(fake_upstream: FakeUpstream, proxy: ProxyServer,
+                                                                   body: bytes) -> None:
+    # a 200 that is not text/event-stream: relayed, the SDK would get 0 chunks and raise nothing
+    fake_upstream.push_response(200, body)
+    r = post(proxy, {**CHAT, "stream": True})
+    error_of(r, 502, code="bad_gateway", err_type="upstream_error")
+    assert "not an event stream" in r.json()["error"]["message"]
+    assert post(proxy, {**CHAT, "stream": True}).status_code == 200  # the next stream is relayed as usual
+
+
 def test_truncated_json_body_is_502_not_retried(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
     fake_upstream.fault = "drop_mid"
     error_of(post(proxy, CHAT), 502, code="bad_gateway")
