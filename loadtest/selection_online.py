@@ -25,16 +25,24 @@ from typing import Any
 
 import aiohttp
 
-from loadtest.selection_bench import INSTRUCTION, done_keys, load_items, upstream_for
+from loadtest.selection_bench import INSTRUCTION, Item, upstream_for
 from strategies.answers import extract
 
 
 def _targets(args: argparse.Namespace) -> list[Any]:
-    """The report items (in generation order) whose stored candidates exist, first ``--online``."""
-    done = done_keys(Path(args.gen))
-    tasks = args.tasks.split(",")
-    tuning_q = {it.question for it in load_items("tuning", tasks, args.tuning_per_task)}
-    items = [it for it in load_items("report", tasks, args.report_per_task, exclude=tuning_q) if it.key in done]
+    """The first ``--online`` report items whose candidates the generation file stored, taken
+    from each task in turn (so a few cover every family)."""
+    from loadtest.selection_rescore import _dataset, load
+
+    by_task: dict[str, list[Any]] = {}
+    for r in load(args.gen.split(",")):
+        if r.set == "report":
+            ds = _dataset(r.set, r.task, 200)
+            e = ds[int(r.raw["idx"])]
+            by_task.setdefault(r.task, []).append(
+                Item(r.set, r.task, int(r.raw["idx"]), str(e["question"]), str(e["answer"]), e, ds))
+    queues = [sorted(v, key=lambda it: it.idx) for v in by_task.values()]
+    items = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
     return items[: args.online]
 
 

@@ -168,12 +168,16 @@ def signal_table(recs: list[Rec]) -> str:
 
 def shipped_defaults() -> dict[str, Selector]:
     """The offline twin of each strategy's shipped default (what ``--online`` runs)."""
+    from strategies import auto as au
     from strategies import best_of_n as bon
     from strategies import self_consistency as sc
 
     sc_temp = sc.VOTE_TEMPERATURE if sc.VOTE == "confidence" else None
+    boost = bon.DEFAULT_WEIGHTS["execution"]
     out: dict[str, Selector] = {
-        "best_of_n": partial(policy, signal="mean_logprob", temperature=bon.VOTE_TEMPERATURE),
+        "best_of_n": partial(policy, signal="mean_logprob", temperature=bon.VOTE_TEMPERATURE, boost=boost,
+                             pal_k=bon.PAL, n=8),
+        "auto": partial(auto_programs_first, pal_k=au.AutoOptions().pal, temperature=bon.VOTE_TEMPERATURE, boost=boost, n=8),
         "self_consistency": (partial(early_sc, threshold=sc.STOP_THRESHOLD, wave=sc.WAVE) if sc.STOP_THRESHOLD
                              and sc.VOTE == "majority" else partial(policy, signal="mean_logprob",
                                                                     temperature=sc_temp)),
@@ -207,6 +211,24 @@ def online_table(recs: list[Rec], path: Path) -> str:
         tok_off = statistics.mean(p[1] for p in off) if off else float("nan")
         out.append(f"| {strategy} | {n} | {k_on / n:.1%} ({lo:.1%}-{hi:.1%}) | {k_off / n:.1%} ({lo2:.1%}-{hi2:.1%}) "
                    f"| {tok_on:.0f} | {tok_off:.0f} |")
+    return "\n".join(out) + "\n\n" + walltime_table(rows)
+
+
+def walltime_table(rows: dict[str, list[dict[str, Any]]], reference: str = "self_consistency") -> str:
+    """Wall time per item against one ``n=8`` generation (self_consistency's default is one n=8
+    call), paired by item: median and largest ratio per task."""
+    ref = {r["key"]: r for r in rows.get(reference, [])}
+    out = [f"Wall time against {reference} (one n=8 call) on the same item, run one at a time:", "",
+           "| strategy | task | items | median s | median ratio | largest ratio |", "|---|---|---:|---:|---:|---:|"]
+    for strategy, rs in rows.items():
+        by_task: dict[str, list[tuple[float, float]]] = {}
+        for r in rs:
+            if r["key"] in ref and ref[r["key"]]["seconds"] > 0:
+                by_task.setdefault(r["task"], []).append((r["seconds"], r["seconds"] / ref[r["key"]]["seconds"]))
+        for task, xs in sorted(by_task.items()):
+            ratios = [x[1] for x in xs]
+            out.append(f"| {strategy} | {task} | {len(xs)} | {statistics.median(x[0] for x in xs):.1f} | "
+                       f"{statistics.median(ratios):.2f}x | {max(ratios):.2f}x |")
     return "\n".join(out) + "\n"
 
 
