@@ -177,7 +177,8 @@ def shipped_defaults() -> dict[str, Selector]:
     out: dict[str, Selector] = {
         "best_of_n": partial(policy, signal="mean_logprob", temperature=bon.VOTE_TEMPERATURE, boost=boost,
                              pal_k=bon.PAL, n=8),
-        "auto": partial(auto_programs_first, pal_k=au.AutoOptions().pal, temperature=bon.VOTE_TEMPERATURE, boost=boost, n=8),
+        "auto": partial(auto_programs_first, pal_k=au.AutoOptions().pal, temperature=bon.VOTE_TEMPERATURE,
+                        boost=boost, n=8),
         "self_consistency": (partial(early_sc, threshold=sc.STOP_THRESHOLD, wave=sc.WAVE) if sc.STOP_THRESHOLD
                              and sc.VOTE == "majority" else partial(policy, signal="mean_logprob",
                                                                     temperature=sc_temp)),

@@ -71,3 +71,16 @@ class FakeAPI:
         """A strategy context over this fake, as the proxy would build it for ``body``."""
         return StrategyContext(upstream=self, body=dict(body, model=self.model), endpoint="/chat/completions",
                                model=self.model, tenant="t", deadline=time.monotonic() + deadline_s)
+
+
+class NoUpstream:
+    """An upstream that fails the test if called (programmatic verifiers never call one)."""
+
+    async def request(self, *a: Any, **k: Any) -> Any:
+        raise AssertionError("programmatic verifiers never call the upstream")
+
+
+def offline_context() -> StrategyContext:
+    """A strategy context whose upstream must not be used."""
+    return StrategyContext(upstream=NoUpstream(), body={}, endpoint="/chat/completions", model="m", tenant="t",
+                           deadline=time.monotonic() + 5)

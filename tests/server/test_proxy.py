@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,16 +19,8 @@ from strategies.passthrough import Passthrough
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("isolated_data")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Proxies here keep their data (memory) in a temporary folder, with the light embedder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SHARPEN_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-        mp.setenv("SHARPEN_MEMORY__EMBEDDER", "hashing")
-        yield
 
 MESSAGES = [{"role": "user", "content": "what is two plus two"}]
 VLLM_EXTRAS: dict[str, Any] = {

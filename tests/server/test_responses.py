@@ -17,16 +17,8 @@ import pytest
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer, free_port
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("isolated_data")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _isolated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Proxies here keep their data (memory) in a temporary folder, with the light embedder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SHARPEN_DATA_DIR", str(tmp_path_factory.mktemp("data")))
-        mp.setenv("SHARPEN_MEMORY__EMBEDDER", "hashing")
-        yield
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 CHAT = {"model": "fake", "messages": MESSAGES}

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import math
-import time
-from typing import Any
 
 import pytest
 
-from strategies.base import Candidate, StrategyContext
+from strategies.base import Candidate
 from strategies.confidence import TokenStats, measure
 from strategies.verifiers.base import VerificationTask
 from strategies.verifiers.confidence import ConfidenceVerifier, to_unit
 from strategies.verifiers.execution import ExecutionAgreement
-
-
-class _NoUpstream:
-    async def request(self, *a: Any, **k: Any) -> Any:
-        raise AssertionError("programmatic verifiers never call the upstream")
-
-
-def _ctx() -> StrategyContext:
-    return StrategyContext(upstream=_NoUpstream(), body={}, endpoint="/chat/completions", model="m", tenant="t",
-                           deadline=time.monotonic() + 5)
+from tests.fakes.transport import offline_context
 
 
 def _cand(i: int, answer: str | None, lps: tuple[float, ...] | None) -> Candidate:
@@ -33,7 +22,7 @@ def _cand(i: int, answer: str | None, lps: tuple[float, ...] | None) -> Candidat
 async def test_confidence_scores_follow_the_mean_logprob() -> None:
     cands = [_cand(0, "4", (-0.1, -0.1)), _cand(1, "5", (-1.0, -2.0)), _cand(2, "6", None)]
     task = VerificationTask(messages=[{"role": "user", "content": "q"}], candidates=cands)
-    v = await ConfidenceVerifier().score(task, _ctx())
+    v = await ConfidenceVerifier().score(task, offline_context())
     assert v[0].score == pytest.approx(math.exp(-0.1))
     assert v[1].score == pytest.approx(math.exp(-1.5))
     assert v[2].score is None and v[2].error  # no logprobs: no score, not zero
@@ -43,7 +32,7 @@ async def test_confidence_scores_follow_the_mean_logprob() -> None:
 async def test_other_signals_map_into_the_unit_interval() -> None:
     cands = [_cand(0, "4", (-0.1, -3.0)), _cand(1, "5", (-2.0, -2.0))]
     task = VerificationTask(messages=[], candidates=cands)
-    v = await ConfidenceVerifier("lowest_group").score(task, _ctx())
+    v = await ConfidenceVerifier("lowest_group").score(task, offline_context())
     assert all(0 <= (d.score or 0) <= 1 for d in v)
     assert to_unit("tail", 0.0) == 0.0 and to_unit("tail", 50.0) == pytest.approx(1.0)
     assert to_unit("mean_logprob", 0.5) == 1.0
@@ -54,7 +43,7 @@ async def test_other_signals_map_into_the_unit_interval() -> None:
 async def test_execution_agreement() -> None:
     cands = [_cand(0, "4", None), _cand(1, "5", None), _cand(2, None, None)]
     task = VerificationTask(messages=[], candidates=cands, options={"executed": ["4", "4", "7", None]})
-    v = await ExecutionAgreement().score(task, _ctx())
+    v = await ExecutionAgreement().score(task, offline_context())
     assert [d.score for d in v] == pytest.approx([2 / 3, 0.0, 0.0])
     assert v[0].approved and not v[1].approved
 
@@ -63,5 +52,5 @@ async def test_no_successful_run_means_every_verdict_abstains() -> None:
     cands = [_cand(0, "4", None)]
     for executed in (None, [], [None, None]):
         task = VerificationTask(messages=[], candidates=cands, options={"executed": executed})
-        v = await ExecutionAgreement().score(task, _ctx())
+        v = await ExecutionAgreement().score(task, offline_context())
         assert v[0].score is None and v[0].error is None
