@@ -80,7 +80,8 @@ async def online(args: argparse.Namespace) -> int:
     items = _targets(args)
     out_path = Path(args.online_out)
     have = _have(out_path)
-    todo = [(s, it) for s in args.online_strategies.split(",") for it in items if (s, it.key) not in have]
+    # item by item, every strategy on it in turn (a stopped run leaves whole items)
+    todo = [(s, it) for it in items for s in args.online_strategies.split(",") if (s, it.key) not in have]
     print(f"online: {len(items)} items, {len(todo)} runs to do", flush=True)
     if not todo:
         return 0
