@@ -15,7 +15,6 @@ unknown to a client as any other route sharpen does not serve.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections import deque
@@ -27,9 +26,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from protocol.errors import ModelNotFound, NotFound, RateLimited, SharpenError, status_of
+from protocol.errors import ModelNotFound, NotFound, RateLimited
 from server.auth import Principal
 from server.metrics import Metrics
+from server.streaming import outcome_status
 from server.traffic import Finished, Traffic
 from server.upstream import Upstream, UpstreamReply
 
@@ -180,7 +180,7 @@ class Forwarder:
             if self.in_flight >= self.max_concurrency:
                 raise RateLimited(f"Over the limit of {self.max_concurrency} requests in flight; retry shortly.")
         except BaseException as exc:  # refused before the upstream: counted all the same
-            self.metrics.requests.labels(label, STRATEGY, str(_status(exc))).inc()
+            self.metrics.requests.labels(label, STRATEGY, str(outcome_status(exc))).inc()
             raise
         query = request.url.query
         headers = {h: v for h in _REQUEST_HEADERS if (v := request.headers.get(h))}
@@ -192,7 +192,7 @@ class Forwarder:
                                                 body or None, headers, root=root)
             upstream_s = time.perf_counter() - t_up
         except BaseException as exc:
-            self._finish(principal, label, t0, _status(exc), 0, 0, calls=1)
+            self._finish(principal, label, t0, outcome_status(exc), 0, 0, calls=1)
             raise
         out = {h: v for h in _RESPONSE_HEADERS if (v := reply.headers.get(h))}
         if "text/event-stream" in reply.headers.get("content-type", "") or _streamed(reply):
@@ -205,7 +205,7 @@ class Forwarder:
             raw = await reply.read()
             upstream_s += time.perf_counter() - t_read
         except BaseException as exc:
-            self._finish(principal, label, t0, _status(exc), 0, 0, calls=1)
+            self._finish(principal, label, t0, outcome_status(exc), 0, 0, calls=1)
             raise
         prompt, completion = usage_of(raw) if reply.status < 400 else (0, 0)
         overhead = time.perf_counter() - t0 - upstream_s
@@ -224,7 +224,7 @@ class Forwarder:
                     tail.feed(chunk)
                 yield chunk
         except BaseException as exc:
-            status = _status(exc)
+            status = outcome_status(exc)
             raise
         finally:
             await reply.close()
@@ -250,11 +250,3 @@ def _streamed(reply: UpstreamReply) -> bool:
     (audio, files, chunked answers)."""
     ctype = reply.headers.get("content-type", "")
     return not (ctype.startswith("application/json") or ctype.startswith("text/"))
-
-
-def _status(exc: BaseException) -> int:
-    if isinstance(exc, SharpenError):
-        return status_of(exc)
-    if isinstance(exc, asyncio.CancelledError | ConnectionError | GeneratorExit):
-        return 499  # the client left (a relay closed mid-stream sees GeneratorExit)
-    return 500

