@@ -110,7 +110,8 @@ class Runner:
         path = self.out / "results.jsonl"
         done = completed(path)
         _end_line(path)
-        todo = [(s, i) for s in specs for i in items if (s.label, i.id) not in done]
+        # item by item, each strategy in turn: a run stopped early still leaves paired results
+        todo = [(s, i) for i in items for s in specs if (s.label, i.id) not in done]
         sem = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers) as client:
             model = self.model or await self._default_model(client)

@@ -146,6 +146,7 @@ def test_an_adapter_is_loaded_on_both_and_served_by_both(proxy: ProxyServer, rea
     assert min(d.values()) >= 3
 
 
+@pytest.mark.timeout(1500)  # a restart of B on 2 cores busy with A took 6+ minutes once (2026-12-03)
 def test_failover_mid_load_and_the_restarted_replica_gets_the_adapter_back(
         proxy: ProxyServer, real_vllm: RealVLLM, replica_b: RealVLLM, adapter: Path) -> None:
     if ADAPTER not in pool_of(proxy)._wanted:
@@ -181,8 +182,8 @@ def test_failover_mid_load_and_the_restarted_replica_gets_the_adapter_back(
         state = next(r for r in httpx.get(proxy.root + "/ready", timeout=10).json()["replicas"] if r["url"] == b_url)
         if state["state"] == "up":
             break
-        assert time.monotonic() - t_kill < 400, f"replica B not back: {state}"
-        time.sleep(1.0)  # a trickle, not a flood: B's start-up shares these cores with A
+        assert time.monotonic() - t_kill < 900, f"replica B not back: {state}"
+        time.sleep(3.0)  # a trickle, not a flood: B's start-up shares these cores with A
     print(f"replica B back {time.monotonic() - t_kill:.0f} s after the kill; {sent} adapter requests meanwhile, "
           f"all answered; restarts: {replica_b.process.restarts}")
     assert replica_b.process.restarts == 1 and replica_b.process.pid != pid
