@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from evals.checkers import score  # noqa: E402
 from evals.datasets import Item  # noqa: E402
 from evals.report import mcnemar, wilson  # noqa: E402
+from loadtest.machine import cpu_line  # noqa: E402
 from strategies.answers import extract  # noqa: E402
 
 TARGET_S = 600.0
@@ -63,17 +63,6 @@ def items(family: str, n: int, seed: int) -> list[Item]:
     ds = reasoning_gym.create_dataset(family, seed=seed, size=n, **FAMILY_CONFIG.get(family, {}))
     return [Item(id=f"{family}-{seed}-{i}", question=str(ds[i]["question"]), answer=str(ds[i]["answer"]),
                  checker="reasoning_gym", entry=ds[i], dataset=ds) for i in range(n)]
-
-
-def cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = set(info.get("Flags", "").split())
-    keep = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return f"{info.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, flags {' '.join(keep)}"
 
 
 async def greedy(client: httpx.AsyncClient, model: str, its: list[Item], max_tokens: int,
@@ -254,7 +243,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     from tests.proxy_server import ProxyServer
 
     canary, before = await asyncio.to_thread(prepare, args)
-    report: dict[str, Any] = {"args": vars(args), "cpu": cpu(), "load_avg_start": os.getloadavg()}
+    report: dict[str, Any] = {"args": vars(args), "cpu": cpu_line(), "load_avg_start": os.getloadavg()}
     seen, unseen = items(args.family, args.queries, SEED_A), items(args.family, args.eval, SEED_B)
     unrelated = items(args.unrelated, args.eval_unrelated, SEED_U)
     async with backend(args) as (url, base_path), httpx.AsyncClient(base_url=url, timeout=1800) as vllm:

