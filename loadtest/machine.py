@@ -9,10 +9,10 @@ from pathlib import Path
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
-def cpu_line() -> str:
+def cpu_line(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """``<model name>, <N> CPUs, flags <the vector extensions present>`` from /proc/cpuinfo."""
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
+        info = cpuinfo.read_text().splitlines()
     except OSError:
         return "unknown CPU"
     model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")

@@ -118,6 +118,16 @@ async def test_one_record_per_pair_with_the_upstreams_tokens(served: tuple[FakeU
         assert req.json["messages"][-1]["content"] == ITEMS[_question(req.json)].prompt()
 
 
+async def test_items_go_one_by_one_each_strategy_in_turn(served: tuple[FakeUpstream, ProxyServer],
+                                                          tmp_path: Path) -> None:
+    """One at a time, the upstream sees every strategy of an item before the next item: a run
+    stopped early leaves results paired across strategies."""
+    fake, proxy = served
+    await _runner(proxy, tmp_path / "out", concurrency=1).run(ITEMS, SPECS)
+    seen = [_key(req) for req in fake.completion_calls()]
+    assert seen == [(s.label, i.id) for i in ITEMS for s in SPECS]
+
+
 async def test_resume_after_an_interrupted_run_sends_only_the_missing(served: tuple[FakeUpstream, ProxyServer],
                                                                       tmp_path: Path) -> None:
     fake, proxy = served

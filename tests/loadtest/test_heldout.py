@@ -47,6 +47,10 @@ def test_summary_pairs_items_and_keeps_no_question_text(tmp_path: Path, capsys: 
     assert "secret" not in kept and len(kept.splitlines()) == 7
 
 
-def test_cpu_line_names_the_model_and_flags() -> None:
-    line = cpu_line()
-    assert "CPUs, flags" in line or line == "unknown CPU"
+def test_cpu_line_names_the_model_and_only_the_vector_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    model, cpus, flags = cpu_line(info).split(", ")
+    assert model == "AMD EPYC 7B13" and cpus.endswith(" CPUs") and flags == "flags avx2"
+    assert cpu_line(tmp_path / "missing") == "unknown CPU"
