@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtest/overhead.py [--clients aiohttp,httpx] [--requests 800] [--concurrency 16]
         [--ttft 0.02] [--rounds 3] [--throughput] [--max-rps]
-        [--variant NAME:KEY=VALUE;KEY=VALUE ...]
+        [--variant NAME:KEY=VALUE;KEY=VALUE ...] [--floor]
 
 Starts the scripted fake upstream (fixed latency) and one ``sharpen serve --upstream`` per
 variant: by default one per upstream HTTP client (``--clients``); with ``--variant``, one per
@@ -14,7 +14,10 @@ streamed time to the first content chunk (added p50/p99) and the requests/s rati
 ``--throughput`` it also runs the 256-concurrent, 500 ms-upstream round; with ``--max-rps``, the
 requests/s one sharpen worker sustains against a zero-latency upstream (64 concurrent). The load
 generator is aiohttp (httpx's client cannot load a fast proxy on 2 cores), and it shares the
-cores with the proxy and the fake. Everything runs on 127.0.0.1 with bounded request counts.
+cores with the proxy and the fake. With ``--floor``, a bare uvicorn + aiohttp relay with no logic
+(``loadtest/relay.py``) runs in the same rounds: what any Python relay adds on this host, beside
+what sharpen adds. The first lines print the CPU and a Python speed reading, since hosts differ.
+Everything runs on 127.0.0.1 with bounded request counts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from pathlib import Path
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loadtest.machine import cpu_line, python_speed
+
 ROOT = Path(__file__).resolve().parent.parent
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
@@ -44,6 +50,7 @@ class Variant:
     name: str
     client: str = "aiohttp"
     env: dict[str, str] = field(default_factory=dict)
+    relay: bool = False  # the bare relay (loadtest/relay.py) instead of sharpen
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
@@ -123,10 +130,14 @@ async def ab(direct: str, proxies: list[str], n: int, c: int, rounds: int, strea
     rp: list[list[float]] = [[] for _ in proxies]
     for _ in range(rounds):
         d, drps = await load(direct, n, c, stream)
-        d50.append(pct(d, 50)), d99.append(pct(d, 99)), rd.append(drps)
+        d50.append(pct(d, 50))
+        d99.append(pct(d, 99))
+        rd.append(drps)
         for i, proxy in enumerate(proxies):
             p, prps = await load(proxy, n, c, stream)
-            p50[i].append(pct(p, 50)), p99[i].append(pct(p, 99)), rp[i].append(prps)
+            p50[i].append(pct(p, 50))
+            p99[i].append(pct(p, 99))
+            rp[i].append(prps)
     med = statistics.median
     return [{"direct_p50": med(d50), "proxy_p50": med(p50[i]), "added_p50": med(p50[i]) - med(d50),
              "added_p99": med(p99[i]) - med(d99), "rps_ratio": med(rp[i]) / med(rd), "rps": med(rp[i]),
@@ -149,8 +160,12 @@ def main() -> None:
     ap.add_argument("--throughput", action="store_true", help="also 256 concurrent against a 500 ms upstream")
     ap.add_argument("--max-rps", action="store_true", help="also req/s against a zero-latency upstream")
     ap.add_argument("--only-max-rps", action="store_true", help="only the zero-latency req/s rounds")
+    ap.add_argument("--floor", action="store_true", help="also a bare uvicorn + aiohttp relay, in the same rounds")
     a = ap.parse_args()
     variants = [Variant.parse(v) for v in a.variant] or [Variant(c, c) for c in a.clients.split(",")]
+    if a.floor:
+        variants.append(Variant("bare-relay", relay=True))
+    print(f"CPU: {cpu_line()}; Python speed: {python_speed():.2f} s for 10M additions")
     sharpen = str(Path(sys.executable).parent / "sharpen")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -175,8 +190,10 @@ def main() -> None:
             started = []
             for v in variants:
                 port = free_port()
-                p = start([sharpen, "serve", "--upstream", upstream, "--port", str(port), "--upstream-client",
-                           v.client], v.env)
+                cmd = ([sys.executable, "-m", "loadtest.relay", "--upstream", upstream, "--port", str(port)]
+                       if v.relay else
+                       [sharpen, "serve", "--upstream", upstream, "--port", str(port), "--upstream-client", v.client])
+                p = start(cmd, v.env)
                 procs.append(p)
                 started.append((p, f"http://127.0.0.1:{port}/v1"))
             for _, url in started:
