@@ -64,6 +64,10 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     g["early_sc+cisc[mean_logprob]"] = [
         (f"thr={c},wave={w},T={t}", partial(early_sc, threshold=c, wave=w, signal="mean_logprob", temperature=t))
         for c in (0.8, 0.9, 0.95) for w in (2, 4) for t in (0.1, 0.2, 0.5)]
+    g["early_sc+split (<= 60% of SC@N's tokens)"] = [
+        (f"wave={w},thr={c},split={k},tiebreak={t}",
+         partial(early_sc, threshold=c, wave=w, split=k, tiebreak=t))
+        for w in (2, 3, 4) for c in (0.6, 0.7, 0.8, 0.9) for k in (3, 4, 5) for t in (None, *SIGNALS)]
     for sig in SIGNALS:
         g[f"shipped vote[{sig}]"] = [(f"T={t}", partial(policy, signal=sig, temperature=t))
                                      for t in (None, *TEMPS)]
@@ -98,11 +102,25 @@ def accuracy(recs: list[Rec], fn: Selector) -> float:
     return sum(fn(r)[0] for r in recs) / len(recs) if recs else 0.0
 
 
+# Families tuned under a token budget: the most accurate member within this share of SC@N's
+# tokens on the tuning set (ties: the cheaper), as the early-stopping target asks.
+BUDGETS = {"early_sc+split (<= 60% of SC@N's tokens)": 0.6}
+
+
+def tokens(recs: list[Rec], fn: Selector) -> float:
+    return sum(fn(r)[1] for r in recs) / len(recs) if recs else 0.0
+
+
 def tune(tuning: list[Rec]) -> list[tuple[str, str, Selector]]:
     """The best member of every grid on the tuning set."""
     out = []
     for family, options in grids().items():
-        best = max(options, key=lambda o: accuracy(tuning, o[1]))  # max keeps the first of equals
+        if family in BUDGETS:
+            cap = BUDGETS[family] * tokens(tuning, majority)
+            options = [o for o in options if tokens(tuning, o[1]) <= cap] or options
+            best = min(options, key=lambda o: (-accuracy(tuning, o[1]), tokens(tuning, o[1])))
+        else:
+            best = max(options, key=lambda o: accuracy(tuning, o[1]))  # max keeps the first of equals
         out.append((family, best[0], best[1]))
     return out
 

@@ -192,19 +192,24 @@ def pal_mix(r: Rec, boost: float, signal: str | None = None, temperature: float 
             _tok(r, r.samples) + r.pal_prompt_tokens + sum(c.tokens for c in r.pal))
 
 
-def early_sc(r: Rec, threshold: float, wave: int, signal: str | None = None, temperature: float = 1.0) -> Pick:
+def early_sc(r: Rec, threshold: float | None, wave: int, signal: str | None = None, temperature: float = 1.0,
+             split: int | None = None, tiebreak: str | None = None) -> Pick:
     """Self-consistency drawn in waves of ``wave`` (each wave one call: its prompt counts again),
-    stopping once the Beta rule says the leader is settled; then the vote (uniform or CISC)."""
+    stopping once the Beta rule says the leader is settled, or (``split``) once that many answers
+    are in and no two agree; then the vote (uniform or CISC), ties to the most confident by
+    ``tiebreak`` (the online ``self_consistency`` with ``split_stop`` and ``signal``)."""
     drawn: list[Cand] = []
     calls = 0
     while len(drawn) < len(r.samples):
         drawn = r.samples[: len(drawn) + wave]
         calls += 1
         ok = [c.answer if c.rank == FORM_OK else None for c in drawn]
-        if V.should_stop(ok, threshold):
+        if threshold is not None and V.should_stop(ok, threshold):
+            break
+        if split is not None and V.all_differ(ok, split):
             break
     if signal is None:
-        correct = _vote(drawn, V.weights_uniform(len(drawn)))
+        correct = _vote(drawn, V.weights_uniform(len(drawn)), quality=_sig(drawn, tiebreak) if tiebreak else None)
     else:
         s = _sig(drawn, signal)
         correct = _vote(drawn, V.weights_softmax(s, temperature), quality=s)

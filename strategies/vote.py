@@ -141,6 +141,15 @@ def prob_leader_wins(lead: int, second: int) -> float:
     return float(sum(math.comb(n, k) for k in range(lead + 1)) / 2**n)
 
 
+def all_differ(answers: Sequence[str | None], at_least: int) -> bool:
+    """Whether at least ``at_least`` candidates are drawn (None: no usable answer) and no answer
+    is shared by two of them: a vote among them is a coin toss, and for a weak model more
+    samples rarely settle it (README, "Selection": on such items the most confident answer does
+    about as well as the vote over 8)."""
+    given = [a for a in answers if a is not None]
+    return len(answers) >= at_least and len(set(given)) == len(given)
+
+
 def should_stop(answers: Sequence[str | None], threshold: float = 0.95, *, min_votes: int = 2) -> bool:
     """Whether sampling may stop: at least ``min_votes`` answers and P(leader beats runner-up)
     >= ``threshold``."""

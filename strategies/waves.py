@@ -2,8 +2,10 @@
 
 Candidates are drawn ``wave`` at a time (one ``n=wave`` upstream call each) until ``n`` are drawn
 or the leading answer is settled: P(leader beats the runner-up) under the Beta posterior
-reaches ``threshold`` (``strategies.vote.should_stop``; only well-formed answers count). Usage
-counts only what was drawn; the returned trace lists every wave.
+reaches ``threshold`` (``strategies.vote.should_stop``; only well-formed answers count), or, with
+``split``, once that many candidates are in and no two answers agree (``strategies.vote.all_differ``:
+the caller then answers with the most confident). Usage counts only what was drawn; the returned
+trace lists every wave.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from protocol.wire import ChatCompletionRequest
 from strategies import sampling
 from strategies.answers import FORM_OK
 from strategies.base import Candidate, StrategyContext
-from strategies.vote import prob_leader_wins, should_stop, tally
+from strategies.vote import all_differ, prob_leader_wins, should_stop, tally
 
 
 @dataclass
@@ -27,6 +29,7 @@ class Drawn:
     candidates: list[Candidate]
     waves: list[dict[str, Any]] = field(default_factory=list)
     stopped_early: bool = False
+    split: bool = False  # stopped because no two answers agreed
 
 
 def settled(cands: list[Candidate]) -> float:
@@ -39,11 +42,11 @@ def settled(cands: list[Candidate]) -> float:
 
 
 async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
-               notes: list[str], *, wave: int, threshold: float | None,
+               notes: list[str], *, wave: int, threshold: float | None, split: int | None = None,
                first: tuple[dict[str, Any], list[Candidate]] | None = None) -> Drawn:
-    """Up to ``n`` candidates in waves (``threshold`` None: one wave of ``n``). ``first``: a wave
-    already drawn (``auto``'s probe), counted as the first."""
-    if threshold is None or wave >= n:
+    """Up to ``n`` candidates in waves (``threshold`` and ``split`` None: one wave of ``n``).
+    ``first``: a wave already drawn (``auto``'s probe), counted as the first."""
+    if (threshold is None and split is None) or wave >= n:
         wave = n
     out = Drawn(first[0], list(first[1])) if first is not None else None
     if out is not None:
@@ -52,11 +55,16 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, tem
         if out is not None:
             if len(out.candidates) >= n:
                 break
-            if threshold is not None and should_stop(
-                    [c.answer if c.form == FORM_OK else None for c in out.candidates], threshold):
+            ok = [c.answer if c.form == FORM_OK else None for c in out.candidates]
+            if threshold is not None and should_stop(ok, threshold):
                 out.stopped_early = True
                 notes.append(f"stopped after {len(out.candidates)} of {n} candidates: the leading answer is "
                              f"settled (P={settled(out.candidates):.3f} >= {threshold})")
+                break
+            if split is not None and all_differ(ok, split):
+                out.stopped_early = out.split = True
+                notes.append(f"stopped after {len(out.candidates)} of {n} candidates: no two of their answers "
+                             "agree, the most confident answers")
                 break
         size = min(wave, n - (len(out.candidates) if out else 0))
         req = request if out is None else request.model_copy(update={"n": None})  # the client's n: checked once

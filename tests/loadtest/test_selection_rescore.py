@@ -57,3 +57,15 @@ def test_early_stopping_counts_the_prompt_per_wave(rec: R.Rec) -> None:
     correct, tokens = R.early_sc(rec, threshold=0.95, wave=2)
     assert tokens == 4 * 30 + 80  # never settles: four waves, the prompt counted each time
     assert correct == 0
+
+
+def test_a_split_stops_early_and_the_most_confident_answers(rec: R.Rec) -> None:
+    # waves of 3: 5, 5, 5 settle at P = 15/16 >= 0.6 (the split rule never looks)
+    assert R.early_sc(rec, threshold=0.6, wave=3, split=3) == (0, 30 + 30)
+    rec.samples = rec.samples[2:]  # 5, 7, 7, x, 9, 5: the 7s agree in the first wave
+    assert R.early_sc(rec, threshold=0.6, wave=3, split=3)[0] == 1
+    rec.samples = rec.samples[1:]  # 7, 7, x...: settled
+    rec.samples = [rec.samples[i] for i in (0, 2, 3)] + rec.samples[:2]  # 7, x, 9(truncated), 7, ...
+    assert R.early_sc(rec, threshold=None, wave=3, split=3) == (1, 30 + 10 * 3)  # split: stop after one wave
+    # without the split rule, the waves continue until n
+    assert R.early_sc(rec, threshold=None, wave=3)[1] == 2 * 30 + 10 * 5

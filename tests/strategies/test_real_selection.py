@@ -1,7 +1,7 @@
 """The issue-12 selection on the real vLLM (SmolLM2-135M on CPU): the default best_of_n votes
 with the model's own token confidence and makes no verifier calls; self_consistency samples in
-waves and counts only what it drew; program-aided candidates run in the sandbox and a failed
-program never fails the request."""
+waves, counts only what it drew and stops on a split first wave; program-aided candidates run in
+the sandbox and a failed program never fails the request."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from strategies.answers import FORM_OK
 from tests.proxy_server import ProxyServer
 
 pytestmark = [
@@ -58,6 +59,21 @@ def test_self_consistency_in_waves_counts_what_it_drew(real_proxy: ProxyServer) 
     assert [w["drawn"] for w in t["waves"]] == [c["n"] for c in t["calls"]]
     assert sum(w["drawn"] for w in t["waves"]) == len(t["candidates"]) <= 6
     assert t["stopped_early"] == (len(t["candidates"]) < 6)
+    _usage_adds_up(data)
+
+
+def test_the_early_stopping_recipe_stops_on_a_split_or_a_settled_answer(real_proxy: ProxyServer) -> None:
+    data = _ask(real_proxy, {"name": "self_consistency", "n": 8, "wave": 3, "stop_threshold": 0.6,
+                             "split_stop": 3, "signal": "tail"}, temperature=1.0)
+    t = data["sharpen"]["trace"]
+    assert sum(w["drawn"] for w in t["waves"]) == len(t["candidates"]) <= 8
+    answers = [c["answer"] if c["form"] == FORM_OK else None for c in t["candidates"][:3]]
+    given = [a for a in answers if a is not None]
+    if len(set(given)) == len(given):  # no two of the first wave agree: it must have stopped there
+        assert t["split"] is True and len(t["candidates"]) == 3
+    else:
+        assert t["split"] is False
+    assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
     _usage_adds_up(data)
 
 

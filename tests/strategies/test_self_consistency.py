@@ -224,6 +224,38 @@ def test_a_split_vote_draws_every_wave(fake_upstream: FakeUpstream, proxy: Proxy
     assert sorted(c["index"] for c in t["candidates"]) == list(range(6))
 
 
+def test_a_split_first_wave_stops_and_the_surest_answers(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "5", "7"]
+    # The fake's alternatives trail the sampled token by a fixed gap, so the candidate with the
+    # lowest sampled logprob has the most spread-out top-k, i.e. the highest DeepConf confidence.
+    fake_upstream.logprob_fn = lambda body, i, j, tok: -3.0 if i == 1 else -0.01
+    strategy = {"name": "self_consistency", "n": 8, "wave": 3, "stop_threshold": 0.6, "split_stop": 3,
+                "signal": "tail"}
+    resp = ask(proxy, strategy, extra_body={"trace": True})
+    assert [c.json["n"] for c in calls(fake_upstream)] == [3]  # one wave, not 8 candidates
+    assert content(resp).endswith("The answer is 5.")  # no two agree: the most confident one by "tail"
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+    t = resp["sharpen"]["trace"]
+    assert t["stopped_early"] is True and t["split"] is True
+    assert any("no two of their answers agree" in n for n in t["notes"])
+    by_logprob = ask(proxy, {**strategy, "signal": "mean_logprob"})
+    assert not content(by_logprob).endswith("The answer is 5.")  # the signal option is what decided
+
+
+def test_split_stop_waits_while_two_answers_agree(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.answers = ["3", "5", "3", "7"]
+    resp = ask(proxy, {"name": "self_consistency", "n": 6, "wave": 2, "split_stop": 2}, extra_body={"trace": True})
+    # 3, 5 differ after the first wave of 2: stop there
+    assert [c.json["n"] for c in calls(fake_upstream)] == [2]
+    assert resp["sharpen"]["trace"]["split"] is True
+
+
+def test_unknown_signal_is_a_400(proxy: ProxyServer) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(proxy, {"name": "self_consistency", "n": 4, "signal": "vibes"})
+    assert "signal" in str(e.value)
+
+
 def test_confidence_vote_follows_the_sure_minority(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
     fake_upstream.answers = ["3", "3", "7", "3"]
     fake_upstream.logprob_fn = lambda body, i, j, tok: -0.01 if i == 2 else -2.0

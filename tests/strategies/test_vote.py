@@ -7,6 +7,7 @@ import math
 import pytest
 
 from strategies.vote import (
+    all_differ,
     keep_top,
     prob_leader_wins,
     should_stop,
@@ -112,3 +113,12 @@ def test_should_stop() -> None:
     assert not should_stop(["4", "4", "4", "4", "5", "5"], 0.95)
     assert should_stop(["4", "4", "4", "4"], 0.95, min_votes=2)
     assert not should_stop([None, None, None, None], 0.5)
+
+
+def test_all_differ_needs_enough_candidates_and_no_shared_answer() -> None:
+    assert all_differ(["3", "5", "7"], 3)
+    assert not all_differ(["3", "5"], 3)  # too few drawn yet
+    assert not all_differ(["3", "5", "3"], 3)  # two agree: the vote means something
+    assert all_differ(["3", None, "7"], 3)  # a candidate with no usable answer counts as drawn, not as a vote
+    assert all_differ([None, None, None], 3)
+    assert not all_differ(["3", None, "3", None], 3)
