@@ -326,7 +326,8 @@ def test_the_trace_carries_only_documented_fields(fake_upstream: FakeUpstream, p
         "memory": {"recall": True, "remember": True}})
     assert r.status_code == 200, r.text
     trace = r.json()["sharpen"]["trace"]
-    assert set(trace) == TRACE_FIELDS | {"memory", "majority_answer", "answers_parsed", "waves", "stopped_early"}
+    assert set(trace) == TRACE_FIELDS | {"memory", "majority_answer", "answers_parsed", "waves", "stopped_early",
+                                          "split"}
     assert trace["memory"] == []  # recall ran and found nothing yet
 
 
