@@ -36,7 +36,7 @@ class SelfConsistencyOptions(StrategyOptions):
     # reaches ``stop_threshold`` (None: draw all n in one call).
     wave: int = Field(default=WAVE, ge=1, le=256)
     stop_threshold: float | None = Field(default=STOP_THRESHOLD, gt=0.5, le=1.0)
-    # ...or once ``split_stop`` well-formed answers are in and no two agree (None: never); the
+    # ...or once ``split_stop`` candidates are in and no two answers agree (None: never); the
     # most confident by ``signal`` then answers. Measured: wave 3, threshold 0.6, split_stop 3,
     # signal "tail" (README, "Selection").
     split_stop: int | None = Field(default=None, ge=2, le=256)
