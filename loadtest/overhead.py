@@ -36,10 +36,10 @@ from pathlib import Path
 
 import aiohttp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loadtest.machine import cpu_line, python_speed
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from loadtest.machine import cpu_line, python_speed  # noqa: E402
+
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
 

@@ -60,12 +60,12 @@ def test_early_stopping_counts_the_prompt_per_wave(rec: R.Rec) -> None:
 
 
 def test_a_split_stops_early_and_the_most_confident_answers(rec: R.Rec) -> None:
+    s = list(rec.samples)  # 5, 5, 5, 7, 7, x (placeholder), 9 (truncated), 5
     # waves of 3: 5, 5, 5 settle at P = 15/16 >= 0.6 (the split rule never looks)
     assert R.early_sc(rec, threshold=0.6, wave=3, split=3) == (0, 30 + 30)
-    rec.samples = rec.samples[2:]  # 5, 7, 7, x, 9, 5: the 7s agree in the first wave
+    rec.samples = s[2:]  # 5, 7, 7 in the first wave: the 7s agree, P = 11/16
     assert R.early_sc(rec, threshold=0.6, wave=3, split=3)[0] == 1
-    rec.samples = rec.samples[1:]  # 7, 7, x...: settled
-    rec.samples = [rec.samples[i] for i in (0, 2, 3)] + rec.samples[:2]  # 7, x, 9(truncated), 7, ...
+    rec.samples = [s[3], s[5], s[6], s[3], s[4]]  # 7, x, 9 (truncated): no two usable answers agree
     assert R.early_sc(rec, threshold=None, wave=3, split=3) == (1, 30 + 10 * 3)  # split: stop after one wave
     # without the split rule, the waves continue until n
     assert R.early_sc(rec, threshold=None, wave=3)[1] == 2 * 30 + 10 * 5
