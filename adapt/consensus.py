@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from adapt.config import AdaptConfig
 from adapt.data import Example, siblings
 from adapt.labeller import Label, Labeller, keep
 from protocol.errors import LabellingFailed, SharpenError
+from protocol.events import Sample
 from protocol.upstream import UpstreamAPI
 
 
@@ -28,16 +30,19 @@ class Labelled:
     skipped: Counter[str] = field(default_factory=Counter)
     questions: int = 0
     mean_share: float = 0.0  # over every labelled question: how sure the model was overall
+    reused: int = 0  # candidates taken from the live requests instead of drawn again
 
     def summary(self) -> dict[str, object]:
         return {"questions": self.questions, "kept": len(self.kept), "skipped": dict(self.skipped),
-                "mean_share": round(self.mean_share, 4)}
+                "mean_share": round(self.mean_share, 4), "reused_samples": self.reused}
 
 
 async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
                         labeller: Labeller, *, with_siblings: int = 0, min_share: float = 0.5,
-                        min_confidence: float = 0.0, concurrency: int = 4) -> Labelled:
-    """Labels every query (and ``with_siblings`` synthesized siblings of each); raises
+                        min_confidence: float = 0.0, concurrency: int = 4,
+                        priors: Mapping[int, Sequence[Sample]] | None = None) -> Labelled:
+    """Labels every query (and ``with_siblings`` synthesized siblings of each), a query with the
+    candidates its live request drew (``priors`` by origin) counted as drawn; raises
     ``LabellingFailed`` when the upstream failed on every question or nothing was kept."""
     sem = asyncio.Semaphore(concurrency)
 
@@ -57,7 +62,7 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
     async def one(origin: int, task: str, sib: bool) -> Label | None:
         async with sem:
             try:
-                lab = await labeller.label(upstream, model, tenant, task)
+                lab = await labeller.label(upstream, model, tenant, task, () if sib else (priors or {}).get(origin, ()))
             except SharpenError as exc:
                 errors.append(exc.message)
                 return None
@@ -72,6 +77,7 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
         raise LabellingFailed(f"the model could not be labelled: all {len(questions)} labelling calls failed "
                               f"(last: {errors[-1] if errors else 'unknown'})")
     out.mean_share = sum(lab.share for lab in got) / len(got) if got else 0.0
+    out.reused = sum(lab.reused for lab in got)
     for lab in got:
         reason = keep(lab, min_share=min_share, min_confidence=min_confidence)
         if reason is None:
@@ -130,12 +136,14 @@ async def vote_accuracy(upstream: UpstreamAPI, model: str, tenant: str, labeller
 
 async def cycle_data(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
                      labeller: Labeller, s: AdaptConfig, report: dict[str, object],
-                     heldout: list[Example] | None = None) -> tuple[list[Example], list[Example]]:
-    """A cycle's (training examples, pseudo-labelled held-out items) from its queued queries;
-    the labelling summary goes into ``report``. A given ``heldout`` is used as it is."""
+                     heldout: list[Example] | None = None,
+                     priors: Mapping[int, Sequence[Sample]] | None = None) -> tuple[list[Example], list[Example]]:
+    """A cycle's (training examples, pseudo-labelled held-out items) from its queued queries
+    (with their live candidates, ``priors``); the labelling summary goes into ``report``. A
+    given ``heldout`` is used as it is."""
     labelled = await label_queries(upstream, model, tenant, queries, labeller,
                                    with_siblings=s.siblings if s.mode == "ttsi" else 0, min_share=s.min_share,
-                                   min_confidence=s.min_confidence)
+                                   min_confidence=s.min_confidence, priors=priors)
     report["labelling"] = labelled.summary()
     train, held = split(labelled.kept, s.holdout_fraction) if heldout is None else (labelled.kept, [])
     return training_examples(train, s.rationales), heldout or heldout_examples(held)

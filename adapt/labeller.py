@@ -12,8 +12,10 @@ import abc
 import math
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from protocol.events import Sample
 from protocol.upstream import UpstreamAPI
 from protocol.wire import ChatCompletionRequest
 from strategies import pal, sampling
@@ -40,6 +42,7 @@ class Label:
     origin: int | None = None  # the queued query this question came from (itself or a sibling)
     sibling: bool = False
     program: str | None = None  # what the executed programs agreed on (None: none ran or they split)
+    reused: int = 0  # candidates taken from the live request rather than drawn again
 
 
 class Labeller(abc.ABC):
@@ -47,12 +50,15 @@ class Labeller(abc.ABC):
 
     Contract: ``label`` makes its upstream calls through the given upstream (one ``n=N`` call is
     the norm), returns a ``Label`` whatever the candidates say (no winner: ``answer`` None and
-    ``share`` 0), and raises ``protocol.errors.SharpenError`` only when the upstream fails."""
+    ``share`` 0), and raises ``protocol.errors.SharpenError`` only when the upstream fails.
+    ``prior`` are candidates ``model`` already drew for ``task`` alone (the live request's): a
+    labeller may count them as its own draws and draw only the rest."""
 
     n: int
 
     @abc.abstractmethod
-    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str) -> Label:
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = ()) -> Label:
         """The consensus label of ``task`` under ``model``."""
 
 
@@ -71,17 +77,27 @@ class MajorityVote(Labeller):
         self.temperature = temperature
         self.max_tokens = max_tokens
 
-    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str) -> Label:
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = ()) -> Label:
         body = {"model": model, "messages": [{"role": "user", "content": task}], "max_tokens": self.max_tokens,
                 "temperature": self.temperature}
         ctx = StrategyContext(upstream=upstream, body=body, endpoint="/chat/completions", model=model,
                               tenant=tenant, deadline=time.monotonic() + 900)
         req = ChatCompletionRequest.model_validate(body)
-        _, cands = await sampling.sample(req, ctx, self.n, self.temperature, [])
-        programs: list[Candidate] = []
-        if self.pal:
-            _, programs = await pal.draw(req, ctx, self.pal, self.temperature, start=len(cands))
-        return vote(task, cands, programs)
+        # The live request's candidates are samples of the same question and model, already paid
+        # for: they count towards n (and pal), and only the shortfall is drawn.
+        had = [Candidate(index=i, content=p.content, answer=p.answer, finish_reason=p.finish_reason,
+                         logprob=p.logprob, program=p.program) for i, p in enumerate(prior)]
+        cands = [c for c in had if not c.program][: self.n]
+        programs = [c for c in had if c.program][: self.pal]
+        reused = len(cands) + len(programs)
+        if len(cands) < self.n:
+            cands += (await sampling.sample(req, ctx, self.n - len(cands), self.temperature, []))[1]
+        if len(programs) < self.pal:
+            programs += (await pal.draw(req, ctx, self.pal - len(programs), self.temperature, start=len(had)))[1]
+        lab = vote(task, cands, programs)
+        lab.reused = reused
+        return lab
 
 
 def _prob(c: Candidate) -> float:

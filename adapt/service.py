@@ -6,8 +6,7 @@ majorities only; or, with ``adapt.labeller: best_of_n``, siblings + verified ans
 held-out split must rise by the margin, the operator's canary must not drop) -> swap (load under
 a new immutable name, switch the route atomically, unload the old version once idle) -> roll back
 (by hand, or when live confidence drops after a promotion). One cycle at a time; every phase is
-timed. A cycle that fails puts its queries back (up to ``adapt.max_attempts``) and the tenant
-waits ``adapt.retry_after_s`` before the next.
+timed. A failed cycle puts its queries back (up to ``adapt.max_attempts``); the tenant waits.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from adapt.data import Example
 from adapt.gate import evaluate
 from adapt.job import Job
 from adapt.labeller import Labeller, MajorityVote
-from adapt.queue import UncertainQueue
+from adapt.queue import UncertainQuery, UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion, name_base_model
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from memory.embedder import Embedder, HashingEmbedder
@@ -109,9 +108,10 @@ class AdaptationService:
                 if u is None or u.score < self.config.uncertainty_threshold or not self.opted_in(ev.tenant):
                     continue
                 task = next((str(m.get("content")) for m in reversed(ev.messages) if m.get("role") == "user"), "")
+                samples = ev.samples if len(ev.messages) == 1 else None  # samples of the task alone only then
                 if task:
                     await loop.run_in_executor(self._pool, self.queue.add, ev.tenant, task, ev.answer or "",
-                                               u.score, ev.model)
+                                               u.score, ev.model, samples)
             except Exception:
                 log.exception("queueing an uncertain query failed")
 
@@ -170,7 +170,7 @@ class AdaptationService:
                         raise InvalidRequest(f"tenant '{job.tenant}' has no queued uncertain queries to learn from",
                                              code="adaptation_empty_queue")
                     used = [q.id for q in pending]
-                    examples, heldout = await self._data(job, [(q.id, q.task) for q in pending], current, heldout)
+                    examples, heldout = await self._data(job, pending, current, heldout)
             if canary and s.canary_vote:
                 with job.phase("label"):
                     job.report["canary"] = {"n": len(canary), "vote_before": await consensus.vote_accuracy(
@@ -228,14 +228,15 @@ class AdaptationService:
         finally:
             await self._settle(job, used, version)
 
-    async def _data(self, job: Job, queries: list[tuple[int, str]], current: str | None,
+    async def _data(self, job: Job, pending: list[UncertainQuery], current: str | None,
                     heldout: list[Example] | None) -> tuple[list[Example], list[Example] | None]:
-        s = self.config
+        s, queries, model = self.config, [(q.id, q.task) for q in pending], current or job.base
         if s.labeller == "best_of_n":
             return await datamod.synthesize(self.upstream, job.base, job.tenant, queries, s,
                                             answerer=self.teacher, answer_model=s.teacher_model), heldout
-        return await consensus.cycle_data(self.upstream, current or job.base, job.tenant, queries, self.labeller,
-                                          s, job.report, heldout)
+        priors = {q.id: q.samples for q in pending if q.model == model}  # another model's samples are not its own
+        return await consensus.cycle_data(self.upstream, model, job.tenant, queries, self.labeller, s, job.report,
+                                          heldout, priors)
 
     async def _train(self, job: Job, examples: list[Example], heldout: list[Example], current: str | None,
                      curriculum: bool) -> tuple[AdapterVersion | None, Path]:

@@ -12,6 +12,19 @@ from typing import Any
 from protocol.uncertainty import Uncertainty
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One candidate a strategy drew for the request (``answer``: its normalised final answer,
+    or what its program printed when ``program``). Adaptation labels with the samples a request
+    already paid for instead of drawing them again."""
+
+    content: str
+    answer: str | None
+    finish_reason: str | None
+    logprob: float | None  # mean token logprob
+    program: bool = False
+
+
 @dataclass
 class RequestEvent:
     """One finished chat request, as the strategy engine saw it."""
@@ -26,6 +39,7 @@ class RequestEvent:
     usage: dict[str, int]
     remember: bool = True  # the request allowed its answer to be remembered
     memory_used: list[str] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # the candidates drawn, when the strategy drew several
     at: float = field(default_factory=time.time)
 
 

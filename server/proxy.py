@@ -27,7 +27,7 @@ from protocol.errors import (
     SharpenError,
     UpstreamError,
 )
-from protocol.events import EventBus, RequestEvent
+from protocol.events import EventBus, RequestEvent, Sample
 from protocol.wire import SHARPEN_FIELDS, ChatCompletionRequest, CompletionRequest, parse_json, validate
 from server import render
 from server.auth import Principal
@@ -358,7 +358,9 @@ class ProxyService:
             request_id=str(result.response.get("id", "")), tenant=ctx.tenant, model=ctx.model, strategy=strategy.name,
             messages=messages, answer=answer,
             uncertainty=result.uncertainty, usage=ctx.usage.model_dump(), remember=job.routing.remember,
-            memory_used=job.routing.memory_ids()))
+            memory_used=job.routing.memory_ids(),
+            samples=[Sample(c.content, c.answer, c.finish_reason, c.logprob, c.program)
+                     for c in result.candidates] if result.sampled else []))
 
     def _finish(self, job: Job, exc: BaseException | None, result: StrategyResult | None = None) -> None:
         """Metrics (and the event) for one finished request: success, failure or disconnect;

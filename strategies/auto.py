@@ -84,8 +84,8 @@ class Auto(Strategy[AutoOptions]):
         if settled:
             ranked = sorted(progs, key=lambda c: (c.answer is None, c.index))
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=progs,
-                                  uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
-                                  extra_trace=probe_trace)
+                                  sampled=True, uncertainty=Uncertainty(score=1.0 - share, agreement=share),
+                                  notes=notes, extra_trace=probe_trace)
         if o.n > k:
             drawn = await waves.draw(request, ctx, o.n - k, o.temperature, notes, wave=o.wave,
                                      threshold=o.stop_threshold)
@@ -116,8 +116,8 @@ class Auto(Strategy[AutoOptions]):
         if confident:
             ranked = rank_by_votes(cands)
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=cands,
-                                  uncertainty=Uncertainty(score=1.0 - share, agreement=share), notes=notes,
-                                  extra_trace=probe_trace)
+                                  sampled=True, uncertainty=Uncertainty(score=1.0 - share, agreement=share),
+                                  notes=notes, extra_trace=probe_trace)
         # The rest in waves (the probe is the first), stopping once the leading answer is settled;
         # the client's n was checked against the probe (admit), not against a top-up alone.
         drawn = await waves.draw(request, ctx, max(o.n - k, o.probe_n), o.temperature, notes, wave=o.wave,

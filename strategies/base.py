@@ -96,6 +96,9 @@ class StrategyResult:
     raw: bytes | None = None
     stream: Reply | None = None
     candidates: list[Candidate] = field(default_factory=list)
+    # True when ``candidates`` are independent samples of the request as sent (votes a labeller
+    # may count as its own), not drafts conditioned on critiques or tree paths.
+    sampled: bool = False
     uncertainty: Uncertainty | None = None
     notes: list[str] = field(default_factory=list)
     extra_trace: dict[str, Any] = field(default_factory=dict)

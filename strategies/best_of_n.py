@@ -204,6 +204,7 @@ class BestOfN(Strategy[BestOfNOptions]):
         return StrategyResult(
             response=sampling.answer(upstream, ranked, request),
             candidates=cands,
+            sampled=True,
             uncertainty=self._uncertainty(ranked, share),
             notes=notes,
             extra_trace={"verifiers": [v.name for v in vs], "all_verifiers_failed": all_failed,

@@ -102,6 +102,7 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         return StrategyResult(
             response=sampling.answer(upstream, ranked, request),
             candidates=cands,
+            sampled=True,
             uncertainty=Uncertainty(score=1.0 - share, agreement=share),
             notes=notes,
             extra_trace={"majority_answer": best, "answers_parsed": parsed, "waves": drawn.waves,

@@ -18,7 +18,7 @@ from adapt.config import AdaptConfig
 from adapt.data import Example
 from adapt.service import AdaptationService, Job
 from adapt.trainer import Trainer, TrainJob, TrainOutcome
-from protocol.events import EventBus, RequestEvent
+from protocol.events import EventBus, RequestEvent, Sample
 from protocol.uncertainty import Uncertainty
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
@@ -113,10 +113,13 @@ async def done(job: Job, timeout: float = 10.0) -> Job:
     return job
 
 
-def event(tenant: str, task: str, u: float | None, model: str = BASE) -> RequestEvent:
+def event(tenant: str, task: str, u: float | None, model: str = BASE, *, samples: list[Sample] | None = None,
+          system: bool = True) -> RequestEvent:
+    """A finished request; with ``system`` False the user's task was the only message sent."""
+    messages = [{"role": "system", "content": "be brief"}] if system else []
     return RequestEvent(request_id="r", tenant=tenant, model=model, strategy="self_consistency",
-                        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": task}],
-                        answer="an answer", uncertainty=None if u is None else Uncertainty(score=u), usage={})
+                        messages=[*messages, {"role": "user", "content": task}], answer="an answer",
+                        uncertainty=None if u is None else Uncertainty(score=u), usage={}, samples=samples or [])
 
 
 Make = Callable[..., Awaitable[AdaptationService]]

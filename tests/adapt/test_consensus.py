@@ -22,6 +22,7 @@ from adapt.consensus import (
 from adapt.data import Example
 from adapt.labeller import Label, MajorityVote
 from protocol.errors import CanaryInvalid, LabellingFailed
+from protocol.events import Sample
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from tests.fakes.upstream import FakeUpstream
@@ -51,6 +52,18 @@ def script(body: dict[str, Any], i: int) -> str:
     return f"Guess. The answer is {i}."
 
 
+async def test_a_querys_live_samples_label_it_and_not_its_siblings(fake_upstream: FakeUpstream,
+                                                                   upstream: Upstream) -> None:
+    fake_upstream.script(script)
+    prior = [Sample(f"Reasoning {i}. The answer is 5.", "5", "stop", -0.1) for i in range(3)]
+    got = await label_queries(upstream, "fake", "t", [(1, "What is sure 5?"), (2, "What is sure 6?")], MajorityVote(4),
+                              with_siblings=1, priors={1: prior})
+    labelling = [c.json for c in fake_upstream.completion_calls()
+                 if "new questions of the same kind" not in str(c.json["messages"])]
+    assert sorted(c["n"] for c in labelling) == [1, 4, 4, 4]  # query 1 draws 1 more; siblings and query 2 draw 4
+    assert got.summary()["reused_samples"] == 3 and len(got.kept) == 4
+
+
 async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: FakeUpstream,
                                                               upstream: Upstream) -> None:
     fake_upstream.script(script)
@@ -59,7 +72,8 @@ async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: Fak
     assert [(lab.task, lab.answer, lab.share, lab.origin) for lab in got.kept] == [
         ("What is sure 5?", "5", 1.0, 1), ("What is sure 8?", "8", 1.0, 3)]
     assert got.skipped == {"no_majority": 1} and got.questions == 3
-    assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75}
+    assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75,
+                             "reused_samples": 0}
     assert len(fake_upstream.completion_calls()) == 3  # one n=4 call per question
 
 

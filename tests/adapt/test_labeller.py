@@ -12,6 +12,7 @@ import pytest
 
 from adapt.labeller import Label, MajorityVote, keep, vote
 from protocol.errors import UpstreamStatusError
+from protocol.events import Sample
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from strategies.base import Candidate
@@ -126,6 +127,30 @@ async def test_program_aided_labelling_runs_the_programs(fake_upstream: FakeUpst
     assert [c.json["n"] for c in calls] == [4, 2]
     assert (lab.answer, lab.program, lab.share, lab.n) == ("42", "42", 1.0, 6)
     assert lab.agreeing == ["So 6 times 7. The answer is 42."]
+
+
+async def test_live_samples_count_towards_n_and_only_the_rest_is_drawn(fake_upstream: FakeUpstream,
+                                                                       upstream: Upstream) -> None:
+    """Three prose samples and two programs from the live request: with n=8 and pal=2 the
+    labeller asks for 5 more prose samples and no programs, and every candidate votes."""
+    fake_upstream.script(lambda body, i: "Six and one. The answer is 7.")
+    prior = [Sample("So 9. The answer is 9.", "9", "stop", -0.2),
+             Sample("It is 7. The answer is 7.", "7", "stop", -0.1), Sample("Cut off at 7", "7", "length", -0.3),
+             Sample("print(7)", "7", "stop", -0.1, program=True),
+             Sample("print(6 + 1)", "7", "stop", -0.1, program=True)]
+    lab = await MajorityVote(8, pal=2, max_tokens=64).label(upstream, "fake", "t", "What is 6+1?", prior)
+    [call] = fake_upstream.completion_calls()
+    assert call.json["n"] == 5 and "Python program" not in str(call.json["messages"])
+    assert (lab.answer, lab.program, lab.reused, lab.n) == ("7", "7", 5, 10)
+    assert set(lab.agreeing) == {"It is 7. The answer is 7.", "Six and one. The answer is 7."}
+    assert "Cut off at 7" not in lab.agreeing and lab.disagreeing == ["So 9. The answer is 9."]
+
+
+async def test_enough_live_samples_draw_nothing(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    prior = [Sample(f"Try {i}. The answer is 4.", "4", "stop", -0.1) for i in range(6)]
+    lab = await MajorityVote(4).label(upstream, "fake", "t", "What is 2+2?", prior)
+    assert fake_upstream.completion_calls() == []
+    assert (lab.answer, lab.share, lab.n, lab.reused) == ("4", 1.0, 4, 4)
 
 
 async def test_upstream_failure_raises(fake_upstream: FakeUpstream, upstream: Upstream) -> None:

@@ -1,15 +1,19 @@
 """The durable queue of uncertain queries: per-tenant de-duplication by similarity, pending vs
-used, ordering, and durability across reopening."""
+used, ordering, durability across reopening, the live samples a query keeps, and a queue
+written before they were kept."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adapt.queue import UncertainQueue
 from memory.embedder import HashingEmbedder
+from protocol.events import Sample
 
 
 @pytest.fixture
@@ -28,6 +32,37 @@ def test_add_and_pending_round_trip(queue: UncertainQueue) -> None:
     [u] = queue.pending("t")
     assert (u.tenant, u.task, u.answer, u.uncertainty, u.model) == ("t", "What is 17 * 23?", "391", 0.8, "m")
     assert isinstance(u.id, int)
+    assert u.samples == []
+
+
+def test_live_samples_round_trip(queue: UncertainQueue) -> None:
+    drawn = [Sample("17 * 23 = 391. The answer is 391.", "391", "stop", -0.05),
+             Sample("Hmm", None, "length", None), Sample("print(17 * 23)", "391", "stop", -0.2, program=True)]
+    assert queue.add("t", "What is 17 * 23?", "391", 0.8, "m", drawn)
+    assert queue.pending("t")[0].samples == drawn
+
+
+def test_a_queue_written_before_samples_were_kept_opens_and_reads(tmp_path: Path) -> None:
+    """The column is added in place; the queries already queued read back with no samples."""
+    path = tmp_path / "queue.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE uncertain (id INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, "
+                     "task TEXT NOT NULL, answer TEXT NOT NULL DEFAULT '', uncertainty REAL NOT NULL, "
+                     "model TEXT NOT NULL, vector BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'pending', "
+                     "created REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);")
+    db.execute("INSERT INTO uncertain (tenant, task, uncertainty, model, vector, created) VALUES (?,?,?,?,?,?)",
+               ("t", "an old question", 0.7, "m",
+                np.asarray(HashingEmbedder().embed(["an old question"])[0], dtype=np.float32).tobytes(), 1.0))
+    db.commit()
+    db.close()
+    q = UncertainQueue(path, HashingEmbedder())
+    try:
+        [old] = q.pending("t")
+        assert (old.task, old.samples) == ("an old question", [])
+        assert q.add("t", "a new question with samples", "", 0.6, "m", [Sample("x", "1", "stop", -0.1)])
+        assert [u.samples for u in q.pending("t")] == [[], [Sample("x", "1", "stop", -0.1)]]
+    finally:
+        q.close()
 
 
 def test_near_duplicates_are_dropped(queue: UncertainQueue) -> None:

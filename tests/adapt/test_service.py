@@ -19,6 +19,7 @@ import adapt.service
 from adapt.data import Example
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from protocol.errors import InvalidRequest, NotFound
+from protocol.events import Sample
 from tests.adapt.conftest import (
     BASE,
     FakeTrainer,
@@ -53,6 +54,34 @@ async def test_uncertain_events_are_queued_for_opted_in_tenants_above_threshold(
     [q] = svc.queue.pending("a")
     assert (q.task, q.answer, q.uncertainty, q.model) == ("What is the zorblat of cat?", "an answer", 0.8, BASE)
     assert svc.status()["queue"] == {"a": 1, "c": 1}
+
+
+async def test_a_queued_query_keeps_its_live_samples_only_when_the_task_was_all_that_was_sent(make: Make) -> None:
+    """The candidates a request drew are samples of the task alone only without a system
+    prompt (or recalled memory) before it; otherwise labelling must draw its own."""
+    svc = await make(tenants=["*"])
+    drawn = [Sample("So 7. The answer is 7.", "7", "stop", -0.1), Sample("print(9)", "9", "stop", -0.4, program=True)]
+    svc.events.publish(event("a", "What is the zorblat of cat?", 0.8, samples=drawn, system=False))
+    svc.events.publish(event("b", "What is the zorblat of cat?", 0.8, samples=drawn))
+    await until(lambda: svc.queue.counts() == {"a": 1, "b": 1})
+    assert svc.queue.pending("a")[0].samples == drawn
+    assert svc.queue.pending("b")[0].samples == []
+
+
+async def test_labelling_draws_only_what_the_live_request_did_not(make: Make, fake_upstream: FakeUpstream) -> None:
+    """A queued query with 3 live samples of the labelling model draws 1 more for label_n=4; one
+    served by another model (an older adapter) draws all 4: its samples are not this model's."""
+    fake_upstream.script(lambda body, i: "So it is 7. The answer is 7.")
+    svc = await make(label_n=4, label_pal=0)
+    mine = [Sample(f"Step {i}. The answer is 7.", "7", "stop", -0.1) for i in range(3)]
+    svc.events.publish(event("a", "What is the zorblat of cat?", 0.9, samples=mine, system=False))
+    svc.events.publish(event("a", "What is the zorblat of a yak?", 0.8, "fake-a-v0", samples=mine, system=False))
+    await until(lambda: svc.queue.counts() == {"a": 2})
+    job = await done(svc.run_cycle("a"))
+    labelling = [c.json for c in fake_upstream.completion_calls() if c.json.get("temperature") != 0.0]
+    assert sorted((c["messages"][-1]["content"], c["n"]) for c in labelling) == [
+        ("What is the zorblat of a yak?", 4), ("What is the zorblat of cat?", 1)]
+    assert job.report["labelling"]["reused_samples"] == 3
 
 
 async def test_every_tenant_with_a_star(make: Make) -> None:

@@ -98,6 +98,19 @@ def test_each_strategy_request_publishes_an_event(fake_upstream: FakeUpstream, p
         assert ev.usage == body["usage"]
     assert got[0].uncertainty is not None and got[0].uncertainty.score == pytest.approx(0.25)
     assert got[0].uncertainty.agreement == pytest.approx(0.75)
+    # The candidates drawn go with the event, so adaptation can label with them instead of drawing again.
+    assert sorted(s.answer or "" for s in got[0].samples) == ["3", "7", "7", "7"]
+    assert all(s.finish_reason == "stop" and s.logprob is not None and not s.program for s in got[0].samples)
+    assert any("The answer is 3." in s.content for s in got[0].samples)
+    assert len(got[1].samples) == 4
+
+
+def test_drafts_and_refinements_are_not_samples(fake_upstream: FakeUpstream, proxy: ProxyServer,
+                                                events: asyncio.Queue[RequestEvent]) -> None:
+    """critique_refine's candidates are conditioned on critiques: no labeller may count them as votes."""
+    assert post(proxy, "sk-a", {"name": "critique_refine", "max_rounds": 1}).status_code == 200
+    (ev,) = drain(events, 1)
+    assert ev.strategy == "critique_refine" and ev.uncertainty is not None and ev.samples == []
 
 
 def test_streamed_request_publishes_too(fake_upstream: FakeUpstream, proxy: ProxyServer,
