@@ -3,7 +3,7 @@
     .venv/bin/python loadtest/adapt_bench.py [--family basic_arithmetic] [--unrelated letter_counting]
         [--queries 32] [--eval 150] [--eval-unrelated 100] [--sc-items 50] [--canary-items 16]
         [--mode ttrl|ttsi] [--label-n 8] [--min-share 0.5] [--rationales 2] [--max-steps 40]
-        [--learning-rate 5e-4] [--before FILE.json] [--upstream URL --base-model-path DIR]
+        [--learning-rate 5e-4] [--before FILE.json] [--adapter DIR] [--upstream URL --base-model-path DIR]
         [--scratch /tmp/adapt_bench] [--out FILE.json]
 
 Starts the model on the embedded vLLM (runtime LoRA) unless ``--upstream`` names a running one,
@@ -22,6 +22,9 @@ tenant, cycles started by hand). Then:
    Phases timed from the job's own ``phases_s``; the total compared with 10 minutes.
 4. After: greedy accuracy of the adapter on the same items as 1 (loaded under a scratch name if
    the gate rejected it), with 95% Wilson intervals and an exact paired McNemar test.
+
+``--adapter DIR`` skips 2 and 3 and measures an adapter trained elsewhere (for example a
+cycle's ``train.jsonl`` retrained with ``python -m adapt.train_worker``) the same way.
 """
 
 from __future__ import annotations
@@ -239,6 +242,20 @@ async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str,
     return out
 
 
+async def measure_adapter(vllm: httpx.AsyncClient, args: argparse.Namespace, unseen: list[Item],
+                          unrelated: list[Item]) -> dict[str, Any]:
+    """Step 4 alone, for an adapter trained elsewhere (e.g. a cycle's data retrained by hand)."""
+    name = "adapter-eval"
+    (await vllm.post("/load_lora_adapter", json={"lora_name": name, "lora_path": args.adapter},
+                     timeout=300)).raise_for_status()
+    t0 = time.perf_counter()
+    after = {"family": await greedy(vllm, name, unseen, args.max_tokens),
+             "unrelated": await greedy(vllm, name, unrelated, args.max_tokens)}
+    print(f"after ({time.perf_counter() - t0:.0f} s): family {summary(after['family'])['accuracy']:.3f}, "
+          f"unrelated {summary(after['unrelated'])['accuracy']:.3f}", flush=True)
+    return {"after": after, "after_model": args.adapter}
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from tests.proxy_server import ProxyServer
 
@@ -251,6 +268,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         report["base"] = base
         report["before"] = before or await measure_before(vllm, base, args, unseen, unrelated)
         if args.before_only:
+            report["load_avg_end"] = os.getloadavg()
+            return report
+        if args.adapter:
+            report |= await measure_adapter(vllm, args, unseen, unrelated)
             report["load_avg_end"] = os.getloadavg()
             return report
         proxy = await asyncio.to_thread(ProxyServer(url, data_dir=str(Path(args.scratch) / f"data-{int(time.time())}"),
@@ -333,6 +354,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--before", help="reuse the 'before' figures of an earlier run's JSON (same items)")
     ap.add_argument("--before-only", action="store_true", help="measure the base model only")
+    ap.add_argument("--adapter", help="no live traffic or cycle: measure this trained adapter folder against the base")
     ap.add_argument("--scratch", default="/tmp/adapt_bench")
     ap.add_argument("--out", help="write the report as JSON here")
     ns = ap.parse_args()
@@ -340,6 +362,8 @@ def parse() -> argparse.Namespace:
         ap.error("--upstream needs --base-model-path")
     if ns.base_model_path:
         ns.base_model_path = str(Path(ns.base_model_path).absolute())  # vLLM and the trainer need it so
+    if ns.adapter:
+        ns.adapter = str(Path(ns.adapter).absolute())
     return ns
 
 
