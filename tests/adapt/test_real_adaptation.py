@@ -321,3 +321,22 @@ def test_consensus_cycle_on_real_samples(real_vllm: RealVLLM, tmp_path: Path) ->
         [v] = adapters(p).values()
         assert v["report"]["heldout"]["greedy_after"] == job["score_new"]
         assert v["report"]["labelling"] == lab and svc.queue.counts() == {}
+
+
+def test_a_live_requests_samples_are_queued_for_labelling(real_vllm: RealVLLM, tmp_path: Path) -> None:
+    """A self_consistency request on the real model queues its question with the 4 candidates
+    it drew, as vLLM returned them: what labelling counts instead of drawing them again."""
+    p = ProxyServer(real_vllm.base_url, data_dir=str(tmp_path), admin_key="adm", api_keys=KEYS,
+                    adapt={"enabled": True, "tenants": ["*"], "base_model_path": str(real_vllm.model_path),
+                           "uncertainty_threshold": 0.0},
+                    memory={"enabled": False})
+    with p:
+        body = chat(p, "ka", "What is 2 + 3? End with 'The answer is N.'", real_vllm.served_name,
+                    strategy={"name": "self_consistency", "n": 4}, temperature=0.8)
+        svc = p.app.services.adapt
+        assert svc is not None
+        [q] = eventually(lambda: svc.queue.pending("tenant-a"))
+        assert q.task == "What is 2 + 3? End with 'The answer is N.'"
+        assert len(q.samples) == 4 and all(s.content and s.logprob is not None for s in q.samples)
+        assert {s.finish_reason for s in q.samples} <= {"stop", "length"}
+        assert body["usage"]["completion_tokens"] > 0 and not any(s.program for s in q.samples)
