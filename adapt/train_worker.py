@@ -71,7 +71,6 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("no training examples")
 
     bs = int(hp["batch_size"])
-    micro = max(1, int(hp.get("micro_batch", 1)))
     steps_per_epoch = max(1, (len(data) + bs - 1) // bs)
     total = min(int(hp["max_steps"]), steps_per_epoch * int(hp["epochs"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(hp["learning_rate"]))
@@ -88,22 +87,16 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             if (job_dir / "cancel").exists():
                 raise Cancelled()
             batch = data[i : i + bs]
-            # One optimizer step per batch, its gradient accumulated over micro-batches: the
-            # activations and the vocabulary-wide logits of a whole batch of long rationales
-            # (4 x ~450 tokens: 17 GB in fp32) ran a 24 GiB machine out of memory beside vLLM.
-            # Each micro-batch's loss is weighted by its share of the batch's answer tokens, so
-            # the step is the batch's token-mean loss, as one big forward pass would give.
-            targets = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in batch) or 1
+            # One sequence at a time, the batch's gradient accumulated: the activations and the
+            # vocabulary-wide logits of a whole batch of long rationales (4 x ~450 tokens: 17 GB
+            # in fp32) ran a 24 GiB machine out of memory beside vLLM. Each sequence's loss is
+            # weighted by its share of the batch's answer tokens, so the step is the batch's
+            # token-mean loss, as one padded forward pass would give.
+            targets = [sum(1 for t in lab[1:] if t != -100) for _, lab in batch]
             total_loss = 0.0
-            for j in range(0, len(batch), micro):
-                part = batch[j : j + micro]
-                width = max(len(ids) for ids, _ in part)
-                pad = tok.pad_token_id
-                input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in part])
-                labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in part])
-                mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in part])
-                share = sum(sum(1 for t in lab[1:] if t != -100) for _, lab in part) / targets
-                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss * share
+            for (ids, lab), n in zip(batch, targets, strict=True):
+                out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab]))
+                loss = out.loss * (n / (sum(targets) or 1))
                 loss.backward()
                 total_loss += float(loss.item())
             opt.step()

@@ -233,27 +233,18 @@ async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str,
             name = f"{name}-eval"
             (await vllm.post("/load_lora_adapter", json={"lora_name": name, "lora_path": path},
                              timeout=300)).raise_for_status()
-    t1 = time.perf_counter()
-    out["after"] = {"family": await greedy(vllm, name, unseen, args.max_tokens),
-                    "unrelated": await greedy(vllm, name, unrelated, args.max_tokens)}
-    out["after_model"] = name
-    print(f"after ({time.perf_counter() - t1:.0f} s): family {summary(out['after']['family'])['accuracy']:.3f}, "
-          f"unrelated {summary(out['after']['unrelated'])['accuracy']:.3f}", flush=True)
-    return out
+    return out | await measure_after(vllm, name, args, unseen, unrelated)
 
 
-async def measure_adapter(vllm: httpx.AsyncClient, args: argparse.Namespace, unseen: list[Item],
-                          unrelated: list[Item]) -> dict[str, Any]:
-    """Step 4 alone, for an adapter trained elsewhere (e.g. a cycle's data retrained by hand)."""
-    name = "adapter-eval"
-    (await vllm.post("/load_lora_adapter", json={"lora_name": name, "lora_path": args.adapter},
-                     timeout=300)).raise_for_status()
+async def measure_after(vllm: httpx.AsyncClient, name: str, args: argparse.Namespace, unseen: list[Item],
+                        unrelated: list[Item]) -> dict[str, Any]:
+    """Step 4: greedy accuracy of the adapter served as ``name`` on the items of step 1."""
     t0 = time.perf_counter()
     after = {"family": await greedy(vllm, name, unseen, args.max_tokens),
              "unrelated": await greedy(vllm, name, unrelated, args.max_tokens)}
     print(f"after ({time.perf_counter() - t0:.0f} s): family {summary(after['family'])['accuracy']:.3f}, "
           f"unrelated {summary(after['unrelated'])['accuracy']:.3f}", flush=True)
-    return {"after": after, "after_model": args.adapter}
+    return {"after": after, "after_model": name}
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -270,8 +261,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.before_only:
             report["load_avg_end"] = os.getloadavg()
             return report
-        if args.adapter:
-            report |= await measure_adapter(vllm, args, unseen, unrelated)
+        if args.adapter:  # trained elsewhere: load it and go straight to step 4
+            (await vllm.post("/load_lora_adapter", json={"lora_name": "adapter-eval", "lora_path": args.adapter},
+                             timeout=300)).raise_for_status()
+            report |= await measure_after(vllm, "adapter-eval", args, unseen, unrelated)
             report["load_avg_end"] = os.getloadavg()
             return report
         proxy = await asyncio.to_thread(ProxyServer(url, data_dir=str(Path(args.scratch) / f"data-{int(time.time())}"),
