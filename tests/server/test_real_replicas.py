@@ -28,6 +28,7 @@ import pytest
 
 from server.pool import UpstreamPool
 from server.redact import redact_url as public_url
+from server.replica import prefix_key
 from tests.proxy_server import ProxyServer, free_port
 from tests.real_backend import RealVLLM, real_backend_settings
 
@@ -96,8 +97,12 @@ def delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 
 
+def question(i: int) -> str:
+    return f"Count from {i} to {i + 5}."
+
+
 async def _load(p: ProxyServer, n: int, model: str, *, concurrency: int = 6, stream: bool = False,
-                max_tokens: int = 16) -> list[str]:
+                max_tokens: int = 16, starts: list[int] | None = None) -> list[str]:
     sem = asyncio.Semaphore(concurrency)
     fails: list[str] = []
     async with httpx.AsyncClient(timeout=300) as c:
@@ -106,13 +111,13 @@ async def _load(p: ProxyServer, n: int, model: str, *, concurrency: int = 6, str
                 try:
                     r = await c.post(p.url + "/chat/completions", json={
                         "model": model, "stream": stream, "max_tokens": max_tokens, "temperature": 0,
-                        "messages": [{"role": "user", "content": f"Count from {i} to {i + 5}."}]})
+                        "messages": [{"role": "user", "content": question(i)}]})
                     good = r.status_code == 200 and ("data: [DONE]" in r.text if stream else "choices" in r.json())
                     if not good:
                         fails.append(f"{r.status_code}: {r.text[:200]}")
                 except httpx.HTTPError as exc:
                     fails.append(repr(exc))
-        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(one(i) for i in (starts if starts is not None else range(n))))
     return fails
 
 
@@ -127,8 +132,20 @@ def vllm_models(v: RealVLLM) -> set[str]:
 
 def test_requests_spread_over_two_real_replicas(proxy: ProxyServer, real_vllm: RealVLLM,
                                                 replica_b: RealVLLM) -> None:
+    # Each request's replica is first chosen by rendezvous hashing of its prompt (prefix
+    # affinity), so 24 arbitrary prompts may fall 19:5 by chance. Pick 12 prompts that hash to
+    # each replica: what is tested is that the pool balances them, not how the hash falls.
+    pool = pool_of(proxy)
+    home: dict[str, list[int]] = {r.label: [] for r in pool.replicas}
+    for i in range(1000):
+        key = prefix_key({"messages": [{"role": "user", "content": question(i)}]})
+        winner = max(pool.replicas, key=lambda r: r.score(key))
+        if len(home[winner.label]) < 12:
+            home[winner.label].append(i)
+    starts = [i for pair in zip(*home.values(), strict=True) for i in pair]  # alternating
+    assert len(starts) == 24
     before = ok_calls(proxy)
-    assert load(proxy, 24, real_vllm.served_name) == []
+    assert load(proxy, 24, real_vllm.served_name, starts=starts) == []
     d = delta(before, ok_calls(proxy))
     print("spread:", d)
     assert min(d[public_url(real_vllm.base_url)], d[public_url(replica_b.base_url)]) >= 6
