@@ -9,6 +9,7 @@ gate never scores a question whose rationales were trained on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,10 +32,12 @@ class Labelled:
     questions: int = 0
     mean_share: float = 0.0  # over every labelled question: how sure the model was overall
     reused: int = 0  # candidates taken from the live requests instead of drawn again
+    rationalized: int = 0  # kept labels whose rationales were written with the answer as a hint
 
     def summary(self) -> dict[str, object]:
         return {"questions": self.questions, "kept": len(self.kept), "skipped": dict(self.skipped),
-                "mean_share": round(self.mean_share, 4), "reused_samples": self.reused}
+                "mean_share": round(self.mean_share, 4), "reused_samples": self.reused,
+                "rationalized": self.rationalized}
 
 
 async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
@@ -66,6 +69,12 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
             except SharpenError as exc:
                 errors.append(exc.message)
                 return None
+            # A clear label none of whose own rationales finished: have the model work towards
+            # it (STaR's rationalization) rather than lose the question; failing that, it is skipped.
+            if keep(lab, min_share=min_share, min_confidence=min_confidence) == "no_finished_rationale":
+                with contextlib.suppress(SharpenError):
+                    lab.agreeing = await labeller.rationalize(upstream, model, tenant, lab)
+                lab.rationalized = bool(lab.agreeing)
         lab.origin, lab.sibling = origin, sib
         return lab
 
@@ -78,6 +87,7 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
                               f"(last: {errors[-1] if errors else 'unknown'})")
     out.mean_share = sum(lab.share for lab in got) / len(got) if got else 0.0
     out.reused = sum(lab.reused for lab in got)
+    out.rationalized = sum(lab.rationalized for lab in got)
     for lab in got:
         reason = keep(lab, min_share=min_share, min_confidence=min_confidence)
         if reason is None:

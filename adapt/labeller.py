@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -43,6 +44,7 @@ class Label:
     sibling: bool = False
     program: str | None = None  # what the executed programs agreed on (None: none ran or they split)
     reused: int = 0  # candidates taken from the live request rather than drawn again
+    rationalized: bool = False  # ``agreeing`` was written with the answer as a hint (STaR)
 
 
 class Labeller(abc.ABC):
@@ -61,6 +63,22 @@ class Labeller(abc.ABC):
                     prior: Sequence[Sample] = ()) -> Label:
         """The consensus label of ``task`` under ``model``."""
 
+    async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
+        """Rationales for a kept label that none of its own candidates finished (STaR's
+        rationalization): finished ones that reach ``label.answer``, most confident first. The
+        reference implementation writes none."""
+        return []
+
+
+# A rationale that refers to the hint teaches the model to expect one: such rationales are dropped.
+_MENTIONS_HINT = re.compile(r"\bhint\b|\bgiven answer\b|\breference answer\b|\bcorrect (?:final )?answer is\b", re.I)
+
+
+def hinted(task: str, answer: str) -> str:
+    """STaR's rationalization prompt: the question with its label given, for a worked solution."""
+    return (f"{task}\n\n(Hint: the correct final answer is {answer}. Solve the problem step by step so that "
+            f"the working reaches {answer}; do not mention this hint. End with 'The answer is {answer}'.)")
+
 
 class MajorityVote(Labeller):
     """Majority vote over ``n`` samples; confidence is exp(mean token logprob) of the winners.
@@ -71,9 +89,11 @@ class MajorityVote(Labeller):
     program is a far more reliable label than a small model's prose). The rationales trained on
     stay the prose ones that reach that answer."""
 
-    def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256, pal: int = 0) -> None:
+    def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256, pal: int = 0,
+                 rationalize: int = 0) -> None:
         self.n = n
         self.pal = pal
+        self.hints = rationalize  # hinted samples drawn by ``rationalize`` (0: none)
         self.temperature = temperature
         self.max_tokens = max_tokens
 
@@ -98,6 +118,21 @@ class MajorityVote(Labeller):
         lab = vote(task, cands, programs)
         lab.reused = reused
         return lab
+
+    async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
+        """``rationalize`` samples of the question with the label as a hint (one ``n=k`` call);
+        those that finish, reach the label and do not mention the hint are the rationales."""
+        if not self.hints or label.answer is None:
+            return []
+        body = {"model": model, "messages": [{"role": "user", "content": hinted(label.task, label.answer)}],
+                "max_tokens": self.max_tokens, "temperature": self.temperature}
+        ctx = StrategyContext(upstream=upstream, body=body, endpoint="/chat/completions", model=model,
+                              tenant=tenant, deadline=time.monotonic() + 900)
+        cands = (await sampling.sample(ChatCompletionRequest.model_validate(body), ctx, self.hints,
+                                       self.temperature, [], purpose="rationalize"))[1]
+        good = sorted((c for c in cands if c.finish_reason == "stop" and c.answer == label.answer
+                       and not _MENTIONS_HINT.search(c.content)), key=_prob, reverse=True)
+        return list(dict.fromkeys(c.content for c in good))
 
 
 def _prob(c: Candidate) -> float:

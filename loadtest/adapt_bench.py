@@ -137,6 +137,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
     return {"enabled": True, "tenants": ["*"], "base_model_path": base_path, "queue_trigger": 10**6,
             "uncertainty_threshold": 0.25, "dedup_similarity": 0.97, "max_queries": args.queries,
             "labeller": "consensus", "mode": args.mode, "siblings": args.siblings, "label_n": args.label_n,
+            "label_rationalize": args.rationalize,
             "label_max_tokens": args.max_tokens, "gate_max_tokens": args.max_tokens, "min_share": args.min_share,
             "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
@@ -337,6 +338,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--siblings", type=int, default=2)
     ap.add_argument("--label-n", type=int, default=8)
     ap.add_argument("--min-share", type=float, default=0.5)
+    ap.add_argument("--rationalize", type=int, default=4,
+                    help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=3)

@@ -5,7 +5,7 @@ the by-origin split, easy-to-hard ordering; and the canary file's bad inputs."""
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,10 @@ from adapt.consensus import (
     vote_accuracy,
 )
 from adapt.data import Example
-from adapt.labeller import Label, MajorityVote
-from protocol.errors import CanaryInvalid, LabellingFailed
+from adapt.labeller import Label, Labeller, MajorityVote
+from protocol.errors import CanaryInvalid, LabellingFailed, UpstreamStatusError
 from protocol.events import Sample
+from protocol.upstream import UpstreamAPI
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from tests.fakes.upstream import FakeUpstream
@@ -73,8 +74,42 @@ async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: Fak
         ("What is sure 5?", "5", 1.0, 1), ("What is sure 8?", "8", 1.0, 3)]
     assert got.skipped == {"no_majority": 1} and got.questions == 3
     assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75,
-                             "reused_samples": 0}
+                             "reused_samples": 0, "rationalized": 0}
     assert len(fake_upstream.completion_calls()) == 3  # one n=4 call per question
+
+
+class NoFinishedRationale(Labeller):
+    """Clear labels with no finished rationale; rationalizes 'good' questions only (or fails)."""
+
+    n = 4
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.asked: list[str] = []
+
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = ()) -> Label:
+        return Label(task, "5", 1.0, 0.9, 4, agreeing=["r"] if "done" in task else [])
+
+    async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
+        self.asked.append(label.task)
+        if self.fail:
+            raise UpstreamStatusError(500, "down", err_type=None, param=None, code=None)
+        return ["worked towards 5"] if "good" in label.task else []
+
+
+async def test_labels_without_a_finished_rationale_are_rationalized(upstream: Upstream) -> None:
+    labeller = NoFinishedRationale()
+    got = await label_queries(upstream, "fake", "t", [(1, "good"), (2, "bad"), (3, "done")], labeller)
+    assert sorted(labeller.asked) == ["bad", "good"]  # a label with its own rationale is not asked about
+    assert [(lab.task, lab.agreeing, lab.rationalized) for lab in got.kept] == [
+        ("good", ["worked towards 5"], True), ("done", ["r"], False)]
+    assert got.skipped == {"no_finished_rationale": 1} and got.summary()["rationalized"] == 1
+
+
+async def test_a_failed_rationalization_skips_the_label_and_keeps_the_others(upstream: Upstream) -> None:
+    got = await label_queries(upstream, "fake", "t", [(1, "good"), (3, "done")], NoFinishedRationale(fail=True))
+    assert [lab.task for lab in got.kept] == ["done"] and got.skipped == {"no_finished_rationale": 1}
 
 
 async def test_ttsi_labels_siblings_with_their_origin(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
