@@ -71,7 +71,8 @@ class Labeller(abc.ABC):
 
 
 # A rationale that refers to the hint teaches the model to expect one: such rationales are dropped.
-_MENTIONS_HINT = re.compile(r"\bhint\b|\bgiven answer\b|\breference answer\b|\bcorrect (?:final )?answer is\b", re.I)
+_MENTIONS_HINT = re.compile(r"\bhint\b|\bgiven answer\b|\breference answer\b|\bcorrect (?:final )?answer is\b"
+                            r"|\bthe working reaches\b", re.I)  # the last: the hint's own words echoed
 
 
 def hinted(task: str, answer: str) -> str:

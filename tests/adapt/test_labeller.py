@@ -164,13 +164,14 @@ async def test_rationalization_keeps_hinted_rationales_that_reach_the_label(fake
     """STaR: one n=k call of the question with the label as a hint; only finished samples that
     reach the label and do not mention the hint are rationales, most confident first."""
     replies = ["Nine sevens are 63. The answer is 63.", "As the hint says, the answer is 63.",
-               "Sixty. The answer is 60.", "7 * 9 = 63. The answer is 63."]
-    fake_upstream.script(lambda body, i: replies[i % 4])
+               "Sixty. The answer is 60.", "7 * 9 = 63. The answer is 63.",
+               "Since the working reaches 63, the answer is 63."]
+    fake_upstream.script(lambda body, i: replies[i % 5])
     lab = Label("What is 7 times 9?", "63", 1.0, 0.5, 2, program="63")
-    got = await MajorityVote(4, max_tokens=64, rationalize=4).rationalize(upstream, "fake", "t", lab)
+    got = await MajorityVote(4, max_tokens=64, rationalize=5).rationalize(upstream, "fake", "t", lab)
     [call] = fake_upstream.completion_calls()
     prompt = str(call.json["messages"][-1]["content"])
-    assert call.json["n"] == 4 and prompt.startswith("What is 7 times 9?") and "63" in prompt.split("?", 1)[1]
+    assert call.json["n"] == 5 and prompt.startswith("What is 7 times 9?") and "63" in prompt.split("?", 1)[1]
     assert set(got) == {"Nine sevens are 63. The answer is 63.", "7 * 9 = 63. The answer is 63."}
 
 
