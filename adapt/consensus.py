@@ -37,7 +37,8 @@ class Labelled:
     def summary(self) -> dict[str, object]:
         return {"questions": self.questions, "kept": len(self.kept), "skipped": dict(self.skipped),
                 "mean_share": round(self.mean_share, 4), "reused_samples": self.reused,
-                "rationalized": self.rationalized}
+                "rationalized": self.rationalized,
+                "kept_by_programs": sum(lab.program is not None for lab in self.kept)}
 
 
 async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],

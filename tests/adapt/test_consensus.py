@@ -74,7 +74,7 @@ async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: Fak
         ("What is sure 5?", "5", 1.0, 1), ("What is sure 8?", "8", 1.0, 3)]
     assert got.skipped == {"no_majority": 1} and got.questions == 3
     assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75,
-                             "reused_samples": 0, "rationalized": 0}
+                             "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
     assert len(fake_upstream.completion_calls()) == 3  # one n=4 call per question
 
 
@@ -89,7 +89,8 @@ class NoFinishedRationale(Labeller):
 
     async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
                     prior: Sequence[Sample] = ()) -> Label:
-        return Label(task, "5", 1.0, 0.9, 4, agreeing=["r"] if "done" in task else [])
+        return Label(task, "5", 1.0, 0.9, 4, agreeing=["r"] if "done" in task else [],
+                     program="5" if "good" in task else None)  # as when executed programs decided it
 
     async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
         self.asked.append(label.task)
@@ -104,7 +105,8 @@ async def test_labels_without_a_finished_rationale_are_rationalized(upstream: Up
     assert sorted(labeller.asked) == ["bad", "good"]  # a label with its own rationale is not asked about
     assert [(lab.task, lab.agreeing, lab.rationalized) for lab in got.kept] == [
         ("good", ["worked towards 5"], True), ("done", ["r"], False)]
-    assert got.skipped == {"no_finished_rationale": 1} and got.summary()["rationalized"] == 1
+    assert got.skipped == {"no_finished_rationale": 1}
+    assert got.summary()["rationalized"] == 1 and got.summary()["kept_by_programs"] == 1
 
 
 async def test_a_failed_rationalization_skips_the_label_and_keeps_the_others(upstream: Upstream) -> None:

@@ -66,7 +66,7 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     assert set(job.phases_s) == {"label", "train", "gate", "swap"} and all(v >= 0 for v in job.phases_s.values())
     r = job.report
     assert r["labelling"] == {"questions": 5, "kept": 4, "skipped": {"no_majority": 1}, "mean_share": 0.85,
-                              "reused_samples": 0, "rationalized": 0}
+                              "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
     assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "vote": 1.0}
     assert r["canary"] == {"n": 3, "vote_before": 1.0, "greedy_before": 1.0, "greedy_after": 1.0}
     assert r["promoted"] is True and r["phases_s"] == job.phases_s
