@@ -338,7 +338,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--siblings", type=int, default=2)
     ap.add_argument("--label-n", type=int, default=8)
     ap.add_argument("--min-share", type=float, default=0.5)
-    ap.add_argument("--rationalize", type=int, default=4,
+    ap.add_argument("--rationalize", type=int, default=0,
                     help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)
     ap.add_argument("--max-steps", type=int, default=40)
