@@ -8,6 +8,7 @@ One trained adapter is shared by the module (training is the slow part: ~1-2 min
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import shutil
 import threading
@@ -20,7 +21,11 @@ from typing import Any
 import httpx
 import pytest
 
+from adapt.labeller import Label, MajorityVote
 from adapt.trainer import Trainer, TrainJob, TrainOutcome
+from server.settings import UpstreamSettings
+from server.upstream import Upstream
+from strategies.answers import FORM_OK, final_answer, placeholders
 from tests.proxy_server import ProxyServer
 from tests.real_backend import RealVLLM
 
@@ -340,3 +345,25 @@ def test_a_live_requests_samples_are_queued_for_labelling(real_vllm: RealVLLM, t
         assert len(q.samples) == 4 and all(s.content and s.logprob is not None for s in q.samples)
         assert {s.finish_reason for s in q.samples} <= {"stop", "length"}
         assert body["usage"]["completion_tokens"] > 0 and not any(s.program for s in q.samples)
+
+
+def test_rationalization_on_the_real_model(real_vllm: RealVLLM) -> None:
+    """STaR's hinted call on the real model: one n=4 call of the question with its label, and
+    what comes back are finished rationales that reach the label and never mention the hint."""
+    question = "What is 2 + 3? End with 'The answer is N.'"
+
+    async def run() -> list[str]:
+        up = Upstream(real_vllm.base_url, UpstreamSettings())
+        try:
+            lab = Label(question, "5", 1.0, 0.5, 4)
+            return await MajorityVote(4, temperature=0.8, max_tokens=64, rationalize=4).rationalize(
+                up, real_vllm.served_name, "default", lab)
+        finally:
+            await up.aclose()
+
+    got = asyncio.run(run())
+    print("rationales:", got)
+    assert got, "none of 4 hinted samples of SmolLM2 reached 5"
+    for text in got:
+        answer, form = final_answer(text, "stop", placeholders(question))
+        assert answer == "5" and form == FORM_OK and "hint" not in text.lower()
