@@ -32,12 +32,11 @@ class Labelled:
     questions: int = 0
     mean_share: float = 0.0  # over every labelled question: how sure the model was overall
     reused: int = 0  # candidates taken from the live requests instead of drawn again
-    rationalized: int = 0  # kept labels whose rationales were written with the answer as a hint
 
     def summary(self) -> dict[str, object]:
         return {"questions": self.questions, "kept": len(self.kept), "skipped": dict(self.skipped),
                 "mean_share": round(self.mean_share, 4), "reused_samples": self.reused,
-                "rationalized": self.rationalized,
+                "rationalized": sum(lab.rationalized for lab in self.kept),
                 "kept_by_programs": sum(lab.program is not None for lab in self.kept)}
 
 
@@ -88,7 +87,6 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
                               f"(last: {errors[-1] if errors else 'unknown'})")
     out.mean_share = sum(lab.share for lab in got) / len(got) if got else 0.0
     out.reused = sum(lab.reused for lab in got)
-    out.rationalized = sum(lab.rationalized for lab in got)
     for lab in got:
         reason = keep(lab, min_share=min_share, min_confidence=min_confidence)
         if reason is None:

@@ -98,13 +98,18 @@ class MajorityVote(Labeller):
         self.temperature = temperature
         self.max_tokens = max_tokens
 
-    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
-                    prior: Sequence[Sample] = ()) -> Label:
-        body = {"model": model, "messages": [{"role": "user", "content": task}], "max_tokens": self.max_tokens,
+    def _ask(self, upstream: UpstreamAPI, model: str, tenant: str,
+             content: str) -> tuple[ChatCompletionRequest, StrategyContext]:
+        """The request (one user message, the labeller's sampling settings) and its context."""
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": self.max_tokens,
                 "temperature": self.temperature}
         ctx = StrategyContext(upstream=upstream, body=body, endpoint="/chat/completions", model=model,
                               tenant=tenant, deadline=time.monotonic() + 900)
-        req = ChatCompletionRequest.model_validate(body)
+        return ChatCompletionRequest.model_validate(body), ctx
+
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = ()) -> Label:
+        req, ctx = self._ask(upstream, model, tenant, task)
         # The live request's candidates are samples of the same question and model, already paid
         # for: they count towards n (and pal), and only the shortfall is drawn.
         had = [Candidate(index=i, content=p.content, answer=p.answer, finish_reason=p.finish_reason,
@@ -125,12 +130,8 @@ class MajorityVote(Labeller):
         those that finish, reach the label and do not mention the hint are the rationales."""
         if not self.hints or label.answer is None:
             return []
-        body = {"model": model, "messages": [{"role": "user", "content": hinted(label.task, label.answer)}],
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
-        ctx = StrategyContext(upstream=upstream, body=body, endpoint="/chat/completions", model=model,
-                              tenant=tenant, deadline=time.monotonic() + 900)
-        cands = (await sampling.sample(ChatCompletionRequest.model_validate(body), ctx, self.hints,
-                                       self.temperature, [], purpose="rationalize"))[1]
+        req, ctx = self._ask(upstream, model, tenant, hinted(label.task, label.answer))
+        cands = (await sampling.sample(req, ctx, self.hints, self.temperature, [], purpose="rationalize"))[1]
         good = sorted((c for c in cands if c.finish_reason == "stop" and c.answer == label.answer
                        and not _MENTIONS_HINT.search(c.content)), key=_prob, reverse=True)
         return list(dict.fromkeys(c.content for c in good))
