@@ -56,7 +56,8 @@ class AdaptationService:
         self.trainer = trainer or LocalProcessTrainer()
         self.labeller = labeller or MajorityVote(config.label_n, temperature=config.label_temperature,
                                                  max_tokens=config.label_max_tokens, pal=config.label_pal,
-                                                 rationalize=config.label_rationalize)
+                                                 rationalize=config.label_rationalize,
+                                                 programs_decide=config.label_vote == "programs")
         self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
         self.queue = UncertainQueue(directory / "queue.sqlite3", embedder or HashingEmbedder(),
                                     dedup_similarity=config.dedup_similarity)

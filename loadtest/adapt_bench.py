@@ -2,9 +2,9 @@
 
     .venv/bin/python loadtest/adapt_bench.py [--family basic_arithmetic] [--unrelated letter_counting]
         [--queries 32] [--eval 150] [--eval-unrelated 100] [--sc-items 50] [--canary-items 16]
-        [--mode ttrl|ttsi] [--label-n 8] [--min-share 0.5] [--rationales 2] [--max-steps 40]
-        [--learning-rate 5e-4] [--before FILE.json] [--adapter DIR] [--upstream URL --base-model-path DIR]
-        [--scratch /tmp/adapt_bench] [--out FILE.json]
+        [--mode ttrl|ttsi] [--label-n 8] [--label-vote programs|pooled] [--min-share 0.5] [--rationales 2]
+        [--max-steps 40] [--learning-rate 5e-4] [--before FILE.json] [--adapter DIR]
+        [--upstream URL --base-model-path DIR] [--scratch /tmp/adapt_bench] [--out FILE.json]
 
 Starts the model on the embedded vLLM (runtime LoRA) unless ``--upstream`` names a running one,
 and sharpen itself in front of it (``tests.proxy_server.ProxyServer``, adaptation on for every
@@ -137,7 +137,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
     return {"enabled": True, "tenants": ["*"], "base_model_path": base_path, "queue_trigger": 10**6,
             "uncertainty_threshold": 0.25, "dedup_similarity": 0.97, "max_queries": args.queries,
             "labeller": "consensus", "mode": args.mode, "siblings": args.siblings, "label_n": args.label_n,
-            "label_rationalize": args.rationalize,
+            "label_rationalize": args.rationalize, "label_vote": args.label_vote,
             "label_max_tokens": args.max_tokens, "gate_max_tokens": args.max_tokens, "min_share": args.min_share,
             "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
@@ -338,6 +338,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--siblings", type=int, default=2)
     ap.add_argument("--label-n", type=int, default=8)
     ap.add_argument("--min-share", type=float, default=0.5)
+    ap.add_argument("--label-vote", choices=("programs", "pooled"), default="programs",
+                    help="agreeing programs set the label, or all answers pool (adapt.label_vote)")
     ap.add_argument("--rationalize", type=int, default=0,
                     help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)

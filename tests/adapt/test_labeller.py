@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,6 +68,23 @@ def test_agreeing_programs_decide_the_label_against_the_prose_majority() -> None
     assert lab.agreeing == ["work 3. The answer is 9."] and len(lab.disagreeing) == 3
     assert lab.confidence == pytest.approx(math.exp(-0.4))  # the prose winners' confidence
     assert keep(lab, min_share=0.5, min_confidence=0.0) is None
+
+
+def test_pooled_programs_vote_beside_the_prose() -> None:
+    """The same candidates pooled: 7 three times against 9 three times (one prose, two programs);
+    the tie goes to the more confident group, and the programs decided nothing."""
+    lab = vote("q", [cand(0, "7"), cand(1, "7"), cand(2, "7"), cand(3, "9", lp=-0.4)],
+               [prog(4, "9"), prog(5, "9"), prog(6, None)], programs_decide=False)
+    assert (lab.answer, lab.program, lab.share, lab.n) == ("7", None, 0.5, 6)
+    assert len(lab.agreeing) == 3 and len(lab.disagreeing) == 1  # code is never a rationale
+    won = vote("q", [cand(0, "7"), cand(1, "9")], [prog(2, "9"), prog(3, "9")], programs_decide=False)
+    assert (won.answer, won.program, won.share) == ("9", "9", 0.75)  # they agreed with the winner
+
+
+async def test_the_labeller_pools_when_configured(make: Any, tmp_path: Path) -> None:
+    for rule, decide in (("programs", True), ("pooled", False)):
+        svc = await make(start=False, label_vote=rule, directory=tmp_path / rule)
+        assert isinstance(svc.labeller, MajorityVote) and svc.labeller.programs_decide is decide
 
 
 def test_split_or_silent_programs_leave_the_prose_vote() -> None:
