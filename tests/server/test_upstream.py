@@ -373,6 +373,51 @@ async def test_idle_timeout_mid_stream(fake_upstream: FakeUpstream, make_upstrea
     assert fake_upstream.cancelled == 1
 
 
+async def test_a_stream_longer_than_the_idle_timeout_is_not_cut(fake_upstream: FakeUpstream,
+                                                                 make_upstream: Any) -> None:
+    """The idle timeout bounds the gap between chunks, not the stream: one timer is kept for the
+    whole stream and moved when it fires early, so it must not fire while tokens keep coming."""
+    u = make_upstream(fake_upstream.url, timeouts={"idle": 0.2})
+    fake_upstream.tok = 0.05
+    fake_upstream.length = 16  # ~0.8 s in all, four idle periods
+    reply = await u.request("POST", "/chat/completions", orjson.dumps({**CHAT, "stream": True}))
+    t0 = time.monotonic()
+    body = b"".join([c async for c in reply.chunks()])
+    assert time.monotonic() - t0 > 0.5 and body.rstrip().endswith(b"data: [DONE]")
+
+
+async def test_a_slow_client_is_not_an_idle_upstream(fake_upstream: FakeUpstream, make_upstream: Any) -> None:
+    """Time the consumer spends between chunks (a slow client's writes) is not the upstream's."""
+    u = make_upstream(fake_upstream.url, timeouts={"idle": 0.2})
+    fake_upstream.tok = 0.01
+    fake_upstream.length = 6
+    reply = await u.request("POST", "/chat/completions", orjson.dumps({**CHAT, "stream": True}))
+    got = []
+    async for c in reply.chunks():
+        got.append(c)
+        await asyncio.sleep(0.3)  # longer than the idle timeout, every chunk
+    assert b"".join(got).rstrip().endswith(b"data: [DONE]")
+
+
+async def test_cancelling_a_stream_is_not_a_timeout(fake_upstream: FakeUpstream, make_upstream: Any) -> None:
+    """A client leaving cancels the reading task: that stays a cancellation, and the upstream
+    connection is dropped."""
+    u = make_upstream(fake_upstream.url, timeouts={"idle": 5})
+    fake_upstream.tok = 5.0
+    reply = await u.request("POST", "/chat/completions", orjson.dumps({**CHAT, "stream": True}))
+
+    async def consume() -> None:
+        async for _ in reply.chunks():
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await fake_upstream.async_wait_until(lambda: fake_upstream.cancelled == 1, timeout=2)
+
+
 async def test_idle_timeout_on_a_slow_body(make_upstream: Any, client: str) -> None:
     """Headers in, body late: ``read`` is bounded by the idle timeout."""
     async def handler(request: web.Request) -> web.StreamResponse:
