@@ -367,3 +367,27 @@ def test_rationalization_on_the_real_model(real_vllm: RealVLLM) -> None:
     for text in got:
         answer, form = final_answer(text, "stop", placeholders(question))
         assert answer == "5" and form == FORM_OK and "hint" not in text.lower()
+
+
+def test_pooled_labelling_on_the_real_model(real_vllm: RealVLLM) -> None:
+    """``label_vote: pooled`` on the real model: 4 prose samples and 2 programs (run in the
+    sandbox) vote together, one vote per answer that ran, and the programs decide nothing alone."""
+    question = "What is 2 + 3? End with 'The answer is N.'"
+
+    async def run() -> Label:
+        up = Upstream(real_vllm.base_url, UpstreamSettings())
+        try:
+            return await MajorityVote(4, temperature=0.8, max_tokens=96, pal=2, programs_decide=False).label(
+                up, real_vllm.served_name, "default", question)
+        finally:
+            await up.aclose()
+
+    lab = asyncio.run(run())
+    print("label:", lab.answer, lab.share, lab.n, lab.program)
+    assert 4 <= lab.n <= 6  # 4 prose votes, plus each program that printed an answer
+    if lab.answer is not None:
+        votes = round(lab.share * lab.n)
+        assert votes >= 1 and abs(votes - lab.share * lab.n) < 1e-9  # a share of the pooled votes
+        assert lab.program in (None, lab.answer)
+        for text in lab.agreeing:
+            assert final_answer(text, "stop", placeholders(question))[0] == lab.answer
