@@ -28,21 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from adapt.labeller import keep, vote  # noqa: E402
+from evals.report import wilson  # noqa: E402
 from loadtest.selection_rescore import Rec, load  # noqa: E402
 from strategies.base import Candidate  # noqa: E402
 
 DEFAULT = [str(ROOT / "loadtest/results/selection_bench-qwen2.5-coder-0.5b-gsm_symbolic-gen.jsonl.gz"),
            str(ROOT / "loadtest/results/selection_bench-qwen2.5-coder-0.5b-gen.jsonl.gz")]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / d
-    return max(0.0, c - h), min(1.0, c + h)
 
 
 def _cands(r: Rec, k: int, *, programs: bool) -> list[Candidate]:
