@@ -161,9 +161,9 @@ def vote(task: str, cands: list[Candidate], programs: list[Candidate] | None = N
     total = len(cands) + len(ran)  # a program that did not run abstains: it is no vote at all
     if not groups:
         return Label(task=task, answer=None, share=0.0, confidence=0.0, n=total)
-    decided = programs_decide and program is not None
-    best = program if decided and program is not None else \
+    best = program if programs_decide and program is not None else \
         max(groups, key=lambda a: (len(groups[a]), sum(map(_prob, groups[a])) / len(groups[a])))
+    decided = programs_decide and best == program
     won = groups[best]
     prose = [c for c in won if not c.program]
     # A rationale cut off by max_tokens is no example to imitate, whatever its answer.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -50,11 +51,22 @@ def _cands(r: Rec, k: int, *, programs: bool) -> list[Candidate]:
                       logprob=c.conf.mean_logprob, program=programs) for i, c in enumerate(cs[:k])]
 
 
+def unsure(first4: list[str | None]) -> bool:
+    """Whether a live request whose 4 samples answered ``first4`` was unsure enough to queue
+    (self-consistency's winning share at most 0.5)."""
+    answers = [a for a in first4 if a is not None]
+    return (Counter(answers).most_common(1)[0][1] / 4 if answers else 0.0) <= 0.5
+
+
 def queued(r: Rec) -> bool:
-    """Whether the live request (SC over the first 4 samples) was unsure enough to queue."""
-    answers = [c.answer for c in r.samples[:4] if c.answer is not None]
-    share = Counter(answers).most_common(1)[0][1] / 4 if answers else 0.0
-    return share <= 0.5
+    """Whether the live request (SC over the first 4 stored samples) would have been queued."""
+    return unsure([c.answer for c in r.samples[:4]])
+
+
+def cell(right: int, kept: int) -> str:
+    """``right (95% interval)`` of ``kept`` labels, or ``-`` when none was kept."""
+    lo, hi = wilson(right, kept)
+    return f"{right} = {100 * right / kept:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%)" if kept else "-"
 
 
 def measure(recs: list[Rec], *, rule: str, pal: int, min_share: float) -> Counter[str]:
@@ -89,7 +101,8 @@ async def _live(family: str, n: int, seed: int) -> list[str]:
     labeller = MajorityVote(8, pal=4)  # the shipped labelling settings (adapt.label_n, label_pal)
     rows: list[tuple[bool, bool, dict[str, tuple[str | None, bool]]]] = []
     t0 = time.perf_counter()
-    async with VLLMProcess(backend, prepared, Path("/tmp") / f"label-live-{seed}.log", python=sys.executable) as proc:
+    log = Path(tempfile.gettempdir()) / f"label-live-{seed}.log"
+    async with VLLMProcess(backend, prepared, log, python=sys.executable) as proc:
         up = Upstream(proc.base_url, UpstreamSettings(timeouts={"first_byte": 900, "idle": 900}))
         try:
             for it in items(family, n, seed):
@@ -100,8 +113,7 @@ async def _live(family: str, n: int, seed: int) -> list[str]:
                     "model": prepared.served_name, "messages": [{"role": "user", "content": it.question}],
                     "max_tokens": labeller.max_tokens, "temperature": 0})
                 greedy_ok = await score(it, str(g["choices"][0]["message"]["content"] or "")) >= 1.0
-                answers = [c.answer for c in prose[:4] if c.answer is not None]
-                is_queued = (Counter(answers).most_common(1)[0][1] / 4 if answers else 0.0) <= 0.5
+                is_queued = unsure([c.answer for c in prose[:4]])
                 got: dict[str, tuple[str | None, bool]] = {}
                 for rule in ("programs", "pooled"):
                     lab = vote(it.question, prose, progs, programs_decide=rule == "programs")
@@ -119,10 +131,9 @@ async def _live(family: str, n: int, seed: int) -> list[str]:
         for rule in ("programs", "pooled"):
             kept_rows = [(g, r[rule]) for _, g, r in sel if r[rule][0] is not None]
             right = sum(ok for _, (_, ok) in kept_rows)
-            lo, hi = wilson(right, len(kept_rows))
             corr = sum(ok and not g for g, (_, ok) in kept_rows)
-            lines.append(f"| {band} ({len(sel)}) | {rule} | {len(kept_rows)} | "
-                         f"{right} ({100 * lo:.0f}-{100 * hi:.0f}%) | {corr} | {len(kept_rows) - right} |")
+            lines.append(f"| {band} ({len(sel)}) | {rule} | {len(kept_rows)} | {cell(right, len(kept_rows))} | "
+                         f"{corr} | {len(kept_rows) - right} |")
     return lines
 
 
@@ -152,11 +163,8 @@ def main() -> None:
             for pal in (2, 4):
                 for share in (0.5, 0.625):
                     c = measure(rs, rule=rule, pal=pal, min_share=share)
-                    lo, hi = wilson(c["right"], c["kept"])
-                    prec = f"{c['right']} = {100 * c['right'] / c['kept']:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%)" \
-                        if c["kept"] else "-"
-                    lines.append(f"| {band} ({len(rs)}) | {rule} | {pal} | {share} | {c['kept']} | {prec} | "
-                                 f"{c['corrective']} | {c['wrong']} |")
+                    lines.append(f"| {band} ({len(rs)}) | {rule} | {pal} | {share} | {c['kept']} | "
+                                 f"{cell(c['right'], c['kept'])} | {c['corrective']} | {c['wrong']} |")
     lines += ["", "Queued items by family (4 programs, min share 0.5):", "",
               "| family | queued | vote rule | kept | right (95% CI) | corrective | wrong |",
               "|---|---:|---|---:|---|---:|---:|"]
@@ -164,9 +172,8 @@ def main() -> None:
         rs = [r for r in bands["queued"] if r.task == task]
         for rule in ("programs", "pooled"):
             c = measure(rs, rule=rule, pal=4, min_share=0.5)
-            lo, hi = wilson(c["right"], c["kept"])
-            prec = f"{c['right']} ({100 * lo:.0f}-{100 * hi:.0f}%)" if c["kept"] else "-"
-            lines.append(f"| {task} | {len(rs)} | {rule} | {c['kept']} | {prec} | {c['corrective']} | {c['wrong']} |")
+            lines.append(f"| {task} | {len(rs)} | {rule} | {c['kept']} | {cell(c['right'], c['kept'])} | "
+                         f"{c['corrective']} | {c['wrong']} |")
     out = "\n".join(lines)
     print(out)
     if a.md:
