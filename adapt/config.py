@@ -38,6 +38,9 @@ class AdaptConfig(BaseModel):
     # it). Off by default: on gsm_symbolic it raised the labels kept but not the adapted accuracy
     # (README, "Adaptation, third measurement")
     label_rationalize: int = Field(default=0, ge=0, le=16)
+    # draw the prose samples still missing only when they are needed: not where agreeing programs
+    # settled the label and the live request's samples already hold `rationales` agreeing ones
+    label_early_stop: bool = True
     label_temperature: float = 0.8
     label_max_tokens: int = 256
     min_share: float = 0.5  # keep a question only if its winning answer has this share of the votes

@@ -43,9 +43,11 @@ class Labelled:
 async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
                         labeller: Labeller, *, with_siblings: int = 0, min_share: float = 0.5,
                         min_confidence: float = 0.0, concurrency: int = 4,
-                        priors: Mapping[int, Sequence[Sample]] | None = None) -> Labelled:
+                        priors: Mapping[int, Sequence[Sample]] | None = None,
+                        rationales: int | None = None) -> Labelled:
     """Labels every query (and ``with_siblings`` synthesized siblings of each), a query with the
-    candidates its live request drew (``priors`` by origin) counted as drawn; raises
+    candidates its live request drew (``priors`` by origin) counted as drawn, ``rationales``
+    agreeing ones wanted per question (the labeller may stop once it has them); raises
     ``LabellingFailed`` when the upstream failed on every question or nothing was kept."""
     sem = asyncio.Semaphore(concurrency)
 
@@ -65,7 +67,8 @@ async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries:
     async def one(origin: int, task: str, sib: bool) -> Label | None:
         async with sem:
             try:
-                lab = await labeller.label(upstream, model, tenant, task, () if sib else (priors or {}).get(origin, ()))
+                lab = await labeller.label(upstream, model, tenant, task, () if sib else (priors or {}).get(origin, ()),
+                                           rationales)
             except SharpenError as exc:
                 errors.append(exc.message)
                 return None
@@ -136,11 +139,21 @@ async def vote_accuracy(upstream: UpstreamAPI, model: str, tenant: str, labeller
     """The labeller's vote (self-consistency@N) accuracy against ``items``' gold references."""
     try:
         labelled = await label_queries(upstream, model, tenant, [(i, e.task) for i, e in enumerate(items)],
-                                       labeller, min_share=0.0)
+                                       labeller, min_share=0.0, rationales=0)
     except LabellingFailed:
         return 0.0
     right = sum(1 for lab in labelled.kept if lab.origin is not None and lab.answer == items[lab.origin].reference)
     return right / len(items) if items else 0.0
+
+
+async def vote_report(upstream: UpstreamAPI, model: str, tenant: str, labeller: Labeller,
+                      items: list[Example]) -> dict[str, object]:
+    """``{"vote_before": accuracy}`` of the labeller's vote on ``items``, or ``{"vote_error": why}``:
+    a report figure, so a failure is noted rather than raised."""
+    try:
+        return {"vote_before": await vote_accuracy(upstream, model, tenant, labeller, items)}
+    except Exception as exc:  # a cycle's verdict is reached before this runs; it must not undo it
+        return {"vote_error": exc.message if isinstance(exc, SharpenError) else repr(exc)}
 
 
 async def cycle_data(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
@@ -152,7 +165,8 @@ async def cycle_data(upstream: UpstreamAPI, model: str, tenant: str, queries: li
     given ``heldout`` is used as it is."""
     labelled = await label_queries(upstream, model, tenant, queries, labeller,
                                    with_siblings=s.siblings if s.mode == "ttsi" else 0, min_share=s.min_share,
-                                   min_confidence=s.min_confidence, priors=priors)
+                                   min_confidence=s.min_confidence, priors=priors,
+                                   rationales=s.rationales if s.label_early_stop else None)
     report["labelling"] = labelled.summary()
     train, held = split(labelled.kept, s.holdout_fraction) if heldout is None else (labelled.kept, [])
     return training_examples(train, s.rationales), heldout or heldout_examples(held)

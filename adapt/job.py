@@ -9,21 +9,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from adapt.gate import GateResult
+
 
 @dataclass
 class Job:
     """One adaptation cycle.
 
     ``phases_s`` holds the seconds spent labelling (or synthesizing), training, gating (load and
-    both models' greedy runs) and swapping; ``report`` the figures a cycle is judged by: greedy
-    accuracy on the pseudo-labelled held-out split and on the canary, before and after, and the
-    vote accuracy the adapter is chasing."""
+    both models' greedy runs), swapping and, after the verdict, the report-only canary vote;
+    ``report`` the figures a cycle is judged by: greedy accuracy on the pseudo-labelled held-out
+    split and on the canary, before and after, and the vote accuracy the adapter is chasing."""
 
     id: str
     tenant: str
     base: str
     status: str = "queued"  # queued, running, succeeded, rejected, failed, cancelled
-    stage: str = "queued"  # label (or synthesize), train, load, gate, swap, done
+    stage: str = "queued"  # label (or synthesize), train, load, gate, swap, report, done
     created: float = field(default_factory=time.time)
     finished: float | None = None
     adapter: str | None = None
@@ -49,3 +51,14 @@ class Job:
             yield
         finally:
             self.phases_s[name] = round(self.phases_s.get(name, 0.0) + time.perf_counter() - t0, 2)
+
+    def record_gate(self, gate: GateResult, heldout: int, *, consensus_labels: bool) -> None:
+        """The gate's verdict and figures, into the job and its report (the held-out split's
+        "vote" is 1.0 by construction where its labels are the vote)."""
+        self.score_new, self.score_old = gate.score_new, gate.score_old
+        self.report["heldout"] = {"n": heldout, "greedy_before": gate.score_old, "greedy_after": gate.score_new,
+                                  "vote": 1.0 if consensus_labels else None}
+        if gate.canary_items:
+            self.report.setdefault("canary", {"n": gate.canary_items}).update(
+                greedy_before=gate.canary_old, greedy_after=gate.canary_new)
+        self.report["promoted"], self.report["reason"] = gate.promote, gate.reason

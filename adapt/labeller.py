@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from adapt.config import AdaptConfig
 from protocol.events import Sample
 from protocol.upstream import UpstreamAPI
 from protocol.wire import ChatCompletionRequest
@@ -54,13 +55,15 @@ class Labeller(abc.ABC):
     the norm), returns a ``Label`` whatever the candidates say (no winner: ``answer`` None and
     ``share`` 0), and raises ``protocol.errors.SharpenError`` only when the upstream fails.
     ``prior`` are candidates ``model`` already drew for ``task`` alone (the live request's): a
-    labeller may count them as its own draws and draw only the rest."""
+    labeller may count them as its own draws and draw only the rest. ``rationales`` is how many
+    agreeing rationales the caller will use (0: the answer alone; None: as many as ``n`` gives):
+    a labeller may stop drawing once the answer is settled and that many are in hand."""
 
     n: int
 
     @abc.abstractmethod
     async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
-                    prior: Sequence[Sample] = ()) -> Label:
+                    prior: Sequence[Sample] = (), rationales: int | None = None) -> Label:
         """The consensus label of ``task`` under ``model``."""
 
     async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
@@ -102,6 +105,13 @@ class MajorityVote(Labeller):
         self.temperature = temperature
         self.max_tokens = max_tokens
 
+    @classmethod
+    def configured(cls, config: AdaptConfig) -> MajorityVote:
+        """The labeller ``adapt.label_*`` describe."""
+        return cls(config.label_n, temperature=config.label_temperature, max_tokens=config.label_max_tokens,
+                   pal=config.label_pal, rationalize=config.label_rationalize,
+                   programs_decide=config.label_vote == "programs")
+
     def _ask(self, upstream: UpstreamAPI, model: str, tenant: str,
              content: str) -> tuple[ChatCompletionRequest, StrategyContext]:
         """The request (one user message, the labeller's sampling settings) and its context."""
@@ -112,7 +122,7 @@ class MajorityVote(Labeller):
         return ChatCompletionRequest.model_validate(body), ctx
 
     async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
-                    prior: Sequence[Sample] = ()) -> Label:
+                    prior: Sequence[Sample] = (), rationales: int | None = None) -> Label:
         req, ctx = self._ask(upstream, model, tenant, task)
         # The live request's candidates are samples of the same question and model, already paid
         # for: they count towards n (and pal), and only the shortfall is drawn.
@@ -121,11 +131,15 @@ class MajorityVote(Labeller):
         cands = [c for c in had if not c.program][: self.n]
         programs = [c for c in had if c.program][: self.pal]
         reused = len(cands) + len(programs)
-        if len(cands) < self.n:
-            cands += (await sampling.sample(req, ctx, self.n - len(cands), self.temperature, []))[1]
+        # Programs first: where they run and agree they decide the label whatever the prose says,
+        # so the prose still to draw is needed only for rationales (none, for an answer alone).
         if len(programs) < self.pal:
             programs += (await pal.draw(req, ctx, self.pal - len(programs), self.temperature, start=len(had)))[1]
         lab = vote(task, cands, programs, programs_decide=self.programs_decide)
+        settled = rationales is not None and lab.program is not None and len(lab.agreeing) >= rationales
+        if len(cands) < self.n and not settled:
+            cands += (await sampling.sample(req, ctx, self.n - len(cands), self.temperature, []))[1]
+            lab = vote(task, cands, programs, programs_decide=self.programs_decide)
         lab.reused = reused
         return lab
 

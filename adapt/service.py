@@ -54,10 +54,7 @@ class AdaptationService:
         self.teacher = teacher
         self.events = events
         self.trainer = trainer or LocalProcessTrainer()
-        self.labeller = labeller or MajorityVote(config.label_n, temperature=config.label_temperature,
-                                                 max_tokens=config.label_max_tokens, pal=config.label_pal,
-                                                 rationalize=config.label_rationalize,
-                                                 programs_decide=config.label_vote == "programs")
+        self.labeller = labeller or MajorityVote.configured(config)
         self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
         self.queue = UncertainQueue(directory / "queue.sqlite3", embedder or HashingEmbedder(),
                                     dedup_similarity=config.dedup_similarity)
@@ -173,10 +170,6 @@ class AdaptationService:
                                              code="adaptation_empty_queue")
                     used = [q.id for q in pending]
                     examples, heldout = await self._data(job, pending, current, heldout)
-            if canary and s.canary_vote:
-                with job.phase("label"):
-                    job.report["canary"] = {"n": len(canary), "vote_before": await consensus.vote_accuracy(
-                        self.upstream, current or job.base, job.tenant, self.labeller, canary)}
             if heldout is None:
                 examples, heldout = datamod.split(examples, s.holdout_fraction)
             job.examples, job.heldout = len(examples), len(heldout)
@@ -194,24 +187,29 @@ class AdaptationService:
                 gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout,
                                       s.gate_margin, canary=canary, canary_tolerance=s.canary_tolerance,
                                       max_tokens=s.gate_max_tokens)
-            job.score_new, job.score_old = gate.score_new, gate.score_old
-            job.report["heldout"] = {"n": len(heldout), "greedy_before": gate.score_old,
-                                     "greedy_after": gate.score_new, "vote": 1.0 if s.labeller == "consensus" else None}
-            if canary:
-                job.report.setdefault("canary", {"n": len(canary)}).update(
-                    greedy_before=gate.canary_old, greedy_after=gate.canary_new)
-            job.report["promoted"], job.report["reason"] = gate.promote, gate.reason
+            job.record_gate(gate, len(heldout), consensus_labels=s.labeller == "consensus")
             self.registry.update(version.name, score_new=gate.score_new, score_old=gate.score_old)
             (jdir / "gate.json").write_text(json.dumps(gate.items))
-            if not gate.promote:
+            old = None
+            if gate.promote:
+                with job.phase("swap"):
+                    old = self._promote(version)
+                job.status = "succeeded"
+            else:
                 self.registry.update(version.name, status="rejected", note=gate.reason)
                 job.status = "rejected"
                 await self._unload_when_idle(version.name)
-                return
-            with job.phase("swap"):
-                self._promote(version)
-            job.status = "succeeded"
+            try:  # report-only, after the verdict: the vote chased, under the model the cycle started from
+                if canary and s.canary_vote:
+                    with job.phase("report"):
+                        job.report.setdefault("canary", {}).update(await consensus.vote_report(
+                            self.upstream, current or job.base, job.tenant, self.labeller, canary))
+            finally:
+                if old is not None:
+                    self._spawn(self._unload_when_idle(old))
         except asyncio.CancelledError:
+            if job.status in ("succeeded", "rejected"):  # cancelled while reporting: the verdict stands
+                raise
             job.status = "cancelled"
             if version is not None:
                 self.registry.update(version.name, status="cancelled")
@@ -265,8 +263,7 @@ class AdaptationService:
 
     async def _settle(self, job: Job, used: list[int], version: AdapterVersion | None) -> None:
         """Ends the job: queries spent or put back, the figures recorded and handed to ``on_cycle``."""
-        loop = asyncio.get_running_loop()
-        job.report["phases_s"] = dict(job.phases_s)
+        loop, job.report["phases_s"] = asyncio.get_running_loop(), dict(job.phases_s)
         if job.status in ("failed", "cancelled"):
             # Put back, not lost; the tenant waits, and queries that keep failing are set aside.
             self._cooldown[job.tenant] = time.monotonic() + self.config.retry_after_s
@@ -325,14 +322,16 @@ class AdaptationService:
             except Exception:  # the list is a cache; the next miss refreshes it anyway
                 log.exception("refreshing the model list failed")
 
-    def _promote(self, v: AdapterVersion) -> None:
+    def _promote(self, v: AdapterVersion) -> str | None:
+        """Routes the tenant to ``v``; returns the adapter it replaced, if any (the caller unloads it)."""
         old = self.registry.activate(v)  # from here on, new requests go to v
         self.registry.update(v.name, status="active", promoted_at=time.time())
         self._live[v.name] = deque(maxlen=self.config.rollback_window)
-        if old is not None and old != v.name:
-            self.registry.update(old, status="retired")
-            self._spawn(self._unload_when_idle(old))
         log.info("adapter %s promoted (replaces %s)", v.name, old or "the base model")
+        if old is None or old == v.name:
+            return None
+        self.registry.update(old, status="retired")
+        return old
 
     async def rollback(self, tenant: str, reason: str = "by hand") -> dict[str, Any]:
         """Routes back to the previous version (or the base) and unloads the current one."""

@@ -141,7 +141,8 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "label_max_tokens": args.max_tokens, "gate_max_tokens": args.max_tokens, "min_share": args.min_share,
             "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
-            "gate_margin": args.gate_margin, "canary": str(canary) if canary else None}
+            "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
+            "label_early_stop": not args.no_early_stop}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int) -> dict[str, Any]:
@@ -308,6 +309,9 @@ def render(r: dict[str, Any]) -> str:
                      f"{sc['accuracy']:.1%} ({sc['ci95'][0]:.1%}-{sc['ci95'][1]:.1%}) | {cell} | |")
     c = r.get("cycle") or {}
     rep = c.get("report") or {}
+    phases = rep.get("phases_s") or {}
+    # What a cycle costs before its adapter serves: everything but the report-only vote after it.
+    verdict = sum(v for k, v in phases.items() if k != "report") if phases else float(c.get("wall_s") or 0.0)
     live = r.get("live") or {}
     lines += ["", f"- live: {live.get('sent')} queries through sharpen (self_consistency n=4), {live.get('queued')} "
               f"queued as uncertain ({live.get('seconds')} s)",
@@ -316,8 +320,9 @@ def render(r: dict[str, Any]) -> str:
               f"{c.get('examples')} train / {c.get('heldout')} held out; train "
               f"{json.dumps({k: (c.get('train') or {}).get(k) for k in ('step', 'total_steps', 'loss')})}",
               f"- gate: held-out {json.dumps(rep.get('heldout'))}; canary {json.dumps(rep.get('canary'))}",
-              f"- phases (s): {json.dumps(rep.get('phases_s'))}; cycle wall {c.get('wall_s')} s "
-              f"({'within' if (c.get('wall_s') or 1e9) <= TARGET_S else 'over'} the {TARGET_S:.0f} s target)"]
+              f"- phases (s): {json.dumps(phases)}; to the verdict {verdict:.0f} s "
+              f"({'within' if verdict <= TARGET_S else 'over'} the {TARGET_S:.0f} s target), then the report-only "
+              f"canary vote {phases.get('report', 0.0):.0f} s; job wall {c.get('wall_s')} s"]
     return "\n".join(lines)
 
 
@@ -343,6 +348,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rationalize", type=int, default=0,
                     help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)
+    ap.add_argument("--no-early-stop", action="store_true",
+                    help="label with all of --label-n prose samples even where agreeing programs settled it")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)

@@ -18,6 +18,7 @@ from adapt.consensus import (
     split,
     training_examples,
     vote_accuracy,
+    vote_report,
 )
 from adapt.data import Example
 from adapt.labeller import Label, Labeller, MajorityVote
@@ -88,7 +89,7 @@ class NoFinishedRationale(Labeller):
         self.asked: list[str] = []
 
     async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
-                    prior: Sequence[Sample] = ()) -> Label:
+                    prior: Sequence[Sample] = (), rationales: int | None = None) -> Label:
         return Label(task, "5", 1.0, 0.9, 4, agreeing=["r"] if "done" in task else [],
                      program="5" if "good" in task else None)  # as when executed programs decided it
 
@@ -147,6 +148,17 @@ async def test_vote_accuracy_against_gold(fake_upstream: FakeUpstream, upstream:
     gold = [Example("What is sure 3?", "3", reference="3"), Example("What is sure 4?", "9", reference="9"),
             Example("What is split 1?", "7", reference="7")]  # no sample says 7
     assert await vote_accuracy(upstream, "fake", "t", MajorityVote(4), gold) == pytest.approx(1 / 3)
+
+
+class Broken(MajorityVote):
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = (), rationales: int | None = None) -> Label:
+        raise RuntimeError("labeller bug")
+
+
+async def test_the_report_vote_notes_a_failure_instead_of_raising(upstream: Upstream) -> None:
+    gold = [Example("What is sure 3?", "3", reference="3")]
+    assert await vote_report(upstream, "fake", "t", Broken(4), gold) == {"vote_error": "RuntimeError('labeller bug')"}
 
 
 def lab(origin: int, share: float, n_agree: int = 3, sibling: bool = False) -> Label:

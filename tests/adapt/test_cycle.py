@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from adapt.service import AdaptationService
-from tests.adapt.conftest import BASE, FakeTrainer, Make, done, promote
+from tests.adapt.conftest import BASE, FakeTrainer, Make, done, promote, until
 from tests.fakes.upstream import FakeUpstream
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,7 +63,8 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     queue(svc)
     job = await done(svc.run_cycle("a"))
     assert job.status == "succeeded", job.public()
-    assert set(job.phases_s) == {"label", "train", "gate", "swap"} and all(v >= 0 for v in job.phases_s.values())
+    assert set(job.phases_s) == {"label", "train", "gate", "swap", "report"}
+    assert all(v >= 0 for v in job.phases_s.values())
     r = job.report
     assert r["labelling"] == {"questions": 5, "kept": 4, "skipped": {"no_majority": 1}, "mean_share": 0.85,
                               "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
@@ -98,6 +99,61 @@ async def test_canary_tolerance(make: Make, fake_upstream: FakeUpstream, tmp_pat
     queue(svc)
     job = await done(svc.run_cycle("a"))
     assert job.status == "succeeded" and "vote_before" not in job.report["canary"]
+
+
+class SecondBeatsFirst(CycleScript):
+    """As ``CycleScript``, but only the second adapter answers 7 where the others answer 3, and
+    each sampled canary call records which model it asked and whether that model was loaded."""
+
+    def __init__(self, fake: FakeUpstream) -> None:
+        super().__init__()
+        self.fake = fake
+        self.canary_votes: list[tuple[str, bool]] = []
+        self.greedy_calls = 0
+
+    def __call__(self, body: dict[str, Any], i: int) -> str:
+        text, model = str(body["messages"][-1]["content"]), str(body["model"])
+        if (body.get("n") or 1) > 1:
+            if "Canary" in text:
+                self.canary_votes.append((model, model == BASE or model in self.fake.adapters))
+            return super().__call__(body, i)
+        self.greedy_calls += 1
+        if "Canary" in text:
+            return "The answer is 7."
+        return "The answer is 7." if model.endswith("-v2") else "The answer is 3."
+
+
+async def test_the_canary_vote_runs_after_the_swap_on_the_model_replaced(
+        make: Make, fake_upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The vote is report-only: the new adapter is promoted first, and the adapter it replaced
+    stays loaded until the vote on it is over, then is unloaded."""
+    svc = await make(label_n=4)
+    old = await promote(svc, fake_upstream)
+    script = SecondBeatsFirst(fake_upstream)
+    fake_upstream.script(script)
+    svc.config.canary = canary_file(tmp_path)
+    queue(svc)
+    greedy_at_vote: list[int] = []
+    script.canary_votes = _Recorder(greedy_at_vote, script)  # type: ignore[assignment]
+    job = await done(svc.run_cycle("a"))
+    assert job.status == "succeeded" and job.adapter == f"{BASE}-a-v2", job.public()
+    assert script.canary_votes and set(script.canary_votes) == {(old, True)}  # on the old adapter, still loaded
+    assert min(greedy_at_vote) == script.greedy_calls  # every gate call came before the vote
+    assert job.report["canary"]["vote_before"] == 1.0 and "report" in job.phases_s
+    await until(lambda: old not in fake_upstream.adapters)  # then unloaded
+    assert job.adapter in fake_upstream.adapters
+
+
+class _Recorder(list[tuple[str, bool]]):
+    """A list that also notes how many greedy (gate) calls had been made at each append."""
+
+    def __init__(self, at: list[int], script: SecondBeatsFirst) -> None:
+        super().__init__()
+        self.at, self.script = at, script
+
+    def append(self, item: tuple[str, bool]) -> None:
+        self.at.append(self.script.greedy_calls)
+        super().append(item)
 
 
 async def current_adapter(svc: AdaptationService, fake: FakeUpstream) -> str:

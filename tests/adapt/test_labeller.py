@@ -142,7 +142,7 @@ async def test_program_aided_labelling_runs_the_programs(fake_upstream: FakeUpst
     fake_upstream.script(reply)
     lab = await MajorityVote(4, pal=2, max_tokens=64).label(upstream, "fake", "t", "What is 6 times 7?")
     calls = fake_upstream.completion_calls()
-    assert [c.json["n"] for c in calls] == [4, 2]
+    assert [c.json["n"] for c in calls] == [2, 4]  # programs first; no early stop asked for: all prose drawn
     assert (lab.answer, lab.program, lab.share, lab.n) == ("42", "42", 1.0, 6)
     assert lab.agreeing == ["So 6 times 7. The answer is 42."]
 
@@ -162,6 +162,50 @@ async def test_live_samples_count_towards_n_and_only_the_rest_is_drawn(fake_upst
     assert (lab.answer, lab.program, lab.reused, lab.n) == ("7", "7", 5, 10)
     assert set(lab.agreeing) == {"It is 7. The answer is 7.", "Six and one. The answer is 7."}
     assert "Cut off at 7" not in lab.agreeing and lab.disagreeing == ["So 9. The answer is 9."]
+
+
+def _seven(body: dict[str, Any], i: int) -> str:
+    if "Python program" in str(body["messages"][-1]["content"]):
+        return "```python\nprint(6 + 1)\n```"
+    return "Six and one. The answer is 7."
+
+
+LIVE = [Sample("It is 7. The answer is 7.", "7", "stop", -0.1), Sample("So 9. The answer is 9.", "9", "stop", -0.2),
+        Sample("Adding, 7. The answer is 7.", "7", "stop", -0.3)]
+
+
+@pytest.mark.parametrize(("rationales", "prose_drawn"), [
+    (2, False),  # the programs settled it and the live samples hold 2 agreeing rationales
+    (0, False),  # the answer alone is wanted (the canary's vote)
+    (3, True),   # one rationale short: the rest of n is drawn
+    (None, True),  # no early stop asked for
+])
+async def test_prose_is_drawn_only_when_the_programs_leave_it_needed(
+        fake_upstream: FakeUpstream, upstream: Upstream, rationales: int | None, prose_drawn: bool) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+    fake_upstream.script(_seven)
+    lab = await MajorityVote(8, pal=2, max_tokens=64).label(upstream, "fake", "t", "What is 6+1?", LIVE, rationales)
+    calls = [(c.json["n"], "Python program" in str(c.json["messages"])) for c in fake_upstream.completion_calls()]
+    assert calls == ([(2, True), (5, False)] if prose_drawn else [(2, True)])
+    assert (lab.answer, lab.program, lab.share, lab.reused) == ("7", "7", 1.0, 3)
+    assert len(lab.agreeing) == (3 if prose_drawn else 2) and lab.n == (10 if prose_drawn else 5)
+
+
+async def test_split_programs_do_not_stop_the_prose(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    """Programs that disagree decide nothing, so the prose vote needs all of n even for an answer alone."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+
+    def reply(body: dict[str, Any], i: int) -> str:
+        if "Python program" in str(body["messages"][-1]["content"]):
+            return f"```python\nprint({5 + i})\n```"
+        return "Six and one. The answer is 7."
+
+    fake_upstream.script(reply)
+    lab = await MajorityVote(4, pal=2, max_tokens=64).label(upstream, "fake", "t", "What is 6+1?", (), 0)
+    assert [c.json["n"] for c in fake_upstream.completion_calls()] == [2, 4]
+    assert (lab.answer, lab.program) == ("7", None)
 
 
 async def test_enough_live_samples_draw_nothing(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
