@@ -142,7 +142,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
-            "label_early_stop": not args.no_early_stop}
+            "label_early_stop": args.early_stop}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int) -> dict[str, Any]:
@@ -348,8 +348,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--rationalize", type=int, default=0,
                     help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)
-    ap.add_argument("--no-early-stop", action="store_true",
-                    help="label with all of --label-n prose samples even where agreeing programs settled it")
+    ap.add_argument("--early-stop", action="store_true",
+                    help="adapt.label_early_stop: skip the prose still missing where agreeing programs settled "
+                         "the label and the live samples hold --rationales agreeing ones")
     ap.add_argument("--max-steps", type=int, default=40)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
