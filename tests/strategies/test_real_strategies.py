@@ -115,7 +115,9 @@ class RecordingProxy(ProxyServer):
 
     def __init__(self, upstream_url: str) -> None:  # builds what ProxyServer.__init__ would, but its own app
         self.transport = RecordingTransport()
-        self.settings = load_settings(upstream={"url": upstream_url})
+        # No distillation: memory's insight call goes upstream after the response, off the request's
+        # path, and landed inside a test's window of vLLM's counters (CI: vLLM saw 18, sharpen sent 17).
+        self.settings = load_settings(upstream={"url": upstream_url}, memory={"distill": False})
         self.port = free_port()
         self.app = create_app(self.settings, upstream=Upstream(upstream_url, self.settings.upstream,
                                                                transport=self.transport))
