@@ -68,6 +68,10 @@ class AdaptConfig(BaseModel):
     max_steps: int = 60
     batch_size: int = 4
     threads: int = 1  # torch threads for the trainer process (serving keeps the rest)
+    # the trainer's compute dtype: "auto" is bfloat16 (base weights and matmuls; the adapter's own
+    # weights and the optimizer stay float32) where the CPU does bf16 in hardware (AVX-512 BF16,
+    # AMX), float32 elsewhere. 1.77x faster per step on a Zen 4 (README, "Training speed")
+    train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gate_margin: float = 0.05  # promote only if the new adapter beats the current by this much
     rollback_window: int = 20  # live requests watched after a promotion
     rollback_drop: float = 0.15  # roll back if live confidence drops this much below the gate's

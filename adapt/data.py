@@ -140,4 +140,4 @@ def hyperparameters(s: AdaptConfig, *, curriculum: bool) -> dict[str, Any]:
     """The trainer's hyperparameters; ``curriculum`` keeps the examples' (easy-to-hard) order."""
     return {"rank": s.rank, "alpha": s.alpha, "target_modules": s.target_modules, "learning_rate": s.learning_rate,
             "epochs": s.epochs, "max_steps": s.max_steps, "batch_size": s.batch_size, "threads": s.threads,
-            "curriculum": curriculum}
+            "curriculum": curriculum, "dtype": s.train_dtype}

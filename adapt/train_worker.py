@@ -30,6 +30,31 @@ class Cancelled(Exception):
     pass
 
 
+def compute_dtype(torch: Any, wanted: str) -> Any:
+    """The dtype the forward and backward matmuls run in: ``wanted`` ("float32", "bfloat16") or,
+    for "auto", bfloat16 where this CPU does bf16 in hardware (AVX-512 BF16 or AMX) and float32
+    elsewhere, where bf16 is emulated and slower. Decided here, in the training process, because
+    a Ray job trains on another machine than the server's."""
+    if wanted != "auto":
+        return getattr(torch, wanted)
+    cpu = torch.cpu
+    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else torch.float32
+
+
+def sequence_loss(torch: Any, model: Any, ids: list[int], labels: list[int]) -> Any:
+    """Mean cross-entropy over the answer tokens of one sequence, with the vocabulary-wide logits
+    computed only where a label is (``logits_to_keep``): the prompt's positions need hidden states
+    for attention but no projection onto the ~150k-word vocabulary, which is the largest single
+    matmul of a 0.5B model."""
+    first = next((i for i, t in enumerate(labels) if t != -100), len(labels))
+    keep = len(ids) - first + 1  # the position before the first label predicts it
+    if first == 0 or keep < 2:  # nothing to predict from, or a label at position 0: the plain loss
+        return model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+    logits = model(input_ids=torch.tensor([ids]), logits_to_keep=keep).logits[0, :-1].float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(labels[first:]), ignore_index=-100)
+
+
 def train(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -47,7 +72,10 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     tok = AutoTokenizer.from_pretrained(job["base_model_path"])
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(job["base_model_path"], dtype=torch.float32)
+    # The frozen base in the compute dtype; peft keeps the adapter's own weights float32, and so
+    # the optimizer's state. Autocast below runs the matmuls in ``dtype``.
+    dtype = compute_dtype(torch, str(hp.get("dtype", "float32")))
+    model: Any = AutoModelForCausalLM.from_pretrained(job["base_model_path"], dtype=dtype)
     if job.get("parent_adapter_path"):
         from peft import PeftModel
 
@@ -75,7 +103,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     total = min(int(hp["max_steps"]), steps_per_epoch * int(hp["epochs"]))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(hp["learning_rate"]))
     model.train()
-    state.update(status="training", total_steps=total, examples=len(data))
+    state.update(status="training", total_steps=total, examples=len(data), dtype=str(dtype).removeprefix("torch."))
     _write(progress, state)
     step = 0
     while step < total:
@@ -95,8 +123,8 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
             targets = [sum(1 for t in lab[1:] if t != -100) for _, lab in batch]
             total_loss = 0.0
             for (ids, lab), n in zip(batch, targets, strict=True):
-                out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab]))
-                loss = out.loss * (n / (sum(targets) or 1))
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    loss = sequence_loss(torch, model, ids, lab) * (n / (sum(targets) or 1))
                 loss.backward()
                 total_loss += float(loss.item())
             opt.step()
