@@ -141,6 +141,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "label_max_tokens": args.max_tokens, "gate_max_tokens": args.max_tokens, "min_share": args.min_share,
             "rationales": args.rationales, "max_steps": args.max_steps, "epochs": args.epochs,
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
+            "train_dtype": args.train_dtype,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
             "label_early_stop": args.early_stop}
 
@@ -357,6 +358,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--gate-margin", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--train-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--before", help="reuse the 'before' figures of an earlier run's JSON (same items)")
     ap.add_argument("--before-only", action="store_true", help="measure the base model only")
