@@ -141,7 +141,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
     model.save_pretrained(out)
     lineage = {"base_model": job["base_model_path"], "parent_adapter": job.get("parent_adapter"),
                "data_hash": job["data_hash"], "hyper": hp, "examples": len(data), "steps": step,
-               "final_loss": state["loss"], "finished": time.time()}
+               "final_loss": state["loss"], "compute_dtype": state["dtype"], "finished": time.time()}
     (out / "lineage.json").write_text(json.dumps(lineage, indent=2))
     state.update(status="done", adapter=str(out), finished=time.time())
     _write(progress, state)

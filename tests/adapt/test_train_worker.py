@@ -91,6 +91,7 @@ def test_a_bf16_run_trains_a_float32_adapter(tmp_path: Path) -> None:
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["status"] == "done" and progress["dtype"] == "bfloat16" and progress["step"] == 2
     assert progress["loss"] is not None and progress["loss"] > 0
+    assert json.loads((tmp_path / "out" / "lineage.json").read_text())["compute_dtype"] == "bfloat16"
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert weights and {w.dtype for w in weights.values()} == {torch.float32}
     assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)  # it learned something
