@@ -308,7 +308,10 @@ def render(r: dict[str, Any]) -> str:
             cell = f"greedy after {s2['accuracy']:.1%}"
         lines.append(f"| SC@8 on the first {sc['n']} unseen (greedy base {summary(sub)['accuracy']:.1%}) | "
                      f"{sc['accuracy']:.1%} ({sc['ci95'][0]:.1%}-{sc['ci95'][1]:.1%}) | {cell} | |")
-    c = r.get("cycle") or {}
+    if not r.get("cycle"):  # --adapter or --before-only: no traffic, no cycle to describe
+        lines += ["", f"- adapter measured: {a.get('adapter') or 'none (base only)'}"]
+        return "\n".join(lines)
+    c = r["cycle"]
     rep = c.get("report") or {}
     phases = rep.get("phases_s") or {}
     # What a cycle costs before its adapter serves: everything but the report-only vote after it.
