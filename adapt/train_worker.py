@@ -55,6 +55,28 @@ def sequence_loss(torch: Any, model: Any, ids: list[int], labels: list[int]) -> 
     return torch.nn.functional.cross_entropy(logits, torch.tensor(labels[first:]), ignore_index=-100)
 
 
+def train_step(torch: Any, model: Any, opt: Any, batch: list[tuple[list[int], list[int]]], dtype: Any,
+               loss_fn: Any = sequence_loss) -> float:
+    """One optimizer step over ``batch``; returns the batch's loss.
+
+    One sequence at a time, the batch's gradient accumulated: the activations and the
+    vocabulary-wide logits of a whole batch of long rationales (4 x ~450 tokens: 17 GB in fp32)
+    ran a 24 GiB machine out of memory beside vLLM. Each sequence's loss is weighted by its share
+    of the batch's answer tokens, so the step is the batch's token-mean loss, as one padded
+    forward pass would give. ``loss_fn`` is ``sequence_loss`` (``loadtest/train_bench.py``
+    swaps in the full-logits loss to compare)."""
+    targets = [sum(1 for t in lab[1:] if t != -100) for _, lab in batch]
+    total_loss = 0.0
+    for (ids, lab), n in zip(batch, targets, strict=True):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_fn(torch, model, ids, lab) * (n / (sum(targets) or 1))
+        loss.backward()
+        total_loss += float(loss.item())
+    opt.step()
+    opt.zero_grad()
+    return total_loss
+
+
 def train(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -114,21 +136,7 @@ def train(job: dict[str, Any]) -> dict[str, Any]:
                 break
             if (job_dir / "cancel").exists():
                 raise Cancelled()
-            batch = data[i : i + bs]
-            # One sequence at a time, the batch's gradient accumulated: the activations and the
-            # vocabulary-wide logits of a whole batch of long rationales (4 x ~450 tokens: 17 GB
-            # in fp32) ran a 24 GiB machine out of memory beside vLLM. Each sequence's loss is
-            # weighted by its share of the batch's answer tokens, so the step is the batch's
-            # token-mean loss, as one padded forward pass would give.
-            targets = [sum(1 for t in lab[1:] if t != -100) for _, lab in batch]
-            total_loss = 0.0
-            for (ids, lab), n in zip(batch, targets, strict=True):
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                    loss = sequence_loss(torch, model, ids, lab) * (n / (sum(targets) or 1))
-                loss.backward()
-                total_loss += float(loss.item())
-            opt.step()
-            opt.zero_grad()
+            total_loss = train_step(torch, model, opt, data[i : i + bs], dtype)
             step += 1
             state.update(step=step, loss=round(total_loss, 4))
             if step % int(hp.get("checkpoint_every", 20)) == 0 and step < total:

@@ -8,7 +8,7 @@ Builds ``--examples`` chat examples shaped like the adaptation loop's: a reasoni
 ``letter_counting`` question as the prompt and a spelled-out rationale ending "The answer is N."
 as the answer (80-250 answer tokens; only the lengths matter for speed). Then, per variant, a
 fresh LoRA (the shipped rank, alpha and target modules, same seed) trains ``--steps`` steps of
-batch 4 exactly as ``adapt.train_worker`` does (one sequence at a time, gradients accumulated),
+batch 4 with ``adapt.train_worker.train_step`` (one sequence at a time, gradients accumulated),
 after one untimed warm-up step:
 
 - ``full-float32``: the loss from the model's own ``labels`` path, logits over every position
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from adapt.config import AdaptConfig
-from adapt.train_worker import compute_dtype, sequence_loss
+from adapt.train_worker import compute_dtype, sequence_loss, train_step
 from loadtest.machine import cpu_line
 
 
@@ -56,6 +56,11 @@ def examples(tok: Any, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
+def full_loss(torch: Any, model: Any, ids: list[int], labels: list[int]) -> Any:
+    """The loss from the model's own ``labels`` path: logits at every position (the worker before)."""
+    return model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+
+
 def run_variant(name: str, model_path: str, data: list[tuple[list[int], list[int]]], steps: int) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -73,22 +78,11 @@ def run_variant(name: str, model_path: str, data: list[tuple[list[int], list[int
     dtype = compute_dtype(torch, dtype_name)
     model.train()
     times, losses = [], []
+    loss_fn = full_loss if kind == "full" else sequence_loss
     for step in range(steps + 1):
         batch = data[(step * 4) % len(data):][:4]
-        targets = [sum(1 for t in lab[1:] if t != -100) for _, lab in batch]
         t0 = time.perf_counter()
-        total = 0.0
-        for (ids, lab), k in zip(batch, targets, strict=True):
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-                if kind == "full":
-                    loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([lab])).loss
-                else:
-                    loss = sequence_loss(torch, model, ids, lab)
-            loss = loss * (k / sum(targets))
-            loss.backward()
-            total += float(loss.item())
-        opt.step()
-        opt.zero_grad()
+        total = train_step(torch, model, opt, batch, dtype, loss_fn)
         if step:  # step 0 warms up oneDNN's kernels and the allocator
             times.append(time.perf_counter() - t0)
         losses.append(round(total, 5))

@@ -3,48 +3,37 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
 
 from adapt.data import Example
 from adapt.gate import evaluate
+from tests.fakes.transport import FakeAPI, FakeReply
 
 
-class _Reply:
-    def __init__(self, body: bytes) -> None:
-        self.headers: Mapping[str, str] = {"content-type": "application/json"}
-        self._body = body
-
-    async def read(self) -> bytes:
-        return self._body
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        yield self._body
-
-    async def close(self) -> None:
-        return None
-
-
-class Upstream:
+class Upstream(FakeAPI):
     """Answers "The answer is <n>" where ``knows[model]`` holds the question, "no idea" elsewhere;
     records the models in flight at every moment a request starts."""
 
     def __init__(self, knows: dict[str, set[str]]) -> None:
+        super().__init__(self._answer)
         self.knows = knows
         self.in_flight: list[str] = []
         self.seen: list[list[str]] = []
 
-    async def request(self, method: str, path: str, body: bytes | None = None, *, root: bool = False) -> _Reply:
-        req = json.loads(body or b"{}")
-        model, question = req["model"], req["messages"][-1]["content"]
+    def _answer(self, body: dict[str, Any], i: int) -> str:
+        question = body["messages"][-1]["content"]
+        return f"The answer is {question.split()[-1]}." if question in self.knows.get(body["model"], set()) \
+            else "no idea"
+
+    async def request(self, method: str, path: str, body: bytes | None = None, *, root: bool = False) -> FakeReply:
+        model = str(orjson.loads(body or b"{}")["model"])
         self.in_flight.append(model)
         self.seen.append(list(self.in_flight))
         await asyncio.sleep(0.01)
         self.in_flight.remove(model)
-        text = f"The answer is {question.split()[-1]}." if question in self.knows.get(model, set()) else "no idea"
-        return _Reply(json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                               "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}).encode())
+        return await super().request(method, path, body, root=root)
 
 
 def _ex(k: int) -> Example:

@@ -9,7 +9,7 @@ no sockets, no threads. For fast unit tests of strategies (a strategy run in mic
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -25,7 +25,7 @@ class FakeReply:
 
     def __init__(self, body: bytes, content_type: str = "application/json") -> None:
         self._body = body
-        self.headers = {"content-type": content_type}
+        self.headers: Mapping[str, str] = {"content-type": content_type}  # as protocol.upstream.Reply declares it
 
     async def read(self) -> bytes:
         return self._body
