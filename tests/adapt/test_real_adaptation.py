@@ -306,22 +306,24 @@ def test_consensus_cycle_on_real_samples(real_vllm: RealVLLM, tmp_path: Path) ->
     with ProxyServer(real_vllm.base_url, data_dir=str(tmp_path / "data"), admin_key="adm",
                      adapt={"enabled": True, "tenants": ["*"], "base_model_path": str(real_vllm.model_path),
                             "max_steps": 2, "label_n": 4, "label_max_tokens": 24, "min_share": 0.5,
-                            # cool samples: at 0.8 SmolLM2 kept only 1 of 4 on CI's machine
-                            "label_temperature": 0.3,
+                            # prose samples only (SmolLM2's programs for these split the vote) and
+                            # cool ones: at 0.8, and at 0.3 with programs, it kept 1 of 4 on CI's machine
+                            "label_pal": 0, "label_temperature": 0.1,
                             "threads": 1, "gate_max_tokens": 24},
                      memory={"embedder": "hashing", "distill": False}) as p:
         svc = p.app.services.adapt
         assert svc is not None
         eventually(lambda: svc.base is not None)
-        for k in range(4):
-            svc.queue.add("default", f"Repeat this word exactly once: {['apple', 'river', 'stone', 'cloud'][k]}",
-                          "", 0.9, real_vllm.served_name)
+        # six, not four: SmolLM2's samples of one of them still split now and then
+        words = ["apple", "river", "stone", "cloud", "green", "table"]
+        for word in words:
+            svc.queue.add("default", f"Repeat this word exactly once: {word}", "", 0.9, real_vllm.served_name)
         job = wait_job(p, start_run(p, {"tenant": "default"}), timeout=300)
         lab = job["report"].get("labelling")
         if job["status"] == "failed" and "clear consensus" in (job["error"] or ""):
-            assert svc.queue.counts() == {"default": 4}  # put back, not lost
+            assert svc.queue.counts() == {"default": len(words)}  # put back, not lost
             pytest.skip(f"SmolLM2 reached no clear majority here: {job['error']}")
-        assert lab is not None and lab["questions"] == 4 and lab["kept"] >= 2, job
+        assert lab is not None and lab["questions"] == len(words) and lab["kept"] >= 2, job
         assert job["status"] in ("succeeded", "rejected"), job
         assert {"label", "train", "gate"} <= set(job["phases_s"]), job
         assert job["train"]["status"] == "done"
