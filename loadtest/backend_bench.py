@@ -2,7 +2,7 @@
 
     flock /tmp/sharpen-heavy.lock .venv/bin/python loadtest/backend_bench.py
         [--model qwen2.5-coder-0.5b-instruct] [--dtypes bfloat16,float32] [--lora off,on]
-        [--isa native,avx2] [--reps 3] [--tokens 128] [--n 8] [--out loadtest/results]
+        [--isa native,avx2] [--reps 3] [--tokens 128] [--n 8] [--prefill-mix ROUNDS] [--out loadtest/results]
 
 For every combination it starts vLLM (``server.backend.vllm_process.VLLMProcess`` with the
 dtype and LoRA choice forced in ``BackendSettings``; everything else as the backend picks it
@@ -170,6 +170,12 @@ async def run_combo(
                         f"load {row['load1_before']:.2f})",
                         flush=True,
                     )
+            for rnd in range(args.prefill_mix):
+                mix = await prefill_mix(client, proc.base_url, proc.served_name, rnd)
+                mix.update(isa=isa, dtype=dtype, lora=lora, round=rnd, load1_before=load1(), vllm_args=args.vllm_arg)
+                out.write(json.dumps({"prefill_mix": mix}) + "\n")
+                out.flush()
+                print(f"  prefill mix ({' '.join(args.vllm_arg) or 'default'}): {mix}", flush=True)
             if args.prefix_probe:
                 probe = await prefix_probe(client, proc.origin, proc.served_name)
                 probe.update(isa=isa, dtype=dtype, lora=lora, vllm_args=args.vllm_arg)
@@ -177,6 +183,35 @@ async def run_combo(
                 out.flush()
                 print(f"  prefix cache ({' '.join(args.vllm_arg) or 'default block size'}): {probe}", flush=True)
     return rows
+
+
+async def prefill_mix(client: httpx.AsyncClient, base: str, model: str, rnd: int) -> dict[str, Any]:
+    """Prefill-heavy load: 8 concurrent ~940-token prompts that share no prefix block (32 tokens
+    generated each), and 0.3 s later a short streamed request. Wall time of the whole batch and
+    the short request's time to its first token: what chunked prefill would change."""
+
+    async def long(i: int) -> int:
+        content = f"round {rnd} doc {i}: " + "apple " * 900 + "Summarise."
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 32,
+                "ignore_eos": True}  # fmt: skip
+        r = await client.post(f"{base}/chat/completions", json=body)
+        r.raise_for_status()
+        return int(r.json()["usage"]["prompt_tokens"])
+
+    async def short() -> float:
+        await asyncio.sleep(0.3)
+        t = time.perf_counter()
+        body = {"model": model, "messages": [{"role": "user", "content": f"Hi {rnd}"}], "max_tokens": 8, "stream": True}
+        async with client.stream("POST", f"{base}/chat/completions", json=body) as s:
+            async for line in s.aiter_lines():
+                if '"content"' in line:
+                    break
+        return time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    *prompts, ttft = await asyncio.gather(*(long(i) for i in range(8)), short())
+    return {"wall_s": round(time.perf_counter() - t0, 2), "short_ttft_s": round(float(ttft), 2),
+            "prompt_tokens": prompts[0]}  # fmt: skip
 
 
 QUESTION = (
@@ -310,6 +345,8 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "loadtest" / "results"))
     p.add_argument("--scratch", default=tempfile.gettempdir())
     p.add_argument("--prefix-probe", action="store_true", help="also measure the verifier prompts' prefix-cache hits")
+    p.add_argument("--prefill-mix", type=int, default=0, metavar="ROUNDS",
+                   help="also time 8 concurrent ~940-token prompts and a short request's first token")
     p.add_argument("--vllm-arg", action="append", default=[], help="an extra vLLM argument (repeat), e.g. --block-size")
     p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of earlier runs' raw rows")
     args = p.parse_args()

