@@ -113,7 +113,8 @@ class BackendSettings(BaseModel):
     extra_args: list[str] = Field(default_factory=list)
     start_timeout: float = 900.0
     restart_backoff: float = 2.0
-    max_restarts: int = 5
+    max_restarts: int = 5  # in a row: then the backend stays down (a crash loop, not a fluke)
+    restart_reset_s: float = 600.0  # a child that served this long before dying starts a new count
 
 
 class Preset(BaseModel):

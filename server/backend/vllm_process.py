@@ -38,7 +38,8 @@ class VLLMProcess:
     ``start`` spawns it in its own session (so that ``stop`` can end vLLM's engine and worker
     children with it) and starts a supervisor task; ``wait_ready`` polls ``/health``. Once the
     server has been healthy, the supervisor restarts it when it dies unexpectedly, on the same
-    port, up to ``settings.max_restarts`` times with exponential backoff. A child that dies before
+    port, up to ``settings.max_restarts`` times in a row with exponential backoff (a child that
+    served ``settings.restart_reset_s`` before dying starts a new count). A child that dies before
     it was ever healthy is a failed start, reported by ``wait_ready`` and not restarted.
 
     As an async context manager it starts, waits up to ``settings.start_timeout`` and stops.
@@ -69,7 +70,11 @@ class VLLMProcess:
         self._stopping = False
         # Held while spawning, so that stop() never cancels a spawn and loses the new child.
         self._spawn_lock = asyncio.Lock()
-        self.restarts = 0
+        self.restarts = 0  # all restarts in this instance's life
+        # Restarts since the child last stayed up ``restart_reset_s``: the limit and the backoff
+        # count these, so crashes weeks apart never add up to giving up for good.
+        self._streak = 0
+        self._ready_at = 0.0  # monotonic time of the current child's first healthy answer
 
     # ---- properties -----------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class VLLMProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vllm-supervisor-{self.port}")
 
     def _will_restart(self) -> bool:
-        return not self._stopping and self._was_ready and self.restarts < self.settings.max_restarts
+        return not self._stopping and self._was_ready and self._streak < self.settings.max_restarts
 
     async def _await_healthy(self, proc: asyncio.subprocess.Process, deadline: float) -> bool:
         """Polls ``/health`` until it answers 200 (True), or ``proc`` exits or the deadline passes."""
@@ -227,6 +232,7 @@ class VLLMProcess:
     def _mark_ready(self) -> None:
         if not self._ready:
             logger.info("vLLM for %s is ready at %s", self.served_name, self.base_url)
+            self._ready_at = time.monotonic()
         self._ready = True
         self._was_ready = True
 
@@ -244,23 +250,26 @@ class VLLMProcess:
                     logger.error("restarted vLLM was not ready in time; killing it")
                     signal_group(proc.pid, signal.SIGKILL)
             code = await proc.wait()
+            if self._ready and time.monotonic() - self._ready_at >= self.settings.restart_reset_s:
+                self._streak = 0  # it served long enough: this death starts a new streak
             self._ready = False
             if self._stopping:
                 return
             if not self._was_ready:
                 logger.error("vLLM exited with code %s before it was ready", code)
                 return
-            if self.restarts >= self.settings.max_restarts:
+            if self._streak >= self.settings.max_restarts:
                 logger.error(
-                    "vLLM exited with code %s; not restarting after %d restarts; end of %s:\n%s",
-                    code, self.restarts, self.log_path, log_tail(self.log_path),
+                    "vLLM exited with code %s; not restarting after %d restarts in a row; end of %s:\n%s",
+                    code, self._streak, self.log_path, log_tail(self.log_path),
                 )  # fmt: skip
                 return
-            delay = min(_MAX_BACKOFF, self.settings.restart_backoff * 2**self.restarts)
+            delay = min(_MAX_BACKOFF, self.settings.restart_backoff * 2**self._streak)
+            self._streak += 1
             self.restarts += 1
             logger.warning(
                 "vLLM exited unexpectedly with code %s; restart %d/%d in %.1fs",
-                code, self.restarts, self.settings.max_restarts, delay,
+                code, self._streak, self.settings.max_restarts, delay,
             )  # fmt: skip
             # A dead leader's stragglers (engine core, workers) would hold memory and the port.
             signal_group(proc.pid, signal.SIGKILL)
@@ -271,7 +280,7 @@ class VLLMProcess:
                 await self._spawn()
             except OSError:
                 logger.exception("could not restart vLLM")
-                self.restarts = self.settings.max_restarts  # so wait_ready stops waiting
+                self._streak = self.settings.max_restarts  # so wait_ready stops waiting
                 return
 
     async def stop(self) -> None:

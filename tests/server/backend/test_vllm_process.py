@@ -110,7 +110,7 @@ def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.Monkey
         "/py", "-m", "vllm.entrypoints.openai.api_server", "--model", str(tmp_path / "m"),
         "--served-model-name", "small", "--host", "127.0.0.1", "--port", str(process.port),
         "--max-model-len", "1024", "--dtype", "bfloat16", "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2",
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--seed", "1",
+        "--no-enable-chunked-prefill", "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--seed", "1",
     ]  # fmt: skip
     no_tools = VLLMProcess(BackendSettings(tool_call_parser=None), model, tmp_path / "log", python="/py")
     assert "--enable-auto-tool-choice" not in no_tools.command() and "--tool-call-parser" not in no_tools.command()
@@ -128,7 +128,8 @@ def test_command_environment_and_urls(tmp_path: Path, monkeypatch: pytest.Monkey
     assert hub.port == 8123 and hub.served_name == "alias"
     assert hub.command()[3:6] == ["--model", "org/model", "--served-model-name"]
     # no LoRA slots, float32 on an AVX2-only CPU; the tool-call parser whatever the CPU
-    assert hub.command()[-5:] == ["--dtype", "float32", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    assert hub.command()[-6:] == ["--dtype", "float32", "--no-enable-chunked-prefill", "--enable-auto-tool-choice",
+                                  "--tool-call-parser", "hermes"]
     assert "--enable-lora" not in hub.command()
     env = hub.environ()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
@@ -225,6 +226,26 @@ async def test_supervisor_gives_up_after_max_restarts(tmp_path: Path) -> None:
         with pytest.raises(BackendError, match="exited"):
             await process.wait_ready(5)
         assert process.starts() == [first, second]
+
+
+async def test_a_child_that_served_long_enough_starts_a_new_count(tmp_path: Path) -> None:
+    """The limit counts restarts in a row: a crash after ``restart_reset_s`` of service is
+    restarted even when earlier crashes used up ``max_restarts`` (weeks apart, not a loop)."""
+    async with StandIn(tmp_path, max_restarts=1, restart_reset_s=0.5) as process:
+        for k in range(3):
+            pid = process.pid
+            assert pid is not None
+            await asyncio.sleep(0.6)  # served longer than restart_reset_s
+            os.kill(pid, signal.SIGKILL)
+            await eventually(lambda old=pid: process.pid not in (None, old))
+            await process.wait_ready(15)
+            assert process.ready and process.restarts == k + 1 and not process.gave_up
+        # and a crash straight after a restart is the second in a row: over the limit of 1
+        pid = process.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: process.gave_up)
+        assert process.restarts == 3 and len(process.starts()) == 4
 
 
 async def test_stop_kills_the_process_group(tmp_path: Path) -> None:
