@@ -231,11 +231,11 @@ async def test_supervisor_gives_up_after_max_restarts(tmp_path: Path) -> None:
 async def test_a_child_that_served_long_enough_starts_a_new_count(tmp_path: Path) -> None:
     """The limit counts restarts in a row: a crash after ``restart_reset_s`` of service is
     restarted even when earlier crashes used up ``max_restarts`` (weeks apart, not a loop)."""
-    async with StandIn(tmp_path, max_restarts=1, restart_reset_s=0.5) as process:
+    async with StandIn(tmp_path, max_restarts=1, restart_reset_s=1.5) as process:
         for k in range(3):
             pid = process.pid
             assert pid is not None
-            await asyncio.sleep(0.6)  # served longer than restart_reset_s
+            await asyncio.sleep(1.6)  # served longer than restart_reset_s
             os.kill(pid, signal.SIGKILL)
             await eventually(lambda old=pid: process.pid not in (None, old))
             await process.wait_ready(15)
