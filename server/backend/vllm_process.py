@@ -185,7 +185,14 @@ class VLLMProcess:
         self._supervisor = asyncio.create_task(self._supervise(), name=f"vllm-supervisor-{self.port}")
 
     def _will_restart(self) -> bool:
-        return not self._stopping and self._was_ready and self._streak < self.settings.max_restarts
+        # _served_long_enough too: between a death and the supervisor resetting the streak,
+        # wait_ready and gave_up must not read the old streak as a give-up
+        under = self._streak < self.settings.max_restarts or self._served_long_enough()
+        return not self._stopping and self._was_ready and under
+
+    def _served_long_enough(self) -> bool:
+        """The current child was healthy ``restart_reset_s``: its death starts a new streak."""
+        return self._ready and time.monotonic() - self._ready_at >= self.settings.restart_reset_s
 
     async def _await_healthy(self, proc: asyncio.subprocess.Process, deadline: float) -> bool:
         """Polls ``/health`` until it answers 200 (True), or ``proc`` exits or the deadline passes."""
@@ -250,8 +257,8 @@ class VLLMProcess:
                     logger.error("restarted vLLM was not ready in time; killing it")
                     signal_group(proc.pid, signal.SIGKILL)
             code = await proc.wait()
-            if self._ready and time.monotonic() - self._ready_at >= self.settings.restart_reset_s:
-                self._streak = 0  # it served long enough: this death starts a new streak
+            if self._served_long_enough():
+                self._streak = 0
             self._ready = False
             if self._stopping:
                 return
