@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without API keys")
     s.add_argument("--role", choices=["auto", "primary", "replica"],
                    help="owner of data_dir's state (default auto: primary unless another process holds it)")
-    s.add_argument("--upstream-client", choices=["aiohttp", "httpx"], help="HTTP client for the upstream")
+    s.add_argument("--upstream-client", choices=["h1", "aiohttp", "httpx"], help="HTTP client for the upstream")
     s.set_defaults(func=serve)
     m = sub.add_parser("models", help="packaged model weights")
     m.add_argument("action", choices=["prepare", "list"])

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge as PromGauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from server.series import Counter, Gauge, Histogram, SeriesCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -23,49 +27,53 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.admin_registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("sharpen_requests", "Requests answered", ["endpoint", "strategy", "status"], registry=r)
+        # The per-request series are plain numbers (server.series), exported at scrape time.
+        self.requests = Counter("sharpen_requests", "Requests answered", ["endpoint", "strategy", "status"])
         self.latency = Histogram("sharpen_request_duration_seconds", "Whole request latency",
-                                 ["endpoint", "strategy"], buckets=_LATENCY_BUCKETS, registry=r)
+                                 ["endpoint", "strategy"], buckets=_LATENCY_BUCKETS)
         self.overhead = Histogram("sharpen_overhead_seconds", "Time spent in sharpen itself",
-                                  ["endpoint"], buckets=_OVERHEAD_BUCKETS, registry=r)
-        self.in_flight = Gauge("sharpen_requests_in_flight", "Requests being answered", registry=r)
-        self.upstream_errors = Counter("sharpen_upstream_errors", "Failed upstream interactions", ["kind"], registry=r)
-        self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["kind"], registry=r)
+                                  ["endpoint"], buckets=_OVERHEAD_BUCKETS)
+        self.in_flight = Gauge("sharpen_requests_in_flight", "Requests being answered")
+        self.upstream_errors = Counter("sharpen_upstream_errors", "Failed upstream interactions", ["kind"])
+        self.tokens = Counter("sharpen_tokens", "Tokens spent upstream", ["kind"])
         self.model_tokens = Counter("sharpen_model_tokens", "Tokens spent upstream, by model or adapter (admin only)",
-                                    ["model", "kind"], registry=self.admin_registry)
-        self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"], registry=r)
+                                    ["model", "kind"])
+        self.upstream_calls = Counter("sharpen_upstream_calls", "Upstream calls made", ["purpose"])
         # By strategy too (what each strategy costs); kept apart from tokens by model so that
         # neither counter multiplies the other's label values.
         self.strategy_tokens = Counter("sharpen_strategy_tokens", "Tokens spent upstream, by strategy",
-                                       ["strategy", "kind"], registry=r)
+                                       ["strategy", "kind"])
         self.strategy_calls = Counter("sharpen_strategy_upstream_calls", "Upstream calls made, by strategy",
-                                      ["strategy"], registry=r)
-        self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer", registry=r)
+                                      ["strategy"])
+        self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer")
         self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
-                                     ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
-                                     registry=r)
-        self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers", registry=r)
+                                     ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers")
         # several upstream replicas (server/pool.py)
         self.replica_calls = Counter("sharpen_replica_calls", "Upstream calls per replica and outcome",
-                                     ["replica", "outcome"], registry=r)
-        self.replica_up = Gauge("sharpen_replica_up", "1 while the replica is in service", ["replica"], registry=r)
-        self.replica_in_flight = Gauge("sharpen_replica_in_flight", "Calls in flight on the replica", ["replica"],
-                                       registry=r)
+                                     ["replica", "outcome"])
+        self.replica_up = Gauge("sharpen_replica_up", "1 while the replica is in service", ["replica"])
+        self.replica_in_flight = Gauge("sharpen_replica_in_flight", "Calls in flight on the replica", ["replica"])
+        self.registry.register(SeriesCollector([
+            self.requests, self.latency, self.overhead, self.in_flight, self.upstream_errors, self.tokens,
+            self.upstream_calls, self.strategy_tokens, self.strategy_calls, self.disconnects, self.uncertainty,
+            self.upstream_ready, self.replica_calls, self.replica_up, self.replica_in_flight]))
+        self.admin_registry.register(SeriesCollector([self.model_tokens]))
         a = self.admin_registry  # labelled by tenant: the admin's to read
-        self.adapt_cycles = Counter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"], registry=a)
-        self.adapt_accuracy = Gauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
+        self.adapt_cycles = PromCounter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"],
+                                        registry=a)
+        self.adapt_accuracy = PromGauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
                                     "measure: greedy_before, greedy_after, vote_before)",
                                     ["tenant", "split", "measure"], registry=a)
-        self.adapt_phase = Gauge("sharpen_adapt_phase_seconds", "Last cycle's seconds per phase", ["tenant", "phase"],
-                                 registry=a)
-        self.adapt_labels = Gauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
+        self.adapt_phase = PromGauge("sharpen_adapt_phase_seconds", "Last cycle's seconds per phase",
+                                     ["tenant", "phase"], registry=a)
+        self.adapt_labels = PromGauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
                                   "reason)", ["tenant", "outcome"], registry=a)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached: prometheus_client validates and locks on every
-        ``labels`` call, which cost ~15 us a time, six times a request, on the hot path."""
+        """``metric.labels(*labels)``, cached (prometheus_client's ``labels`` validates and locks
+        on every call: ~15 us a time, six times a request, when the request series were its own)."""
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:

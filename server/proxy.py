@@ -247,7 +247,7 @@ class ProxyService:
             return self._stream_when_done(job)
         try:
             t_run = time.perf_counter()
-            result = await cancel_on_disconnect(request.receive, strategy.run(req, ctx))
+            result = await cancel_on_disconnect(request.receive, strategy.run(req, ctx), request.scope)
             ran = time.perf_counter() - t_run
         except BaseException as exc:
             self._finish(job, exc)

@@ -53,7 +53,7 @@ class UpstreamSettings(BaseModel):
 
     url: str | None = None  # e.g. http://127.0.0.1:8001/v1; None (and no urls) starts the embedded backend
     urls: list[str] = Field(default_factory=list)  # several replicas of one model, balanced (server/pool.py)
-    client: Literal["aiohttp", "httpx"] = "aiohttp"  # the hot path's HTTP client (see transport.py)
+    client: Literal["h1", "aiohttp", "httpx"] = "h1"  # the hot path's HTTP client (see transport.py)
     api_key: str | None = None  # sent upstream as a bearer token when set
     max_connections: int = 4096  # pool size: at least 1,000 concurrent streams
     retries: int = 2  # only before anything has been sent to the client

@@ -18,6 +18,7 @@ import httpx
 import uvicorn
 
 from server.app import Backend, HotPath, create_app
+from server.connection import with_head_timeout
 from server.settings import Settings, load_settings
 
 T = TypeVar("T")
@@ -40,7 +41,9 @@ class ProxyServer:
         self.settings: Settings = load_settings(**settings)
         self.port = free_port()
         self.app: HotPath = create_app(self.settings, backend=backend)
-        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio", http="httptools",
+        # the connection protocol `sharpen serve` runs (departures, one write per answer)
+        cfg = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="asyncio",
+                             http=with_head_timeout(self.settings.header_timeout_s),
                              log_level="warning", access_log=False, lifespan="on")
         self._server = uvicorn.Server(cfg)
         self.loop: asyncio.AbstractEventLoop | None = None  # the app's loop, once started

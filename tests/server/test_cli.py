@@ -13,8 +13,9 @@ from server import cli
 from server.app import HotPath
 from server.backend.weights import PACKAGED
 from server.connection import HeadDeadlineProtocol
+from server.h1 import H1Transport
 from server.pool import UpstreamPool
-from server.transport import AiohttpTransport, HttpxTransport
+from server.transport import HttpxTransport
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +105,7 @@ def test_config_alone_is_used(tmp_path: Path, served: list[dict[str, Any]]) -> N
     assert served[0]["port"] == 9300
     assert served[0]["host"] == "127.0.0.1"
     assert served[0]["app"].services.upstream.base_url == "http://from-yaml/v1"
-    assert isinstance(served[0]["app"].services.upstream._transport, AiohttpTransport)
+    assert isinstance(served[0]["app"].services.upstream._transport, H1Transport)  # the default
 
 
 def test_models_list_prints_the_packaged_models(capsys: pytest.CaptureFixture[str]) -> None:

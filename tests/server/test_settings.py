@@ -29,7 +29,7 @@ def test_defaults(tmp_path: Path) -> None:
     s = load_settings()
     assert (s.host, s.port, s.insecure) == ("127.0.0.1", 8000, False)
     assert s.api_keys == {} and s.admin_key is None
-    assert s.upstream.url is None and s.upstream.client == "aiohttp"
+    assert s.upstream.url is None and s.upstream.client == "h1"
     assert s.upstream.timeouts.first_byte == 600 and s.upstream.timeouts.idle == 120
     assert s.backend.model == DEFAULT_MODEL
     assert s.cache_dir == tmp_path / "cache" / "sharpen"

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("isolated_data")]
 
 
 MESSAGES = [{"role": "user", "content": "what is two plus two"}]
-CLIENTS = ["aiohttp", "httpx"]
+CLIENTS = ["h1", "aiohttp", "httpx"]
 
 
 def chat(stream: bool = True, **extra: Any) -> dict[str, Any]:
