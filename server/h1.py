@@ -182,6 +182,9 @@ class H1Response(TransportResponse):
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
         self._reading_all = False
+        self._idle: float | None = None  # bound_waits: most seconds one wait for the upstream may last
+        self._waiting_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- fed by the connection ----------------------------------------------------------------
 
@@ -211,7 +214,12 @@ class H1Response(TransportResponse):
         if self._paused and self._conn is not None and self._conn.transport is not None:
             self._conn.transport.resume_reading()
             self._paused = False
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        if self._idle is not None:
+            self._waiting_since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_at(self._waiting_since + self._idle, self._check_idle)
         try:
             await self._waiter
         except BaseException:
@@ -219,6 +227,20 @@ class H1Response(TransportResponse):
             raise
         finally:
             self._waiter = None
+            self._waiting_since = None
+
+    def _check_idle(self) -> None:
+        """One timer per response, not one per wait: when it fires it fails a wait that has
+        lasted ``_idle`` seconds, or re-arms for the wait in progress, or lapses until the next."""
+        self._timer = None
+        since, idle, waiter = self._waiting_since, self._idle, self._waiter
+        if since is None or idle is None or waiter is None or waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= since + idle:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(since + idle, self._check_idle)
 
     # -- TransportResponse --------------------------------------------------------------------
 
@@ -248,6 +270,10 @@ class H1Response(TransportResponse):
     def read_buffered(self) -> bytes:
         return self._take() if self._parts else b""
 
+    def bound_waits(self, idle: float) -> bool:
+        self._idle = idle
+        return True
+
     async def close(self) -> None:
         if self._conn is None:
             return
@@ -270,6 +296,7 @@ class H1Response(TransportResponse):
 
     def _release(self) -> None:
         """The answer was read to its end: the connection goes back to the pool if it may."""
+        self._stop_timer()
         conn, self._conn = self._conn, None
         if conn is None:
             return
@@ -277,7 +304,13 @@ class H1Response(TransportResponse):
         reuse = conn.keep_alive and not conn.closed
         conn.origin.pool.release(conn, reuse)
 
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _drop(self) -> None:
+        self._stop_timer()
         conn, self._conn = self._conn, None
         if conn is None:
             return

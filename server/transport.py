@@ -44,6 +44,13 @@ class TransportResponse(abc.ABC):
         timer armed; a transport that cannot tell returns ``b""`` and every read waits."""
         return b""
 
+    def bound_waits(self, idle: float) -> bool:
+        """Asks the transport to bound every wait of ``read``/``read_chunk`` for the upstream by
+        ``idle`` seconds itself, raising ``TimeoutError`` (after dropping the connection) when
+        one lasts longer: one timer per response instead of one per wait. False (the default):
+        it cannot, and the caller arms a timer around each wait."""
+        return False
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Drops the connection (an upstream like vLLM then aborts the request). Idempotent."""

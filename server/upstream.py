@@ -26,11 +26,14 @@ class UpstreamReply:
     def __init__(self, resp: TransportResponse, idle: float) -> None:
         self._resp = resp
         self._idle = idle
+        self._bounded = resp.bound_waits(idle)  # the transport times its own waits (server.h1)
         self.status = resp.status
         self.headers = resp.headers
 
     async def read(self) -> bytes:
         try:
+            if self._bounded:
+                return await self._resp.read()
             async with asyncio.timeout(self._idle):
                 return await self._resp.read()
         except TimeoutError:
@@ -50,7 +53,7 @@ class UpstreamReply:
     async def chunks(self) -> AsyncIterator[bytes]:
         """Bytes as they arrive; raises ``UpstreamTimeout`` when the upstream goes quiet."""
         read, buffered = self._resp.read_chunk, self._resp.read_buffered
-        idle = self._idle
+        idle, bounded = self._idle, self._bounded
         try:
             while True:
                 # What arrived while the last chunk was being written goes out as one chunk, with
@@ -58,8 +61,11 @@ class UpstreamReply:
                 data = buffered()
                 if not data:
                     # The timeout covers only the wait for the upstream, not the client's reading.
-                    async with asyncio.timeout(idle):
+                    if bounded:
                         data = await read()
+                    else:
+                        async with asyncio.timeout(idle):
+                            data = await read()
                     if not data:
                         return
                 yield data
