@@ -1,6 +1,6 @@
 """What sharpen adds over its upstream: direct vs through sharpen, interleaved A/B rounds, one run.
 
-    .venv/bin/python loadtest/overhead.py [--clients aiohttp,httpx] [--requests 800] [--concurrency 16]
+    .venv/bin/python loadtest/overhead.py [--clients h1,aiohttp,httpx] [--requests 800] [--concurrency 16]
         [--ttft 0.02] [--rounds 3] [--throughput] [--max-rps]
         [--variant NAME:KEY=VALUE;KEY=VALUE ...] [--floor]
 
@@ -151,7 +151,7 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", default="aiohttp,httpx")
+    ap.add_argument("--clients", default="h1,aiohttp")
     ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE;...; replaces --clients")
     ap.add_argument("--requests", type=int, default=800)
     ap.add_argument("--concurrency", type=int, default=16)
