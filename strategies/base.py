@@ -149,8 +149,11 @@ class StrategyContext:
         self._check_budget()
         body.setdefault("model", self.model)
         started = time.monotonic()
+        left = self.remaining()
         try:
-            async with asyncio.timeout(max(self.remaining(), 0.001)):
+            if left <= 0:  # spent already (a tool ran to the deadline): no call starts after it
+                raise TimeoutError
+            async with asyncio.timeout(left):
                 reply = await self.upstream.request("POST", path, orjson.dumps(body))
                 raw = await reply.read()
         except TimeoutError:

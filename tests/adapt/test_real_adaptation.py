@@ -352,22 +352,23 @@ def test_a_live_requests_samples_are_queued_for_labelling(real_vllm: RealVLLM, t
 
 
 def test_rationalization_on_the_real_model(real_vllm: RealVLLM) -> None:
-    """STaR's hinted call on the real model: one n=4 call of the question with its label, and
-    what comes back are finished rationales that reach the label and never mention the hint."""
+    """STaR's hinted call on the real model: one n=8 call of the question with its label, and
+    what comes back are finished rationales that reach the label and never mention the hint.
+    (n=4 at temperature 0.8 came back with no rationale reaching 5 in one full-suite run.)"""
     question = "What is 2 + 3? End with 'The answer is N.'"
 
     async def run() -> list[str]:
         up = Upstream(real_vllm.base_url, UpstreamSettings())
         try:
             lab = Label(question, "5", 1.0, 0.5, 4)
-            return await MajorityVote(4, temperature=0.8, max_tokens=64, rationalize=4).rationalize(
+            return await MajorityVote(4, temperature=0.5, max_tokens=96, rationalize=8).rationalize(
                 up, real_vllm.served_name, "default", lab)
         finally:
             await up.aclose()
 
     got = asyncio.run(run())
     print("rationales:", got)
-    assert got, "none of 4 hinted samples of SmolLM2 reached 5"
+    assert got, "none of 8 hinted samples of SmolLM2 reached 5"
     for text in got:
         answer, form = final_answer(text, "stop", placeholders(question))
         assert answer == "5" and form == FORM_OK and "hint" not in text.lower()

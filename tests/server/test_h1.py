@@ -63,6 +63,16 @@ class RawServer:
         await writer.drain()
 
 
+def _held(gate: asyncio.Event) -> Handler:
+    """An answer that waits for ``gate``."""
+
+    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await gate.wait()
+        await RawServer.ok(reader, writer)
+
+    return held
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
     made: list[RawServer] = []
@@ -186,12 +196,7 @@ async def test_a_drop_before_the_answer_is_a_connect_error_and_mid_body_is_not(
 
 async def test_requests_past_the_limit_wait_for_a_slot(serve: Callable[..., Awaitable[RawServer]]) -> None:
     gate = asyncio.Event()
-
-    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await gate.wait()
-        await RawServer.ok(reader, writer)
-
-    server = await serve(held)
+    server = await serve(_held(gate))
     t = H1Transport(max_connections=2, connect_timeout=2)
     try:
         async def one() -> bytes:
@@ -209,12 +214,7 @@ async def test_requests_past_the_limit_wait_for_a_slot(serve: Callable[..., Awai
 
 async def test_a_cancelled_waiter_gives_its_slot_on(serve: Callable[..., Awaitable[RawServer]]) -> None:
     gate = asyncio.Event()
-
-    async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await gate.wait()
-        await RawServer.ok(reader, writer)
-
-    server = await serve(held)
+    server = await serve(_held(gate))
     t = H1Transport(max_connections=1, connect_timeout=2)
     try:
         first = asyncio.create_task(t.send("GET", server.url + "/x", None, {}))
