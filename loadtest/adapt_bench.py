@@ -1,4 +1,4 @@
-"""One consensus self-training cycle on a reasoning-gym family, measured on unseen items.
+"""One consensus self-training cycle on a reasoning-gym family (or a JSONL set), measured on unseen items.
 
     .venv/bin/python loadtest/adapt_bench.py [--family basic_arithmetic] [--unrelated letter_counting]
         [--queries 32] [--eval 150] [--eval-unrelated 100] [--sc-items 50] [--canary-items 16]
@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evals.checkers import score  # noqa: E402
-from evals.datasets import Item  # noqa: E402
+from evals.datasets import Item, load  # noqa: E402
 from evals.report import mcnemar, wilson  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
 from strategies.answers import extract  # noqa: E402
@@ -60,12 +60,30 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
+# A JSONL set from outside the project (--family path.jsonl): disjoint blocks of its rows by role
+_BLOCK = {SEED_A: 0, SEED_C: 64, SEED_B: 128}
+
+
 def items(family: str, n: int, seed: int) -> list[Item]:
+    if family.endswith(".jsonl"):
+        return _from_file(Path(family), n, seed)
     import reasoning_gym
 
     ds = reasoning_gym.create_dataset(family, seed=seed, size=n, **FAMILY_CONFIG.get(family, {}))
     return [Item(id=f"{family}-{seed}-{i}", question=str(ds[i]["question"]), answer=str(ds[i]["answer"]),
                  checker="reasoning_gym", entry=ds[i], dataset=ds) for i in range(n)]
+
+
+def _from_file(path: Path, n: int, seed: int) -> list[Item]:
+    """Rows of a question/answer JSONL the project does not contain (e.g. GSM8K's test split via
+    ``loadtest/heldout.py build``) in the file's order: live queries (seed A) from row 0, canary
+    (seed C) from row 64, unseen evaluation (seed B) from row 128: never overlapping."""
+    start = _BLOCK.get(seed)
+    got = load(str(path))[start:start + n] if start is not None else []
+    if len(got) < n or (seed != SEED_B and n > 64):
+        raise SystemExit(f"{path}: {n} rows from row {start} do not fit (at most 64 queries or canary "
+                         "items; --unrelated must be a reasoning-gym family)")
+    return got
 
 
 async def greedy(client: httpx.AsyncClient, model: str, its: list[Item], max_tokens: int,
@@ -335,7 +353,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--upstream", help="a running vLLM's OpenAI base URL (…/v1) instead of starting one")
     ap.add_argument("--base-model-path", help="with --upstream: the served model's Hugging Face folder")
-    ap.add_argument("--family", default="basic_arithmetic")
+    ap.add_argument("--family", default="basic_arithmetic",
+                    help="a reasoning-gym family, or a question/answer JSONL from outside the project")
     ap.add_argument("--unrelated", default="letter_counting")
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--eval", type=int, default=150)

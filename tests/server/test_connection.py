@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from server.connection import HeadDeadlineProtocol, with_head_timeout
+from server.connection import HeadDeadlineProtocol, _OneWrite, with_head_timeout
 from tests.proxy_server import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -116,3 +116,41 @@ def test_complete_and_keep_alive_requests_are_served(port: int) -> None:
 def test_the_factory_sets_the_deadline() -> None:
     cls = with_head_timeout(3.5)
     assert issubclass(cls, HeadDeadlineProtocol) and cls.head_timeout_s == 3.5
+
+
+class _Recording:
+    """A transport that records its writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def test_a_head_and_its_body_go_out_in_one_write() -> None:
+    inner = _Recording()
+    t = _OneWrite(inner, asyncio.get_running_loop())
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+    t.write(head)
+    t.write(b"ok")
+    assert inner.writes == [head + b"ok"]
+    t.write(head)  # a stream's head whose first chunk is not ready: out one loop turn later
+    assert inner.writes == [head + b"ok"]
+    await asyncio.sleep(0)
+    assert inner.writes == [head + b"ok", head]
+    t.write(b"5\r\nchunk\r\n")
+    t.write(head)
+    t.close()  # a held head is flushed before the close
+    assert inner.writes[-2:] == [b"5\r\nchunk\r\n", head] and inner.closed
+    assert t.get_extra_info("peername", "x") == "x"  # the rest is the real transport's

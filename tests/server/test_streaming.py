@@ -3,6 +3,7 @@ reported in-band, and a departing client cancelling the upstream work."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ import openai
 import orjson
 import pytest
 
-from server.streaming import UsageSniffer
+from server.streaming import DEPARTURE, ClientGone, Departure, UsageSniffer, cancel_on_disconnect
 from tests.fakes.upstream import FakeUpstream
 from tests.proxy_server import ProxyServer
 
@@ -236,3 +237,42 @@ def test_usage_sniffer_handles_a_split_event_and_none() -> None:
     empty = UsageSniffer()
     empty.feed(b'data: {"choices":[]}\n\n')
     assert empty.usage() is None
+
+
+# ------------------------------------------------------------------ cancel_on_disconnect, both ways
+
+
+async def test_a_departure_told_by_the_connection_cancels_the_work() -> None:
+    departure = Departure()
+    scope = {DEPARTURE: departure}
+    cancelled = asyncio.Event()
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "done"
+
+    async def never() -> dict[str, Any]:
+        raise AssertionError("receive is not read when the connection tells")
+
+    asyncio.get_running_loop().call_later(0.05, departure.fire)
+    with pytest.raises(ClientGone):
+        await cancel_on_disconnect(never, work(), scope)
+    assert cancelled.is_set() and departure.task is None
+    already = Departure()
+    already.fire()  # gone before the work began: it ends at its first await
+    with pytest.raises(ClientGone):
+        await cancel_on_disconnect(never, work(), {DEPARTURE: already})
+
+
+async def test_without_a_departure_a_watcher_reads_receive() -> None:
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(ClientGone):
+        await cancel_on_disconnect(receive, asyncio.sleep(10))
+    assert await cancel_on_disconnect(receive, asyncio.sleep(0, result="fine")) == "fine"
