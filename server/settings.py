@@ -37,7 +37,8 @@ def _default_data_dir() -> Path:
 
 class TimeoutSettings(BaseModel):
     """Upstream timeouts, in seconds. ``first_byte`` bounds the wait for response headers,
-    ``idle`` the gap between two streamed chunks (or the body of a non-streamed answer)."""
+    ``idle`` the gap between two streamed chunks (or the body of a non-streamed answer: with the
+    default ``h1`` client, each wait for more of it, so a slow but steady body is not cut)."""
 
     model_config = ConfigDict(extra="forbid")  # a typo in a nested section is an error, as at the top
 
