@@ -200,8 +200,13 @@ class H1Transport(Transport):
         else:
             self._active += 1
         try:
-            conn = self._idle(origin) or await self._connect(origin)
-            return await conn.request(data, body)
+            idle = self._idle(origin)
+            if idle is not None:
+                try:
+                    return await idle.request(data, body)
+                except UpstreamConnectError:
+                    pass  # closed by the server as it was reused (keep-alive expiry): once more, fresh
+            return await (await self._connect(origin)).request(data, body)
         except BaseException:
             self._next()
             raise
