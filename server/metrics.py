@@ -69,16 +69,12 @@ class Metrics:
                                      ["tenant", "phase"], registry=a)
         self.adapt_labels = PromGauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
                                   "reason)", ["tenant", "outcome"], registry=a)
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def child(self, metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``, cached (prometheus_client's ``labels`` validates and locks
-        on every call: ~15 us a time, six times a request, when the request series were its own)."""
-        key = (id(metric), labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
+    @staticmethod
+    def child(metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``: the per-request families (server.series) cache their
+        series themselves, so this is kept only as the call sites' one spelling."""
+        return metric.labels(*labels)
 
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         for kind, n in (("prompt", prompt), ("completion", completion)):
