@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+import time
 from collections import deque
 from collections.abc import Mapping
 from typing import cast
@@ -59,6 +60,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.keep_alive = False  # the last answer's framing and headers allow another request
+        self.idle_since = 0.0  # when it went back to the pool
         self.response: H1Response | None = None  # the answer being received, if any
         self._head: asyncio.Future[H1Response] | None = None
         self._names: list[str] = []
@@ -162,11 +164,15 @@ class _Connection(asyncio.Protocol):
 
 class H1Transport(Transport):
     """The default transport: pooled keep-alive HTTP/1.1 connections, at most ``max_connections``
-    requests in flight (more wait for a slot)."""
+    requests in flight (more wait for a slot). A connection idle longer than ``keepalive_expiry``
+    is closed, not reused: under uvicorn's (and so vLLM's) 5 s keep-alive, so a request is never
+    written to a connection the server is closing at that moment. Nothing is resent: a request
+    that may have reached the server is the caller's to retry."""
 
-    def __init__(self, *, max_connections: int, connect_timeout: float) -> None:
+    def __init__(self, *, max_connections: int, connect_timeout: float, keepalive_expiry: float = 4.0) -> None:
         self._max = max_connections
         self._connect_timeout = connect_timeout
+        self._keepalive = keepalive_expiry
         self._origins: dict[str, _Origin] = {}
         self._active = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
@@ -200,13 +206,8 @@ class H1Transport(Transport):
         else:
             self._active += 1
         try:
-            idle = self._idle(origin)
-            if idle is not None:
-                try:
-                    return await idle.request(data, body)
-                except UpstreamConnectError:
-                    pass  # closed by the server as it was reused (keep-alive expiry): once more, fresh
-            return await (await self._connect(origin)).request(data, body)
+            conn = self._idle(origin) or await self._connect(origin)
+            return await conn.request(data, body)
         except BaseException:
             self._next()
             raise
@@ -215,6 +216,13 @@ class H1Transport(Transport):
         idle = origin.idle
         while idle:
             conn = idle.pop()
+            if time.monotonic() - conn.idle_since > self._keepalive:
+                # Idle past the expiry, and so are all below it (the newest is on top): the
+                # server may be closing them right now, and a POST is not sent twice.
+                for old in (conn, *idle):
+                    old.abort()
+                idle.clear()
+                return None
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
@@ -234,6 +242,7 @@ class H1Transport(Transport):
 
     def release(self, conn: _Connection, reuse: bool) -> None:
         if reuse:
+            conn.idle_since = time.monotonic()
             conn.origin.idle.append(conn)
         self._next()
 

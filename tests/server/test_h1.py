@@ -173,6 +173,21 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used(
     assert server.connections == 2
 
 
+async def test_a_connection_idle_past_the_expiry_is_closed_not_reused(
+        serve: Callable[..., Awaitable[RawServer]]) -> None:
+    # The server may be closing it at the moment it is reused, and a POST is never sent twice,
+    # so the client lets it go first (under uvicorn's 5 s keep-alive).
+    server = await serve()
+    t = H1Transport(max_connections=8, connect_timeout=2, keepalive_expiry=0.2)
+    try:
+        for pause in (0.0, 0.05, 0.3, 0.05):
+            await asyncio.sleep(pause)
+            assert await (await t.send("POST", server.url + "/x", b"{}", {})).read() == b"{}"
+        assert server.connections == 2  # a new one only after the 0.3 s pause
+    finally:
+        await t.aclose()
+
+
 async def test_a_drop_before_the_answer_is_a_connect_error_and_mid_body_is_not(
         serve: Callable[..., Awaitable[RawServer]], transport: H1Transport) -> None:
     async def drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
