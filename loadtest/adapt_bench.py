@@ -15,7 +15,8 @@ tenant, cycles started by hand). Then:
    items of an unrelated family (regression check), and self-consistency@8 on the first
    ``--sc-items`` of the unseen ones (the accuracy the vote reaches, which the adapter chases).
 2. Live traffic: ``--queries`` items of the family (seed A) through sharpen with
-   ``self_consistency`` n=4; those whose vote was split (uncertainty >= 0.25) are queued.
+   ``self_consistency`` n=4 (or ``--live-strategy``: its candidates are what the labeller
+   reuses); those whose vote was split (uncertainty >= 0.25) are queued.
 3. One cycle through the admin API: consensus labels (one n=``--label-n`` call per query),
    clear majorities kept, agreeing rationales easy-to-hard, LoRA in its own process, the gate
    (pseudo-labelled held-out split + a canary of ``--canary-items`` gold items, seed C), swap.
@@ -55,6 +56,7 @@ from strategies.answers import extract  # noqa: E402
 
 TARGET_S = 600.0
 SEED_A, SEED_B, SEED_C, SEED_U = 101, 202, 303, 404
+LIVE = {"name": "self_consistency", "n": 4}  # what the live queries ask for unless --live-strategy says
 FAMILY_CONFIG: dict[str, dict[str, Any]] = {
     "basic_arithmetic": {"min_terms": 2, "max_terms": 4, "min_digits": 2, "max_digits": 2},
 }
@@ -164,22 +166,23 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "label_early_stop": args.early_stop}
 
 
-async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int) -> dict[str, Any]:
-    """The seed-A queries as users would send them, through sharpen with self_consistency n=4."""
+async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int,
+                       strategy: dict[str, Any]) -> dict[str, Any]:
+    """The seed-A queries as users would send them, through sharpen with ``strategy``."""
     async with httpx.AsyncClient(base_url=proxy, timeout=1800) as c:
         sem = asyncio.Semaphore(2)
 
         async def one(it: Item) -> float | None:
             async with sem:
                 body = {"model": base, "messages": [{"role": "user", "content": it.prompt()}],
-                        "max_tokens": max_tokens, "strategy": {"name": "self_consistency", "n": 4}}
+                        "max_tokens": max_tokens, "strategy": strategy}
                 r = await c.post("/chat/completions", json=body)
                 r.raise_for_status()
                 u = (r.json().get("sharpen") or {}).get("uncertainty")
                 return float(u) if u is not None else None
 
         us = await asyncio.gather(*(one(it) for it in its))
-    return {"sent": len(its), "uncertainties": us}
+    return {"sent": len(its), "strategy": strategy, "uncertainties": us}
 
 
 async def cycle(proxy_root: str) -> dict[str, Any]:
@@ -237,7 +240,8 @@ async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str,
     out: dict[str, Any] = {}
     async with httpx.AsyncClient(base_url=proxy_root, timeout=60) as admin:
         t0 = time.perf_counter()
-        out["live"] = await live_traffic(proxy_root + "/v1", base, seen, args.max_tokens)
+        out["live"] = await live_traffic(proxy_root + "/v1", base, seen, args.max_tokens,
+                                         json.loads(args.live_strategy))
         await asyncio.sleep(2.0)  # the adaptation service queues from the event stream
         status = (await admin.get("/admin/adaptation")).json()
         out["live"].update(queued=status["queue"].get("default", 0), seconds=round(time.perf_counter() - t0))
@@ -335,7 +339,8 @@ def render(r: dict[str, Any]) -> str:
     # What a cycle costs before its adapter serves: everything but the report-only vote after it.
     verdict = sum(v for k, v in phases.items() if k != "report") if phases else float(c.get("wall_s") or 0.0)
     live = r.get("live") or {}
-    lines += ["", f"- live: {live.get('sent')} queries through sharpen (self_consistency n=4), {live.get('queued')} "
+    how = json.dumps(live.get("strategy", LIVE))
+    lines += ["", f"- live: {live.get('sent')} queries through sharpen ({how}), {live.get('queued')} "
               f"queued as uncertain ({live.get('seconds')} s)",
               f"- labelling: {json.dumps(rep.get('labelling'))}",
               f"- cycle: {c.get('status')} ({c.get('error') or rep.get('reason') or 'promoted'}); examples "
@@ -357,6 +362,8 @@ def parse() -> argparse.Namespace:
                     help="a reasoning-gym family, or a question/answer JSONL from outside the project")
     ap.add_argument("--unrelated", default="letter_counting")
     ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--live-strategy", default=json.dumps(LIVE),
+                    help="the live queries' strategy (JSON); its candidates are reused by the labeller")
     ap.add_argument("--eval", type=int, default=150)
     ap.add_argument("--eval-unrelated", type=int, default=100)
     ap.add_argument("--sc-items", type=int, default=50)
