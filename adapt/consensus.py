@@ -42,7 +42,7 @@ class Labelled:
 
 async def label_queries(upstream: UpstreamAPI, model: str, tenant: str, queries: list[tuple[int, str]],
                         labeller: Labeller, *, with_siblings: int = 0, min_share: float = 0.5,
-                        min_confidence: float = 0.0, concurrency: int = 4,
+                        min_confidence: float = 0.0, concurrency: int = 8,
                         priors: Mapping[int, Sequence[Sample]] | None = None,
                         rationales: int | None = None) -> Labelled:
     """Labels every query (and ``with_siblings`` synthesized siblings of each), a query with the
@@ -165,7 +165,7 @@ async def cycle_data(upstream: UpstreamAPI, model: str, tenant: str, queries: li
     given ``heldout`` is used as it is."""
     labelled = await label_queries(upstream, model, tenant, queries, labeller,
                                    with_siblings=s.siblings if s.mode == "ttsi" else 0, min_share=s.min_share,
-                                   min_confidence=s.min_confidence, priors=priors,
+                                   min_confidence=s.min_confidence, priors=priors, concurrency=s.label_concurrency,
                                    rationales=s.rationales if s.label_early_stop else None)
     report["labelling"] = labelled.summary()
     train, held = split(labelled.kept, s.holdout_fraction) if heldout is None else (labelled.kept, [])

@@ -163,7 +163,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
             "train_dtype": args.train_dtype,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
-            "label_early_stop": args.early_stop}
+            "label_early_stop": args.early_stop, "label_concurrency": args.label_concurrency}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int,
@@ -372,6 +372,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--mode", choices=["ttrl", "ttsi"], default="ttrl")
     ap.add_argument("--siblings", type=int, default=2)
     ap.add_argument("--label-n", type=int, default=8)
+    ap.add_argument("--label-concurrency", type=int, default=8, help="adapt.label_concurrency: questions at once")
     ap.add_argument("--min-share", type=float, default=0.5)
     ap.add_argument("--label-vote", choices=("programs", "pooled"), default="programs",
                     help="agreeing programs set the label, or all answers pool (adapt.label_vote)")

@@ -4,6 +4,7 @@ the by-origin split, easy-to-hard ordering; and the canary file's bad inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Any
 import pytest
 
 from adapt import canary
+from adapt.config import AdaptConfig
 from adapt.consensus import (
+    cycle_data,
     heldout_examples,
     label_queries,
     split,
@@ -212,3 +215,29 @@ def test_bad_canary_files_are_refused_with_the_reason(tmp_path: Path, text: str,
 def test_missing_canary_file(tmp_path: Path) -> None:
     with pytest.raises(CanaryInvalid, match="cannot be read"):
         canary.load(tmp_path / "nope.jsonl")
+
+
+class Counting(MajorityVote):
+    """Labels every question '1' after a pause, counting how many are in flight at once."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+        self.now = self.most = 0
+
+    async def label(self, upstream: UpstreamAPI, model: str, tenant: str, task: str,
+                    prior: Sequence[Sample] = (), rationales: int | None = None) -> Label:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        await asyncio.sleep(0.02)
+        self.now -= 1
+        return Label(task=task, answer="1", share=1.0, confidence=1.0, n=4, agreeing=["The answer is 1."])
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+async def test_label_concurrency_bounds_the_questions_in_flight(upstream: Upstream, concurrency: int) -> None:
+    labeller = Counting()
+    queries = [(i, f"What is sure {i}?") for i in range(12)]
+    train, held = await cycle_data(upstream, "fake", "t", queries, labeller,
+                                   AdaptConfig(label_concurrency=concurrency), {})
+    assert labeller.most == concurrency
+    assert len(train) + len(held) == 12
