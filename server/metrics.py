@@ -70,17 +70,11 @@ class Metrics:
         self.adapt_labels = PromGauge("sharpen_adapt_labels", "Last cycle's labelled questions (kept or skipped, by "
                                   "reason)", ["tenant", "outcome"], registry=a)
 
-    @staticmethod
-    def child(metric: Any, *labels: str) -> Any:
-        """``metric.labels(*labels)``: the per-request families (server.series) cache their
-        series themselves, so this is kept only as the call sites' one spelling."""
-        return metric.labels(*labels)
-
     def count_tokens(self, model: str, prompt: int, completion: int) -> None:
         for kind, n in (("prompt", prompt), ("completion", completion)):
             if n:
-                self.child(self.tokens, kind).inc(n)
-                self.child(self.model_tokens, model, kind).inc(n)
+                self.tokens.labels(kind).inc(n)
+                self.model_tokens.labels(model, kind).inc(n)
 
     def record_cycle(self, tenant: str, status: str, report: dict[str, Any]) -> None:
         """An adaptation cycle's figures (``adapt.job.Job.report``)."""
@@ -99,19 +93,19 @@ class Metrics:
                 self.adapt_labels.labels(tenant, f"skipped_{reason}").set(n)
 
     def replica_call(self, replica: str, outcome: str) -> None:
-        self.child(self.replica_calls, replica, outcome).inc()
+        self.replica_calls.labels(replica, outcome).inc()
 
     def replica_state(self, replica: str, up: bool, in_flight: int) -> None:
-        self.child(self.replica_up, replica).set(1 if up else 0)
-        self.child(self.replica_in_flight, replica).set(in_flight)
+        self.replica_up.labels(replica).set(1 if up else 0)
+        self.replica_in_flight.labels(replica).set(in_flight)
 
     def count_strategy(self, strategy: str, prompt: int, completion: int, calls: int) -> None:
         if prompt:
-            self.child(self.strategy_tokens, strategy, "prompt").inc(prompt)
+            self.strategy_tokens.labels(strategy, "prompt").inc(prompt)
         if completion:
-            self.child(self.strategy_tokens, strategy, "completion").inc(completion)
+            self.strategy_tokens.labels(strategy, "completion").inc(completion)
         if calls:
-            self.child(self.strategy_calls, strategy).inc(calls)
+            self.strategy_calls.labels(strategy).inc(calls)
 
     def render(self, admin: bool = False) -> bytes:
         """The exposition; the per-model series only for the admin."""

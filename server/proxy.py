@@ -120,7 +120,7 @@ class ProxyService:
             if admitted:
                 self._release()
             # refused before any work (429, 400, 404, 413): counted, or the error rate hides them
-            self.metrics.child(self.metrics.requests, endpoint, name, str(outcome_status(exc))).inc()
+            self.metrics.requests.labels(endpoint, name, str(outcome_status(exc))).inc()
             raise
         return await self._run(job, request)
 
@@ -261,7 +261,7 @@ class ProxyService:
             raise
         overhead = time.perf_counter() - job.t0 - ran
         resp.headers["x-sharpen-overhead-ms"] = f"{overhead * 1000:.3f}"
-        self.metrics.child(self.metrics.overhead, job.endpoint).observe(overhead)
+        self.metrics.overhead.labels(job.endpoint).observe(overhead)
         self._finish(job, None, result)
         return resp
 
@@ -324,7 +324,7 @@ class ProxyService:
         opened = time.monotonic() - ran  # when the strategy opened the upstream stream (monotonic, as record wants)
         sniffer = UsageSniffer()
         overhead = time.perf_counter() - job.t0 - ran
-        self.metrics.child(self.metrics.overhead, job.endpoint).observe(overhead)
+        self.metrics.overhead.labels(job.endpoint).observe(overhead)
 
         def on_close(gone: bool, failure: SharpenError | None) -> None:
             error = None if failure is None else failure.message
@@ -344,7 +344,7 @@ class ProxyService:
         """Hands the finished request to the event stream (adaptation, metrics); never blocks."""
         req, strategy, ctx = job.req, job.strategy, job.ctx
         if result.uncertainty is not None:
-            self.metrics.child(self.metrics.uncertainty, strategy.name).observe(result.uncertainty.score)
+            self.metrics.uncertainty.labels(strategy.name).observe(result.uncertainty.score)
             job.uncertainty = result.uncertainty.score
         if not self.events.active or not isinstance(req, ChatCompletionRequest) or result.response is None:
             return
@@ -375,12 +375,12 @@ class ProxyService:
         m = self.metrics
         status = "200" if exc is None else str(outcome_status(exc))
         if isinstance(exc, UpstreamError):
-            m.child(m.upstream_errors, type(exc).__name__).inc()
+            m.upstream_errors.labels(type(exc).__name__).inc()
         elif isinstance(exc, ClientGone):
             m.disconnects.inc()
         latency = time.perf_counter() - t0
-        m.child(m.requests, endpoint, strategy.name, status).inc()
-        m.child(m.latency, endpoint, strategy.name).observe(latency)
+        m.requests.labels(endpoint, strategy.name, status).inc()
+        m.latency.labels(endpoint, strategy.name).observe(latency)
         u = ctx.usage
         if self.traffic is not None:
             self.traffic.observe(Finished(ctx.tenant, endpoint, strategy.name, int(status), latency, u.prompt_tokens,
@@ -389,7 +389,7 @@ class ProxyService:
             m.count_tokens(ctx.model, u.prompt_tokens, u.completion_tokens)
         m.count_strategy(strategy.name, u.prompt_tokens, u.completion_tokens, len(ctx.calls))
         for call in ctx.calls:
-            m.child(m.upstream_calls, call.purpose).inc()
+            m.upstream_calls.labels(call.purpose).inc()
 
 
 def _has_own(body: dict[str, Any]) -> bool:
