@@ -77,5 +77,9 @@ class AdaptConfig(BaseModel):
     # AMX), float32 elsewhere. 1.77x faster per step on a Zen 4 (README, "Training speed")
     train_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     gate_margin: float = 0.05  # promote only if the new adapter beats the current by this much
+    # answers sampled per gate item (at label_temperature) beside the greedy one; an item scores
+    # the share of its k + 1 answers that are right. 0: the greedy answer alone, which on 6-8
+    # held-out items let one flipped answer decide (README, "Adaptation, tenth measurement")
+    gate_samples: int = Field(default=4, ge=0, le=16)
     rollback_window: int = 20  # live requests watched after a promotion
     rollback_drop: float = 0.15  # roll back if live confidence drops this much below the gate's

@@ -56,9 +56,11 @@ class Job:
         """The gate's verdict and figures, into the job and its report (the held-out split's
         "vote" is 1.0 by construction where its labels are the vote)."""
         self.score_new, self.score_old = gate.score_new, gate.score_old
-        self.report["heldout"] = {"n": heldout, "greedy_before": gate.score_old, "greedy_after": gate.score_new,
-                                  "vote": 1.0 if consensus_labels else None}
+        self.report["heldout"] = {"n": heldout, "greedy_before": gate.greedy_old, "greedy_after": gate.greedy_new,
+                                  "score_before": gate.score_old, "score_after": gate.score_new,
+                                  "samples": gate.samples, "vote": 1.0 if consensus_labels else None}
         if gate.canary_items:
             self.report.setdefault("canary", {"n": gate.canary_items}).update(
-                greedy_before=gate.canary_old, greedy_after=gate.canary_new)
+                greedy_before=gate.canary_greedy_old, greedy_after=gate.canary_greedy_new,
+                score_before=gate.canary_old, score_after=gate.canary_new)
         self.report["promoted"], self.report["reason"] = gate.promote, gate.reason

@@ -163,7 +163,8 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "batch_size": args.batch_size, "learning_rate": args.learning_rate, "threads": args.threads,
             "train_dtype": args.train_dtype,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
-            "label_early_stop": args.early_stop, "label_concurrency": args.label_concurrency}
+            "label_early_stop": args.early_stop, "label_concurrency": args.label_concurrency,
+            "gate_samples": args.gate_samples}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int,
@@ -387,6 +388,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--learning-rate", type=float, default=5e-4)
     ap.add_argument("--gate-margin", type=float, default=0.05)
+    ap.add_argument("--gate-samples", type=int, default=4, help="adapt.gate_samples: sampled answers per gate item")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-dtype", choices=("auto", "float32", "bfloat16"), default="auto")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)

@@ -63,7 +63,7 @@ class Metrics:
         self.adapt_cycles = PromCounter("sharpen_adapt_cycles", "Adaptation cycles ended", ["tenant", "status"],
                                         registry=a)
         self.adapt_accuracy = PromGauge("sharpen_adapt_accuracy", "Last cycle's accuracy (split: heldout or canary; "
-                                    "measure: greedy_before, greedy_after, vote_before)",
+                                    "measure: greedy_before, greedy_after, score_before, score_after, vote_before)",
                                     ["tenant", "split", "measure"], registry=a)
         self.adapt_phase = PromGauge("sharpen_adapt_phase_seconds", "Last cycle's seconds per phase",
                                      ["tenant", "phase"], registry=a)
@@ -80,7 +80,7 @@ class Metrics:
         """An adaptation cycle's figures (``adapt.job.Job.report``)."""
         self.adapt_cycles.labels(tenant, status).inc()
         for split in ("heldout", "canary"):
-            for measure in ("greedy_before", "greedy_after", "vote_before"):
+            for measure in ("greedy_before", "greedy_after", "score_before", "score_after", "vote_before"):
                 value = (report.get(split) or {}).get(measure)
                 if isinstance(value, int | float):
                     self.adapt_accuracy.labels(tenant, split, measure).set(value)

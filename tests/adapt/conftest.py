@@ -133,8 +133,10 @@ async def make(fake_upstream: FakeUpstream, tmp_path: Path) -> AsyncIterator[Mak
 
     async def factory(trainer: Trainer | None = None, *, directory: Path | None = None, start: bool = True,
                       upstream_url: str | None = None, **settings: Any) -> AdaptationService:
+        # the gate's greedy answers alone unless a test asks for samples: the scripts here answer
+        # by model, and the sampled scoring has its own tests (test_gate.py, test_cycle.py)
         values = {"enabled": True, "tenants": ["a"], "base_model_path": str(tmp_path), "gate_margin": 0.1,
-                  **settings}
+                  "gate_samples": 0, **settings}
         up = Upstream(upstream_url or fake_upstream.url, UpstreamSettings())
         svc = AdaptationService(AdaptConfig(**values), directory or tmp_path / "adapt", up, EventBus(),
                                 trainer=trainer or FakeTrainer())

@@ -57,7 +57,8 @@ def canary_file(tmp_path: Path, text: str | None = None) -> str:
 async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: FakeUpstream, tmp_path: Path) -> None:
     fake_upstream.script(CycleScript())
     trainer = FakeTrainer()
-    svc = await make(trainer, label_n=4, rationales=2, holdout_fraction=0.25, canary=canary_file(tmp_path))
+    svc = await make(trainer, label_n=4, rationales=2, holdout_fraction=0.25, canary=canary_file(tmp_path),
+                     gate_samples=4)
     seen: list[Any] = []
     svc.on_cycle = seen.append
     queue(svc)
@@ -68,8 +69,11 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     r = job.report
     assert r["labelling"] == {"questions": 5, "kept": 4, "skipped": {"no_majority": 1}, "mean_share": 0.85,
                               "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
-    assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "vote": 1.0}
-    assert r["canary"] == {"n": 3, "vote_before": 1.0, "greedy_before": 1.0, "greedy_after": 1.0}
+    # the gate's 4 samples per item (n=4 calls) are all right for both models; greedy only the adapter's
+    assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "score_before": 0.8,
+                            "score_after": 1.0, "samples": 4, "vote": 1.0}
+    assert r["canary"] == {"n": 3, "vote_before": 1.0, "greedy_before": 1.0, "greedy_after": 1.0,
+                           "score_before": 1.0, "score_after": 1.0}
     assert r["promoted"] is True and r["phases_s"] == job.phases_s
     assert (job.examples, job.heldout) == (6, 1)  # 3 train queries x 2 distinct agreeing rationales
     [tj] = trainer.jobs

@@ -59,3 +59,49 @@ def test_without_a_canary_the_held_out_margin_decides() -> None:
     assert gate.promote and gate.canary_new is None and gate.canary_items == 0
     gate = asyncio.run(evaluate(up, "new", "old", "old", [_ex(0), _ex(1)], 0.75, max_tokens=16))
     assert not gate.promote and gate.reason.startswith("held-out 1.000 < 0.500")
+
+
+class Sampling(FakeAPI):
+    """``greedy[model]`` answers at temperature 0; at a temperature, choice i is right where
+    ``i < right[model]``; the ``fail_samples`` model's sampled calls fail upstream."""
+
+    def __init__(self, greedy: dict[str, bool], right: dict[str, int], fail_samples: str = "") -> None:
+        super().__init__(self._answer)
+        self.greedy, self.right, self.fail_samples = greedy, right, fail_samples
+
+    def _answer(self, body: dict[str, Any], i: int) -> str:
+        ok = self.greedy[body["model"]] if body["temperature"] == 0.0 else i < self.right[body["model"]]
+        return f"The answer is {body['messages'][-1]['content'].split()[-1] if ok else 'nothing'}."
+
+    async def request(self, method: str, path: str, body: bytes | None = None, *, root: bool = False) -> FakeReply:
+        data = orjson.loads(body or b"{}")
+        if data["temperature"] != 0.0 and data["model"] == self.fail_samples:
+            self.fail = 1
+        return await super().request(method, path, body, root=root)
+
+
+def test_sampled_answers_decide_where_one_greedy_flip_would() -> None:
+    # the candidate's greedy answer is wrong and the current one's right, but the candidate is
+    # right 3 times in 4 samples and the current model never: 3/5 against 1/5 per item
+    up = Sampling({"new": False, "old": True}, {"new": 3, "old": 0})
+    gate = asyncio.run(evaluate(up, "new", "old", "old", [_ex(1), _ex(2)], 0.2, samples=4, temperature=0.7,
+                                canary=[_ex(3)], max_tokens=16))
+    assert (gate.score_new, gate.score_old) == (0.6, 0.2) and gate.promote, gate.reason
+    assert (gate.greedy_new, gate.greedy_old, gate.samples) == (0.0, 1.0, 4)  # reported beside the score
+    assert (gate.canary_new, gate.canary_old, gate.canary_greedy_new, gate.canary_greedy_old) == (0.6, 0.2, 0.0, 1.0)
+    assert gate.items[0] == {"task": "question 1", "reference": "1", "new": 0.6, "old": 0.2,
+                             "greedy_new": 0.0, "greedy_old": 1.0}
+    sampled = [b for b in up.requests if b["temperature"] != 0.0]
+    assert len(sampled) == 6 and {(b["n"], b["temperature"]) for b in sampled} == {(4, 0.7)}
+    assert len(up.requests) == 12  # 3 items x 2 models x (one greedy + one n=4 call)
+    # without samples the greedy answers alone decide: the same candidate is rejected
+    alone = asyncio.run(evaluate(Sampling({"new": False, "old": True}, {"new": 3, "old": 0}), "new", "old", "old",
+                                 [_ex(1), _ex(2)], 0.2, max_tokens=16))
+    assert (alone.score_new, alone.score_old, alone.promote) == (0.0, 1.0, False)
+
+
+def test_a_failed_sample_call_counts_its_answers_wrong_not_the_gate_failed() -> None:
+    up = Sampling({"new": True, "old": True}, {"new": 4, "old": 4}, fail_samples="new")
+    gate = asyncio.run(evaluate(up, "new", "old", "old", [_ex(1)], 0.0, samples=4, max_tokens=16))
+    assert (gate.score_new, gate.score_old, gate.greedy_new) == (0.2, 1.0, 1.0) and not gate.promote
+    assert gate.reason == "held-out 0.200 < 1.000 + 0.0"

@@ -328,7 +328,7 @@ def test_consensus_cycle_on_real_samples(real_vllm: RealVLLM, tmp_path: Path) ->
         assert {"label", "train", "gate"} <= set(job["phases_s"]), job
         assert job["train"]["status"] == "done"
         [v] = adapters(p).values()
-        assert v["report"]["heldout"]["greedy_after"] == job["score_new"]
+        assert v["report"]["heldout"]["score_after"] == job["score_new"]
         assert v["report"]["labelling"] == lab and svc.queue.counts() == {}
 
 
