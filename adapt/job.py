@@ -17,9 +17,10 @@ class Job:
     """One adaptation cycle.
 
     ``phases_s`` holds the seconds spent labelling (or synthesizing), training, gating (load and
-    both models' greedy runs), swapping and, after the verdict, the report-only canary vote;
-    ``report`` the figures a cycle is judged by: greedy accuracy on the pseudo-labelled held-out
-    split and on the canary, before and after, and the vote accuracy the adapter is chasing."""
+    both models' greedy and sampled answers), swapping and, after the verdict, the report-only
+    canary vote; ``report`` the figures a cycle is judged by: greedy accuracy and the gate's score
+    (greedy and samples together) on the pseudo-labelled held-out split and on the canary, before
+    and after, and the vote accuracy the adapter is chasing."""
 
     id: str
     tenant: str
