@@ -25,7 +25,6 @@ from protocol.errors import SharpenError
 from protocol.upstream import UpstreamAPI
 from strategies.answers import extract
 from strategies.base import Candidate, StrategyContext
-from strategies.chat import first_text
 from strategies.verifiers.aspect import AspectVerifier
 from strategies.verifiers.base import VerificationTask
 
@@ -75,8 +74,7 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
             data = await ctx.chat(body, purpose="gate")
         except SharpenError:
             return [""] * n  # a failed call scores as wrong answers, as it would for a user
-        return [str((c.get("message") or {}).get("content") or "") for c in data.get("choices") or []][:n] \
-            or [first_text(data)]
+        return [str((c.get("message") or {}).get("content") or "") for c in data.get("choices") or []][:n] or [""]
 
     async def one(ex: Example) -> ItemScore:
         async with sem:
@@ -111,25 +109,24 @@ async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: s
         per[m] = (await score_model(upstream, m, judge, heldout + canary, concurrency=concurrency,
                                     max_tokens=max_tokens, samples=samples, temperature=temperature))[1]
 
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / len(xs) if xs else 0.0
+    def means(xs: list[ItemScore]) -> tuple[float, float]:
+        """(score, greedy accuracy) over ``xs``."""
+        return (sum(x.mean for x in xs) / len(xs), sum(x.greedy for x in xs) / len(xs)) if xs else (0.0, 0.0)
 
     per_new, per_old = per[candidate][: len(heldout)], per[current][: len(heldout)]
-    new, old = mean([x.mean for x in per_new]), mean([x.mean for x in per_old])
+    (new, greedy_new), (old, greedy_old) = means(per_new), means(per_old)
     items = [{"task": e.task[:200], "reference": e.reference, "new": a.mean, "old": b.mean,
               "greedy_new": a.greedy, "greedy_old": b.greedy}
              for e, a, b in zip(heldout, per_new, per_old, strict=True)]
     out = GateResult(score_new=new, score_old=old, promote=bool(heldout) and new >= old + margin - 1e-9,
-                     items=items, greedy_new=mean([x.greedy for x in per_new]),
-                     greedy_old=mean([x.greedy for x in per_old]), samples=samples)
+                     items=items, greedy_new=greedy_new, greedy_old=greedy_old, samples=samples)
     if not heldout:
         out.reason = "no held-out items"
     elif not out.promote:
         out.reason = f"held-out {new:.3f} < {old:.3f} + {margin}"
     if canary:
-        c_new, c_old = per[candidate][len(heldout):], per[current][len(heldout):]
-        out.canary_new, out.canary_old = mean([x.mean for x in c_new]), mean([x.mean for x in c_old])
-        out.canary_greedy_new, out.canary_greedy_old = mean([x.greedy for x in c_new]), mean([x.greedy for x in c_old])
+        out.canary_new, out.canary_greedy_new = means(per[candidate][len(heldout):])
+        out.canary_old, out.canary_greedy_old = means(per[current][len(heldout):])
         out.canary_items = len(canary)
         if out.canary_new < out.canary_old - canary_tolerance - 1e-9:
             out.promote = False
