@@ -64,6 +64,11 @@ class AdaptConfig(BaseModel):
     min_verifier_score: float = 0.5  # keep only examples the verifiers approve this much
     teacher_model: str | None = None
     holdout_fraction: float = 0.25
+    # what a cycle's adapter starts from: "base" (a fresh LoRA trained on this cycle's data alone)
+    # or "current" (the tenant's active adapter, trained further on this cycle's data, so cycles
+    # build on each other; rank and target modules are then the parent's). Either way the gate
+    # compares the result with the active adapter (README, "Adaptation, eleventh measurement")
+    train_from: Literal["base", "current"] = "base"
     rank: int = 8
     alpha: int = 16
     target_modules: str | list[str] = "all-linear"

@@ -250,8 +250,11 @@ class AdaptationService:
         job.adapter = version.name
         jdir = self.dir / "jobs" / job.id
         ex_file = datamod.write_job_files(jdir, examples, heldout)
+        start = self.registry.get(current) if current and s.train_from == "current" else None  # or a fresh LoRA
+        job.report["trained_from"] = start.name if start else "base"  # the registry's parent: what it replaces
         tj = TrainJob(job_dir=str(jdir), base_model_path=str(s.base_model_path), examples=str(ex_file),
-                      out_dir=version.path, data_hash=dh, hyper=hyper)
+                      out_dir=version.path, data_hash=dh, hyper=hyper, parent_adapter=start.name if start else None,
+                      parent_adapter_path=start.path if start else None)
         self._train_job = tj
         outcome = await self.trainer.run(tj)
         job.train = outcome.progress
@@ -369,8 +372,7 @@ class AdaptationService:
 
     async def _unload_when_idle(self, name: str, timeout: float = 120.0) -> None:
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.registry.idle(name)
+            await asyncio.wait_for(self.registry.idle(name), timeout)
         try:
             await self.upstream.unload_lora_adapter(name)
             await self._models_changed()
@@ -382,9 +384,7 @@ class AdaptationService:
         self._tasks.append(t)
         t.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
 
-    # -- routing (called by the proxy on every request) --------------------------------------
-
-    def visible(self, tenant: str, model: str) -> bool:
+    def visible(self, tenant: str, model: str) -> bool:  # routing: called by the proxy on every request
         return self.registry.visible(tenant, model)
 
     def acquire(self, tenant: str, model: str) -> str:

@@ -164,7 +164,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "train_dtype": args.train_dtype,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
             "label_early_stop": args.early_stop, "label_concurrency": args.label_concurrency,
-            "gate_samples": args.gate_samples}
+            "gate_samples": args.gate_samples, "train_from": args.train_from}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int,
@@ -219,6 +219,19 @@ def prepare(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any] | Non
                                   for it in items(args.family, args.canary_items, SEED_C)))
     before = json.loads(Path(args.before).read_text())["before"] if args.before else None
     return canary, before
+
+
+def start_from(registry: Path, data_dir: Path) -> None:
+    """An earlier run's adapter registry, its newest version active: that adapter serves the live
+    queries and is the current one the cycle's adapter replaces (and, with --train-from current,
+    starts from)."""
+    import sqlite3
+
+    (data_dir / "adapt").mkdir(parents=True)
+    db = data_dir / "adapt" / "adapters.sqlite3"
+    db.write_bytes(registry.read_bytes())
+    with contextlib.closing(sqlite3.connect(db)) as c, c:
+        c.execute("UPDATE adapters SET status='active' WHERE version=(SELECT MAX(version) FROM adapters)")
 
 
 async def measure_before(vllm: httpx.AsyncClient, base: str, args: argparse.Namespace, unseen: list[Item],
@@ -278,7 +291,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     canary, before = await asyncio.to_thread(prepare, args)
     report: dict[str, Any] = {"args": vars(args), "cpu": cpu_line(), "load_avg_start": os.getloadavg()}
-    seen, unseen = items(args.family, args.queries, SEED_A), items(args.family, args.eval, SEED_B)
+    seen, unseen = items(args.family, args.queries, args.queries_seed), items(args.family, args.eval, SEED_B)
     unrelated = items(args.unrelated, args.eval_unrelated, SEED_U)
     async with backend(args) as (url, base_path), httpx.AsyncClient(base_url=url, timeout=1800) as vllm:
         base = next(str(m["id"]) for m in (await vllm.get("/models")).json()["data"] if not m.get("parent"))
@@ -293,7 +306,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             report |= await measure_after(vllm, "adapter-eval", args, unseen, unrelated)
             report["load_avg_end"] = os.getloadavg()
             return report
-        proxy = await asyncio.to_thread(ProxyServer(url, data_dir=str(Path(args.scratch) / f"data-{int(time.time())}"),
+        data_dir = Path(args.scratch) / f"data-{int(time.time())}"
+        if args.start_from:
+            await asyncio.to_thread(start_from, Path(args.start_from), data_dir)
+        proxy = await asyncio.to_thread(ProxyServer(url, data_dir=str(data_dir),
                                                     memory={"enabled": False},
                                                     adapt=adapt_config(args, base_path, canary)).start)
         try:
@@ -363,6 +379,9 @@ def parse() -> argparse.Namespace:
                     help="a reasoning-gym family, or a question/answer JSONL from outside the project")
     ap.add_argument("--unrelated", default="letter_counting")
     ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--queries-seed", type=int, default=SEED_A, help="the live queries' seed (another for a 2nd cycle)")
+    ap.add_argument("--start-from", help="an earlier run's adapt/adapters.sqlite3: its newest adapter is current")
+    ap.add_argument("--train-from", choices=("base", "current"), default="base", help="adapt.train_from")
     ap.add_argument("--live-strategy", default=json.dumps(LIVE),
                     help="the live queries' strategy (JSON); its candidates are reused by the labeller")
     ap.add_argument("--eval", type=int, default=150)
