@@ -54,6 +54,11 @@ class AdaptConfig(BaseModel):
     rationales: int = Field(default=2, ge=1, le=4)  # agreeing rationales trained on per kept question
     canary: str | None = None  # JSONL of {"question", "answer"}: the gate must not lose accuracy on it
     canary_tolerance: float = 0.0  # the canary may drop this much (fraction) and still promote
+    # ...plus this many standard errors of its per-item differences (new - current): a drop the
+    # canary cannot tell from its own noise does not block. 0: any drop beyond the tolerance
+    # blocks, which on 16 items rejects about half of the adapters that change nothing there
+    # (README, "Adaptation, eleventh measurement")
+    canary_z: float = Field(default=1.0, ge=0.0, le=5.0)
     canary_vote: bool = True  # also measure the vote (self-consistency@label_n) on the canary, for the report
     gate_max_tokens: int = 384
     retry_after_s: float = 300.0  # a failed cycle's queries wait this long before the next attempt

@@ -9,13 +9,15 @@ items, and on those one greedy answer per item let a single item's flip decide t
 mean over 5 answers cut the per-item spread of the two models' difference about in half on
 three real adapters (README, "Adaptation, tenth measurement"). The candidate is promoted only if its score
 rises by ``margin`` and, when the operator supplied a labelled canary set, its canary score drops
-by no more than ``canary_tolerance`` (a labeller that is confidently wrong fools the held-out
-split, not the canary). The greedy accuracies are reported beside the scores.
+by no more than ``canary_tolerance`` plus ``canary_z`` standard errors of the per-item differences
+(a labeller that is confidently wrong fools the held-out split, not the canary; a drop within
+the canary's own noise is not evidence of harm). The greedy accuracies are reported beside the scores.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,7 @@ class GateResult:
     canary_greedy_new: float | None = None
     canary_greedy_old: float | None = None
     canary_items: int = 0
+    canary_allowed_drop: float = 0.0
     samples: int = 0
     reason: str = ""
 
@@ -55,6 +58,16 @@ class ItemScore:
 
     greedy: float
     mean: float
+
+
+def standard_error(xs: list[float]) -> float:
+    """Of the mean of ``xs`` (sample standard deviation / sqrt(n)); 0 below two values: no
+    estimate of the noise, so no allowance for it."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    m = sum(xs) / n
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
 async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: list[Example], *,
@@ -74,7 +87,8 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
             data = await ctx.chat(body, purpose="gate")
         except SharpenError:
             return [""] * n  # a failed call scores as wrong answers, as it would for a user
-        return [str((c.get("message") or {}).get("content") or "") for c in data.get("choices") or []][:n] or [""]
+        texts = [str((c.get("message") or {}).get("content") or "") for c in data.get("choices") or []][:n]
+        return texts + [""] * (n - len(texts))  # and so do choices it did not return
 
     async def one(ex: Example) -> ItemScore:
         async with sem:
@@ -96,6 +110,7 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
 
 async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: str, heldout: list[Example],
                    margin: float, *, canary: list[Example] | None = None, canary_tolerance: float = 0.0,
+                   canary_z: float = 0.0,
                    max_tokens: int = 384, concurrency: int = 32, samples: int = 0,
                    temperature: float = 0.8) -> GateResult:
     canary = canary or []
@@ -128,8 +143,11 @@ async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: s
         out.canary_new, out.canary_greedy_new = means(per[candidate][len(heldout):])
         out.canary_old, out.canary_greedy_old = means(per[current][len(heldout):])
         out.canary_items = len(canary)
-        if out.canary_new < out.canary_old - canary_tolerance - 1e-9:
+        diffs = [a.mean - b.mean for a, b in zip(per[candidate][len(heldout):], per[current][len(heldout):],
+                                                 strict=True)]
+        out.canary_allowed_drop = round(canary_tolerance + canary_z * standard_error(diffs), 6)
+        if out.canary_new < out.canary_old - out.canary_allowed_drop - 1e-9:
             out.promote = False
             out.reason = "; ".join(r for r in (out.reason, f"canary {out.canary_new:.3f} < {out.canary_old:.3f}"
-                                               f" - {canary_tolerance}") if r)
+                                               f" - {out.canary_allowed_drop:.3f}") if r)
     return out

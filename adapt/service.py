@@ -186,7 +186,7 @@ class AdaptationService:
                 job.stage = "gate"
                 gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout,
                                       s.gate_margin, canary=canary, canary_tolerance=s.canary_tolerance,
-                                      max_tokens=s.gate_max_tokens, samples=s.gate_samples,
+                                      canary_z=s.canary_z, max_tokens=s.gate_max_tokens, samples=s.gate_samples,
                                       temperature=s.label_temperature)
             job.record_gate(gate, len(heldout), consensus_labels=s.labeller == "consensus")
             self.registry.update(version.name, score_new=gate.score_new, score_old=gate.score_old)

@@ -2,13 +2,15 @@
 one pool per model with everything in flight (``adapt.gate.evaluate`` now), same adapter, same items.
 
     flock /tmp/sharpen-heavy.lock .venv/bin/python -m loadtest.gate_bench --adapter DIR
-        --heldout JOB_DIR/heldout.jsonl --canary CANARY.jsonl [--rounds 2] [--max-tokens 256]
+        --heldout JOB_DIR/heldout.jsonl --canary CANARY.jsonl [--rounds 2] [--max-tokens 256] [--samples 4]
 
 Starts vLLM (LoRA slots on, as ``loadtest.adapt_bench`` does), loads ``--adapter``, then per
 round, alternating which goes first: the old order (held-out new, held-out base, canary new,
 canary base; ``score_model`` with concurrency 8 each) and the pooled one. Prints seconds per
-variant (median over rounds, range) and the scores each gave (they should agree: greedy answers
-of the same models; batching may move a tie). CPU model and flags and the load average beside.
+variant (median over rounds, range) and the scores each gave (greedy answers of the same models
+agree, batching may move a tie; with ``--samples`` k, the default gate's, the sampled answers
+move them a little). The figures in the README before 2026-12-05 are of ``--samples 0``. CPU
+model and flags and the load average beside.
 """
 
 from __future__ import annotations
@@ -40,18 +42,20 @@ def load_heldout(path: str) -> list[Example]:
 
 
 async def old_order(up: Upstream, new: str, base: str, heldout: list[Example], canary: list[Example],
-                    max_tokens: int) -> list[float]:
+                    max_tokens: int, samples: int) -> list[float]:
     scores = []
     for exs in (heldout, canary):
         for m in (new, base):
-            scores.append((await score_model(up, m, base, exs, concurrency=8, max_tokens=max_tokens))[0])
+            scores.append((await score_model(up, m, base, exs, concurrency=8, max_tokens=max_tokens,
+                                                samples=samples))[0])
     return scores
 
 
 async def main(args: argparse.Namespace) -> None:
     heldout = load_heldout(args.heldout)
     canary = canary_file.load(args.canary)
-    print(f"# {cpu_line()}; {len(heldout)} held-out, {len(canary)} canary items, max_tokens {args.max_tokens}")
+    print(f"# {cpu_line()}; {len(heldout)} held-out, {len(canary)} canary items, max_tokens {args.max_tokens}, "
+          f"samples {args.samples}")
     async with backend(args) as (url, _), httpx.AsyncClient(base_url=url, timeout=1800) as vllm:
         base = next(str(m["id"]) for m in (await vllm.get("/models")).json()["data"] if not m.get("parent"))
         (await vllm.post("/load_lora_adapter", json={"lora_name": "gate-new", "lora_path": args.adapter},
@@ -65,10 +69,10 @@ async def main(args: argparse.Namespace) -> None:
                 for variant in order:
                     t0 = time.perf_counter()
                     if variant == "four runs of 8":
-                        got = await old_order(up, "gate-new", base, heldout, canary, args.max_tokens)
+                        got = await old_order(up, "gate-new", base, heldout, canary, args.max_tokens, args.samples)
                     else:
                         g = await evaluate(up, "gate-new", base, base, heldout, 0.05, canary=canary,
-                                           max_tokens=args.max_tokens)
+                                           max_tokens=args.max_tokens, samples=args.samples)
                         got = [g.score_new, g.score_old, g.canary_new or 0.0, g.canary_old or 0.0]
                     times[variant].append(time.perf_counter() - t0)
                     scores[variant].append([round(x or 0.0, 3) for x in got])
@@ -89,6 +93,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--canary", required=True, help="JSONL of question/answer")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--samples", type=int, default=4, help="adapt.gate_samples (0: the greedy-only gate)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--upstream", default=None)

@@ -16,7 +16,9 @@ The analysis prints, per adapter and per measure (greedy alone; the k samples; g
 samples together), the mean difference to the base and the spread of the per-item differences
 (what decides how many items a gate needs), and the probability that a gate of 8 or 24 items
 drawn from the unseen set would promote the adapter at margins 0 and 0.05 (bootstrap). Compare
-with the adapter's measured gain on 150 unseen items (``adapt_bench``'s result files).
+with the adapter's measured gain on 150 unseen items (``adapt_bench``'s result files). Last, the
+canary's rule (``adapt.canary_z``): how often 16 items block an adapter with no effect on them,
+and one that costs each item 0.05-0.20 (``canary_rule``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from adapt.gate import standard_error  # noqa: E402
 from evals.checkers import score  # noqa: E402
 from evals.datasets import Item  # noqa: E402
 from loadtest.adapt_bench import SEED_B, items  # noqa: E402
@@ -133,7 +136,30 @@ def analyze(data: dict[str, Any], base: str, draws: int = 4000) -> str:
             cells = [sum(st.mean(rng.choices(d, k=n)) >= margin - 1e-9 for _ in range(draws)) / draws
                      for n in (8, 24) for margin in (0.0, 0.05)]
             power.append(f"| {x} | {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
-    return "\n".join(lines + power)
+    return "\n".join(lines + power + canary_rule(data, base, draws))
+
+
+def canary_rule(data: dict[str, Any], base: str, draws: int, n: int = 16) -> list[str]:
+    """The canary's rule (``adapt.canary_z``): block when the score drops by more than z standard
+    errors of the per-item differences. On an adapter that changes nothing (each item's
+    difference given a random sign: the measured spread, no effect) and on one that costs every
+    item ``delta`` (the same, shifted), how often ``n`` items drawn from the unseen set block."""
+    models, f = data["models"], MEASURES["greedy+samples"]
+    diffs = [[f(models[x][k]) - f(models[base][k]) for k in models[x] if not k.startswith(("held", "canary"))]
+             for x in models if x != base]
+    out = ["", f"| canary rule ({n} items, greedy+samples) | P(block), no effect | a drop of 0.05 | 0.10 | 0.20 |",
+           "|---|---:|---:|---:|---:|"]
+    for z in (0.0, 1.0, 1.645):
+        rng, cells = random.Random(1), []
+        for delta in (0.0, 0.05, 0.10, 0.20):
+            hits = 0
+            for d in diffs:
+                for _ in range(draws):
+                    xs = [x * rng.choice((-1, 1)) - delta for x in rng.sample(d, n)]
+                    hits += st.mean(xs) < -z * standard_error(xs) - 1e-9
+            cells.append(hits / (draws * len(diffs)))
+        out.append(f"| z = {z} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return out
 
 
 def parse() -> argparse.Namespace:

@@ -73,7 +73,7 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "score_before": 0.8,
                             "score_after": 1.0, "samples": 4, "vote": 1.0}
     assert r["canary"] == {"n": 3, "vote_before": 1.0, "greedy_before": 1.0, "greedy_after": 1.0,
-                           "score_before": 1.0, "score_after": 1.0}
+                           "score_before": 1.0, "score_after": 1.0, "allowed_drop": 0.0}
     assert r["promoted"] is True and r["phases_s"] == job.phases_s
     assert (job.examples, job.heldout) == (6, 1)  # 3 train queries x 2 distinct agreeing rationales
     [tj] = trainer.jobs

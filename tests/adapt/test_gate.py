@@ -63,11 +63,13 @@ def test_without_a_canary_the_held_out_margin_decides() -> None:
 
 class Sampling(FakeAPI):
     """``greedy[model]`` answers at temperature 0; at a temperature, choice i is right where
-    ``i < right[model]``; the ``fail_samples`` model's sampled calls fail upstream."""
+    ``i < right[model]``; the ``fail_samples`` model's sampled calls fail upstream, the
+    ``short_samples`` model's return 2 choices whatever n asked for."""
 
-    def __init__(self, greedy: dict[str, bool], right: dict[str, int], fail_samples: str = "") -> None:
+    def __init__(self, greedy: dict[str, bool], right: dict[str, int], fail_samples: str = "",
+                 short_samples: str = "") -> None:
         super().__init__(self._answer)
-        self.greedy, self.right, self.fail_samples = greedy, right, fail_samples
+        self.greedy, self.right, self.fail_samples, self.short_samples = greedy, right, fail_samples, short_samples
 
     def _answer(self, body: dict[str, Any], i: int) -> str:
         ok = self.greedy[body["model"]] if body["temperature"] == 0.0 else i < self.right[body["model"]]
@@ -77,6 +79,8 @@ class Sampling(FakeAPI):
         data = orjson.loads(body or b"{}")
         if data["temperature"] != 0.0 and data["model"] == self.fail_samples:
             self.fail = 1
+        if data["temperature"] != 0.0 and data["model"] == self.short_samples:
+            body = orjson.dumps(data | {"n": 2})
         return await super().request(method, path, body, root=root)
 
 
@@ -105,3 +109,29 @@ def test_a_failed_sample_call_counts_its_answers_wrong_not_the_gate_failed() -> 
     gate = asyncio.run(evaluate(up, "new", "old", "old", [_ex(1)], 0.0, samples=4, max_tokens=16))
     assert (gate.score_new, gate.score_old, gate.greedy_new) == (0.2, 1.0, 1.0) and not gate.promote
     assert gate.reason == "held-out 0.200 < 1.000 + 0.0"
+
+
+def test_choices_an_upstream_did_not_return_count_as_wrong_answers() -> None:
+    # both models right every time, but the candidate's n=4 calls come back with 2 choices: its
+    # item scores 3 of 5 (the missing two as wrong, as a failed call's are), not 3 of 3
+    up = Sampling({"new": True, "old": True}, {"new": 4, "old": 4}, short_samples="new")
+    gate = asyncio.run(evaluate(up, "new", "old", "old", [_ex(1)], 0.0, samples=4, max_tokens=16))
+    assert (gate.score_new, gate.score_old, gate.greedy_new) == (0.6, 1.0, 1.0) and not gate.promote
+
+
+def test_a_canary_drop_within_its_own_noise_does_not_block_a_consistent_one_does() -> None:
+    held, canary = [_ex(0)], [_ex(k) for k in (1, 2, 3, 4)]
+
+    def gate(new: set[int], old: set[int], z: float) -> Any:
+        up = Upstream({"new": {f"question {k}" for k in new | {0}}, "old": {f"question {k}" for k in old | {0}}})
+        return asyncio.run(evaluate(up, "new", "old", "old", held, 0.0, canary=canary, canary_z=z, max_tokens=16))
+
+    # per-item differences -1, -1, +1, 0: the mean drops 0.25 with a standard error of 0.479
+    mixed = gate({3}, {1, 2}, z=1.0)
+    assert (mixed.canary_new, mixed.canary_old) == (0.25, 0.5)
+    assert mixed.canary_allowed_drop == 0.478714 and mixed.promote, mixed.reason
+    strict = gate({3}, {1, 2}, z=0.0)  # z=0: any drop blocks
+    assert not strict.promote and strict.reason == "canary 0.250 < 0.500 - 0.000"
+    # every item lost: no spread, so no allowance for noise, whatever z is
+    lost = gate(set(), {1, 2, 3, 4}, z=3.0)
+    assert lost.canary_allowed_drop == 0.0 and not lost.promote and lost.reason == "canary 0.000 < 1.000 - 0.000"

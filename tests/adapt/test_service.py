@@ -347,6 +347,24 @@ async def test_promotion_switches_the_route_and_unloads_the_old_version_once_idl
     assert (listed[v2].score_new, listed[v2].score_old) == (1.0, 0.5)  # gated against v1, not the base
 
 
+@pytest.mark.parametrize("train_from", ["base", "current"])
+async def test_train_from_decides_whether_the_next_adapter_starts_from_the_active_one(
+        make: Make, fake_upstream: FakeUpstream, train_from: str) -> None:
+    trainer = FakeTrainer()
+    svc = await make(trainer, train_from=train_from)
+    v1 = await promote(svc, fake_upstream, right=2)
+    v2 = await promote(svc, fake_upstream, right=4)
+    first, second = trainer.jobs
+    assert first.parent_adapter is None and first.parent_adapter_path is None  # nothing active yet: the base
+    if train_from == "current":  # the weights start from v1's folder; lineage and report say so
+        assert (second.parent_adapter, second.parent_adapter_path) == (v1, svc.registry.get(v1).path)  # type: ignore[union-attr]
+    else:
+        assert second.parent_adapter is None and second.parent_adapter_path is None
+    report = svc.registry.get(v2).report  # type: ignore[union-attr]
+    assert report["trained_from"] == (v1 if train_from == "current" else "base")
+    assert svc.registry.get(v2).parent == v1  # type: ignore[union-attr]  # what it replaced, either way
+
+
 async def test_manual_rollback_restores_the_parent_then_the_base(make: Make, fake_upstream: FakeUpstream) -> None:
     fake_upstream.script(GateScript())
     svc = await make()
