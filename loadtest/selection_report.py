@@ -102,6 +102,7 @@ FIXED: list[tuple[str, Selector]] = [
     ("majority + well-formedness (SC@N)", majority),
     ("vote weighted by exp(mean logprob)", partial(cisc, signal="mean_logprob", temperature=1.0)),
     ("PAL alone (k votes)", pal_alone), ("pass@N (oracle)", oracle),
+    *((f"SC over the first {k} samples (fixed k)", partial(majority, k=k)) for k in (3, 4, 5, 6)),
 ]
 
 

@@ -144,9 +144,11 @@ def majority_plain(r: Rec) -> Pick:
     return (raw[out.index]["correct"] if out.index is not None and out.answer is not None else 0), _tok(r, r.samples)
 
 
-def majority(r: Rec) -> Pick:
-    """Self-consistency with the well-formedness rules (item 7)."""
-    return _vote(r.samples, V.weights_uniform(len(r.samples))), _tok(r, r.samples)
+def majority(r: Rec, k: int | None = None) -> Pick:
+    """Self-consistency with the well-formedness rules (item 7); with ``k``, over the first k
+    samples only, as one n=k call would have drawn them (what any stopping rule competes with)."""
+    cs = r.samples[:k] if k else r.samples
+    return _vote(cs, V.weights_uniform(len(cs))), _tok(r, cs)
 
 
 def cisc(r: Rec, signal: str, temperature: float) -> Pick:
