@@ -110,8 +110,7 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
 
 async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: str, heldout: list[Example],
                    margin: float, *, canary: list[Example] | None = None, canary_tolerance: float = 0.0,
-                   canary_z: float = 0.0,
-                   max_tokens: int = 384, concurrency: int = 32, samples: int = 0,
+                   canary_z: float = 0.0, max_tokens: int = 384, concurrency: int = 32, samples: int = 0,
                    temperature: float = 0.8) -> GateResult:
     canary = canary or []
     # One model at a time: with the candidate's and the current model's requests batched together,
