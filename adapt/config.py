@@ -92,4 +92,6 @@ class AdaptConfig(BaseModel):
     # held-out items let one flipped answer decide (README, "Adaptation, tenth measurement")
     gate_samples: int = Field(default=4, ge=0, le=16)
     rollback_window: int = 20  # live requests watched after a promotion
-    rollback_drop: float = 0.15  # roll back if live confidence drops this much below the gate's
+    # roll back if live confidence drops this much below the tenant's over a full window before
+    # the swap (the gate's score where there was not that much traffic)
+    rollback_drop: float = 0.15

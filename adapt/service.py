@@ -3,9 +3,9 @@
 detect (uncertain requests -> durable queue) -> label (the model's own vote over N samples, clear
 majorities only; or, with ``adapt.labeller: best_of_n``, siblings + verified answers) -> train
 (LoRA on the agreeing rationales, easy-to-hard, in a separate process) -> gate (pseudo-labelled
-held-out split must rise by the margin, the operator's canary must not drop) -> swap (load under
+held-out split must rise by the margin, the canary must not drop beyond its noise) -> swap (load under
 a new immutable name, switch the route atomically, unload the old version once idle) -> roll back
-(by hand, or when live confidence drops after a promotion). One cycle at a time; every phase is
+(by hand, or when live confidence falls below the tenant's before the swap). One cycle at a time; every phase is
 timed. A failed cycle puts its queries back (up to ``adapt.max_attempts``); the tenant waits.
 """
 
@@ -17,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +33,7 @@ from adapt.labeller import Labeller, MajorityVote
 from adapt.queue import UncertainQuery, UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion, name_base_model
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
+from adapt.watch import LiveWatch
 from memory.embedder import Embedder, HashingEmbedder
 from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
 from protocol.events import EventBus, RequestEvent
@@ -64,7 +64,7 @@ class AdaptationService:
         self._running: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: asyncio.Queue[RequestEvent] | None = None
-        self._live: dict[str, deque[float]] = {}
+        self._watch = LiveWatch(config.rollback_window, config.rollback_drop)
         self._last_cycle = time.monotonic()
         self._cooldown: dict[str, float] = {}  # tenant -> monotonic time before which no cycle starts
         self.models_changed: Callable[[], Awaitable[None]] | None = None
@@ -330,7 +330,7 @@ class AdaptationService:
         """Routes the tenant to ``v``; returns the adapter it replaced, if any (the caller unloads it)."""
         old = self.registry.activate(v)  # from here on, new requests go to v
         self.registry.update(v.name, status="active", promoted_at=time.time())
-        self._live[v.name] = deque(maxlen=self.config.rollback_window)
+        self._watch.promoted(v.tenant, v.name, (self.registry.get(v.name) or v).score_new)
         log.info("adapter %s promoted (replaces %s)", v.name, old or "the base model")
         if old is None or old == v.name:
             return None
@@ -357,18 +357,11 @@ class AdaptationService:
         return {"rolled_back": current, "now": prev.name if prev else base, "reason": reason}
 
     def _watch_live(self, ev: RequestEvent) -> None:
-        """Automatic roll back: live confidence on a new adapter well below its gate score."""
-        window = self._live.get(ev.model)
-        if window is None or ev.uncertainty is None:
-            return
-        window.append(1.0 - ev.uncertainty.score)
-        v = self.registry.get(ev.model)
-        if v is None or v.score_new is None or window.maxlen is None or len(window) < window.maxlen:
-            return
-        live = sum(window) / len(window)
-        if live < v.score_new - self.config.rollback_drop:
-            self._live.pop(ev.model, None)
-            self._spawn(self.rollback(v.tenant, reason=f"live confidence {live:.3f} < gate {v.score_new:.3f}"))
+        """Automatic roll back: live confidence on a new adapter well below its tenant's before the swap."""
+        reason = self._watch.observe(ev.tenant, ev.model, 1.0 - ev.uncertainty.score) if ev.uncertainty else None
+        v = self.registry.get(ev.model) if reason else None
+        if v is not None and reason:
+            self._spawn(self.rollback(v.tenant, reason=reason))
 
     async def _unload_when_idle(self, name: str, timeout: float = 120.0) -> None:
         with contextlib.suppress(TimeoutError):

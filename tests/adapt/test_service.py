@@ -407,20 +407,26 @@ async def test_automatic_rollback_when_live_confidence_drops(make: Make, fake_up
         assert v is not None
         return v.status
 
-    v1 = await promote(svc, fake_upstream, right=4)  # gate score 1.0: roll back below 0.85 live
+    # no traffic before the swap: the baseline is the gate's score, 1.0; roll back below 0.85 live
+    v1 = await promote(svc, fake_upstream, right=4)
     svc.events.publish(event("a", "q", 0.9, model=v1))
     svc.events.publish(event("a", "q", 0.9, model=v1))  # two unsure answers: the window is not full yet
     for _ in range(5):
-        svc.events.publish(event("a", "q", 0.95, model=BASE))  # the base model's do not count
+        svc.events.publish(event("a", "q", 0.95, model=BASE))  # the base model's do not count for v1
     await asyncio.sleep(0.2)
     assert status(v1) == "active" and svc.registry.active("a", BASE) == v1
     svc.events.publish(event("a", "q", 0.05, model=v1))  # full: (0.1 + 0.1 + 0.95) / 3 = 0.383
     await until(lambda: status(v1) == "rolled_back")
-    assert "live confidence 0.383 < gate 1.000" in svc.registry.get(v1).note  # type: ignore[union-attr]
+    assert "live confidence 0.383 < 1.000 (gate) - 0.15" in svc.registry.get(v1).note  # type: ignore[union-attr]
     assert svc.acquire("a", BASE) == BASE
     svc.release(BASE)
     await until(lambda: v1 not in fake_upstream.adapters)
 
+    # the tenant's last 3 answers before this swap, under the base, were 0.95, 0.95, 0.95: that is
+    # v2's baseline now (the same measure, not the gate's)
+    for _ in range(3):
+        svc.events.publish(event("a", "q", 0.05, model=BASE))
+    await asyncio.sleep(0.1)
     v2 = await promote(svc, fake_upstream, right=4)
     assert svc.registry.get(v2).parent is None  # type: ignore[union-attr]
     for u in (0.05, 0.05, 0.05, 0.2):  # live 0.95, then 0.9: well enough
@@ -429,8 +435,28 @@ async def test_automatic_rollback_when_live_confidence_drops(make: Make, fake_up
     assert status(v2) == "active"
     svc.events.publish(event("a", "q", 0.9, model=v2))  # (0.95 + 0.8 + 0.1) / 3 = 0.617
     await until(lambda: status(v2) == "rolled_back")
-    assert "live confidence 0.617" in svc.registry.get(v2).note  # type: ignore[union-attr]
+    assert "live confidence 0.617 < 0.950 (before the swap)" in svc.registry.get(v2).note  # type: ignore[union-attr]
     assert svc.registry.active("a", BASE) is None
+
+
+async def test_automatic_rollback_compares_with_the_tenants_confidence_before_the_swap(
+        make: Make, fake_upstream: FakeUpstream) -> None:
+    # a hard tenant: the base answered it at confidence 0.4. The adapter's gate score is 1.0, and
+    # live at 0.5 it is surer than the base was: compared with the gate (the rule before) it would
+    # be rolled back at once; compared with the tenant's own traffic it stays
+    svc = await make(rollback_window=3, rollback_drop=0.15, uncertainty_threshold=2.0)
+    for _ in range(3):
+        svc.events.publish(event("a", "q", 0.6, model=BASE))
+    await asyncio.sleep(0.1)
+    v1 = await promote(svc, fake_upstream, right=4)
+    for _ in range(4):
+        svc.events.publish(event("a", "q", 0.5, model=v1))
+    await asyncio.sleep(0.2)
+    assert svc.registry.get(v1).status == "active"  # type: ignore[union-attr]
+    for _ in range(3):  # 0.2 live: 0.15 below the base's 0.4 and more
+        svc.events.publish(event("a", "q", 0.8, model=v1))
+    await until(lambda: svc.registry.get(v1).status == "rolled_back")  # type: ignore[union-attr]
+    assert "live confidence 0.200 < 0.400 (before the swap) - 0.15" in svc.registry.get(v1).note  # type: ignore[union-attr]
 
 
 async def test_adapters_serve_their_tenant_only_unless_shared(make: Make, fake_upstream: FakeUpstream,
