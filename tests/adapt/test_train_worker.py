@@ -95,3 +95,40 @@ def test_a_bf16_run_trains_a_float32_adapter(tmp_path: Path) -> None:
     weights = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
     assert weights and {w.dtype for w in weights.values()} == {torch.float32}
     assert any(float(w.abs().sum()) > 0 for k, w in weights.items() if "lora_B" in k)  # it learned something
+
+
+def test_a_job_with_a_parent_adapter_continues_it(tmp_path: Path) -> None:
+    """``adapt.train_from: current``: the worker starts from the parent's weights, not a fresh
+    LoRA. On the parent's own examples the first step's loss is then well below a fresh
+    adapter's first step, and the lineage names the parent."""
+    import json
+    import subprocess
+
+    path = prepare_model(REAL_MODEL, Settings().cache_dir, python=sys.executable).path
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Zorblat {k}?"}],
+                                            "answer": f"The zorblat of {k} is {k * 7 + 3}."}) + "\n"
+                                for k in range(4)))
+
+    def train(name: str, steps: int, parent: Path | None = None) -> float:
+        d = tmp_path / name
+        d.mkdir()
+        job = {"job_dir": str(d), "out_dir": str(d / "out"), "base_model_path": str(path),
+               "examples": str(examples), "data_hash": "x", "parent_adapter": parent and "v1",
+               "parent_adapter_path": parent and str(parent),
+               "hyper": {"rank": 4, "alpha": 8, "target_modules": "all-linear", "learning_rate": 5e-3,
+                         "epochs": 8, "max_steps": steps, "batch_size": 2, "threads": 1, "dtype": "float32",
+                         "curriculum": True}}
+        (d / "job.json").write_text(json.dumps(job))
+        subprocess.run([sys.executable, "-m", "adapt.train_worker", str(d / "job.json")], check=True, timeout=300)
+        progress = json.loads((d / "progress.json").read_text())
+        assert progress["status"] == "done" and progress["step"] == steps
+        return float(progress["loss"])
+
+    fresh_first = train("fresh", 1)
+    train("parent", 12)
+    continued_first = train("child", 1, parent=tmp_path / "parent" / "out")
+    print(f"first-step loss: fresh {fresh_first:.3f}, continuing the parent {continued_first:.3f}")
+    assert continued_first < 0.6 * fresh_first
+    assert json.loads((tmp_path / "child" / "out" / "lineage.json").read_text())["parent_adapter"] == "v1"
+    assert json.loads((tmp_path / "fresh" / "out" / "lineage.json").read_text())["parent_adapter"] is None
