@@ -26,6 +26,12 @@ tenant, cycles started by hand). Then:
 
 ``--adapter DIR`` skips 2 and 3 and measures an adapter trained elsewhere (for example a
 cycle's ``train.jsonl`` retrained with ``python -m adapt.train_worker``) the same way.
+
+A second cycle: ``--start-from`` an earlier run's ``adapt/adapters.sqlite3`` (its newest adapter
+becomes the current one: it serves the live queries and the gate compares against it),
+``--queries-seed`` another seed for new live queries, and ``--train-from current`` to start the
+cycle's adapter from it (``adapt.train_from``); ``loadtest/retrain_variants.py`` retrains the same
+data the other ways.
 """
 
 from __future__ import annotations
