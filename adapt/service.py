@@ -352,6 +352,7 @@ class AdaptationService:
         else:
             self.registry.deactivate(tenant, base)
         self.registry.update(current, status="rolled_back", note=reason)
+        self._watch.forget(current)  # by hand too: no longer watched
         self._spawn(self._unload_when_idle(current))
         log.warning("adapter %s rolled back (%s); now serving %s", current, reason, prev.name if prev else base)
         return {"rolled_back": current, "now": prev.name if prev else base, "reason": reason}
