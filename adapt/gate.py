@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,14 +61,12 @@ class ItemScore:
     mean: float
 
 
-def standard_error(xs: list[float]) -> float:
-    """Of the mean of ``xs`` (sample standard deviation / sqrt(n)); 0 below two values: no
-    estimate of the noise, so no allowance for it."""
-    n = len(xs)
-    if n < 2:
-        return 0.0
-    m = sum(xs) / n
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+def canary_allowed_drop(diffs: list[float], tolerance: float, z: float) -> float:
+    """How far the canary's score may fall (per-item ``diffs``: new - current) and still
+    promote: ``tolerance`` plus ``z`` standard errors of the mean difference; below two items
+    there is no estimate of the noise, so no allowance for it."""
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    return round(tolerance + z * se, 6)
 
 
 async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: list[Example], *,
@@ -144,7 +143,7 @@ async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: s
         out.canary_items = len(canary)
         diffs = [a.mean - b.mean for a, b in zip(per[candidate][len(heldout):], per[current][len(heldout):],
                                                  strict=True)]
-        out.canary_allowed_drop = round(canary_tolerance + canary_z * standard_error(diffs), 6)
+        out.canary_allowed_drop = canary_allowed_drop(diffs, canary_tolerance, canary_z)
         if out.canary_new < out.canary_old - out.canary_allowed_drop - 1e-9:
             out.promote = False
             out.reason = "; ".join(r for r in (out.reason, f"canary {out.canary_new:.3f} < {out.canary_old:.3f}"

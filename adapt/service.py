@@ -360,8 +360,7 @@ class AdaptationService:
     def _watch_live(self, ev: RequestEvent) -> None:
         """Automatic roll back: live confidence on a new adapter well below its tenant's before the swap."""
         reason = self._watch.observe(ev.tenant, ev.model, 1.0 - ev.uncertainty.score) if ev.uncertainty else None
-        v = self.registry.get(ev.model) if reason else None
-        if v is not None and reason:
+        if reason and (v := self.registry.get(ev.model)) is not None:
             self._spawn(self.rollback(v.tenant, reason=reason))
 
     async def _unload_when_idle(self, name: str, timeout: float = 120.0) -> None:

@@ -231,13 +231,16 @@ def start_from(registry: Path, data_dir: Path) -> None:
     """An earlier run's adapter registry, its newest version active: that adapter serves the live
     queries and is the current one the cycle's adapter replaces (and, with --train-from current,
     starts from)."""
-    import sqlite3
+    from adapt.registry import AdapterRegistry
 
     (data_dir / "adapt").mkdir(parents=True)
     db = data_dir / "adapt" / "adapters.sqlite3"
     db.write_bytes(registry.read_bytes())
-    with contextlib.closing(sqlite3.connect(db)) as c, c:
-        c.execute("UPDATE adapters SET status='active' WHERE version=(SELECT MAX(version) FROM adapters)")
+    reg = AdapterRegistry(db)
+    try:
+        reg.update(max(reg.versions(), key=lambda v: v.version).name, status="active")
+    finally:
+        reg.close()
 
 
 async def measure_before(vllm: httpx.AsyncClient, base: str, args: argparse.Namespace, unseen: list[Item],

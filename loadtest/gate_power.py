@@ -39,7 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapt.gate import standard_error  # noqa: E402
+from adapt.gate import canary_allowed_drop  # noqa: E402
 from evals.checkers import score  # noqa: E402
 from evals.datasets import Item  # noqa: E402
 from loadtest.adapt_bench import SEED_B, items  # noqa: E402
@@ -156,7 +156,7 @@ def canary_rule(data: dict[str, Any], base: str, draws: int, n: int = 16) -> lis
             for d in diffs:
                 for _ in range(draws):
                     xs = [x * rng.choice((-1, 1)) - delta for x in rng.sample(d, n)]
-                    hits += st.mean(xs) < -z * standard_error(xs) - 1e-9
+                    hits += st.mean(xs) < -canary_allowed_drop(xs, 0.0, z) - 1e-9  # the gate's own rule
             cells.append(hits / (draws * len(diffs)))
         out.append(f"| z = {z} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
     return out
