@@ -135,9 +135,12 @@ class Usage(BaseModel):
     def add(self, other: dict[str, Any] | Usage | None) -> None:
         if other is None:
             return
-        d = other if isinstance(other, dict) else other.model_dump()
-        self.prompt_tokens += int(d.get("prompt_tokens") or 0)
-        self.completion_tokens += int(d.get("completion_tokens") or 0)
+        if isinstance(other, Usage):  # every upstream call adds one: no model_dump on the way
+            prompt, completion = other.prompt_tokens, other.completion_tokens
+        else:
+            prompt, completion = int(other.get("prompt_tokens") or 0), int(other.get("completion_tokens") or 0)
+        self.prompt_tokens += prompt
+        self.completion_tokens += completion
         self.total_tokens = self.prompt_tokens + self.completion_tokens
 
 
