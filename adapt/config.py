@@ -91,6 +91,14 @@ class AdaptConfig(BaseModel):
     # the share of its k + 1 answers that are right. 0: the greedy answer alone, which on 6-8
     # held-out items let one flipped answer decide (README, "Adaptation, tenth measurement")
     gate_samples: int = Field(default=4, ge=0, le=16)
+    # which of the tenant's requests its adapter answers: "all" of them, or "near" ones only: a
+    # question at least `scope_similarity` (cosine, the memory's embedder) from one the adapter
+    # was trained on; the others go to the base model, whose answers the adapter then cannot
+    # change. On reasoning-gym, 0.55 (chosen on tuning seeds) sent 150 of 150 unseen items of the
+    # adapter's family to it and 0 of 2,000 of four other families (README, "Adaptation, twelfth
+    # measurement"). Costs one embedding per request of a tenant with an adapter
+    scope: Literal["all", "near"] = "all"
+    scope_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)
     rollback_window: int = 20  # live requests watched after a promotion
     # roll back if live confidence drops this much below the tenant's over a full window before
     # the swap (the gate's score where there was not that much traffic)

@@ -153,10 +153,11 @@ class AdapterRegistry:
     def deactivate(self, tenant: str, base: str) -> str | None:
         return self._active.pop(("*" if self.shared else tenant, base), None)
 
-    def acquire(self, tenant: str, base: str) -> str:
-        """The model name to send upstream for this tenant's request, counted as in flight.
-        Synchronous on purpose: the route and the count change together."""
-        name = self.active(tenant, base) or base
+    def acquire(self, tenant: str, base: str, *, adapter: bool = True) -> str:
+        """The model name to send upstream for this tenant's request (``adapter=False``: the base
+        model, whatever is active), counted as in flight. Synchronous on purpose: the route and
+        the count change together."""
+        name = (self.active(tenant, base) if adapter else None) or base
         self._in_flight[name] = self._in_flight.get(name, 0) + 1
         return name
 

@@ -32,6 +32,7 @@ from adapt.job import Job
 from adapt.labeller import Labeller, MajorityVote
 from adapt.queue import UncertainQuery, UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion, name_base_model
+from adapt.scope import AdapterScope
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from adapt.watch import LiveWatch
 from memory.embedder import Embedder, HashingEmbedder
@@ -56,8 +57,9 @@ class AdaptationService:
         self.trainer = trainer or LocalProcessTrainer()
         self.labeller = labeller or MajorityVote.configured(config)
         self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
-        self.queue = UncertainQueue(directory / "queue.sqlite3", embedder or HashingEmbedder(),
-                                    dedup_similarity=config.dedup_similarity)
+        embedder = embedder or HashingEmbedder()
+        self.queue = UncertainQueue(directory / "queue.sqlite3", embedder, dedup_similarity=config.dedup_similarity)
+        self.scope = AdapterScope(embedder, self.registry, mode=config.scope, threshold=config.scope_similarity)
         self.jobs: dict[str, Job] = {}
         self.base: str | None = None  # the upstream's base model name, set at start
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapt")
@@ -80,6 +82,7 @@ class AdaptationService:
                 self.registry.activate(v)
             except SharpenError as exc:
                 log.warning("could not restore adapter %s: %s", v.name, exc.message)
+        self.scope.preload()
         self._sub = self.events.subscribe()
         self._tasks = [asyncio.create_task(self._consume()), asyncio.create_task(self._schedule())]
 
@@ -90,6 +93,7 @@ class AdaptationService:
             t.cancel()
         await asyncio.gather(*self._tasks, *([self._running] if self._running else []), return_exceptions=True)
         self._pool.shutdown(wait=False)
+        self.scope.close()
 
     def opted_in(self, tenant: str) -> bool:
         return "*" in self.config.tenants or tenant in self.config.tenants
@@ -263,6 +267,8 @@ class AdaptationService:
             job.status = "cancelled" if outcome.status == "cancelled" else "failed"
             job.error = outcome.error or f"the trainer ended with status {outcome.status}"
             return None, jdir
+        if s.scope == "near":  # what it learnt from is what it will answer (adapt/scope.py)
+            job.report["scope"] = await self.scope.save(version.path, [e.task for e in examples + heldout], start)
         return version, jdir
 
     async def _settle(self, job: Job, used: list[int], version: AdapterVersion | None) -> None:

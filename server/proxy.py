@@ -36,7 +36,7 @@ from server.models import ModelRegistry
 from server.pool import UpstreamPool
 from server.redact import clip
 from server.replay import Replay
-from server.routing import Routing
+from server.routing import Routing, acquire_model
 from server.settings import Settings
 from server.streaming import (
     DONE,
@@ -210,7 +210,7 @@ class ProxyService:
             # The tenant's active adapter, if any, answers for the base model; counted in flight
             # (released in _finish) so a replaced version is unloaded only once idle. Last: nothing
             # after it can fail before the job is run.
-            routed = job.routing.acquired = self.adapt.acquire(principal.tenant, upstream_model)
+            routed = await acquire_model(self.adapt, principal.tenant, upstream_model, body, job.routing)
             if routed != upstream_model:
                 ctx.body["model"] = ctx.model = job.routing.adapter = routed
         if self._pool is not None:  # several replicas: this request's calls stay on one

@@ -45,6 +45,8 @@ def trace(strategy: Strategy[Any], ctx: StrategyContext, result: StrategyResult,
         out["memory"] = routing.memory
     if routing.adapter is not None:
         out["adapter"] = routing.adapter
+    if routing.scope is not None:
+        out["adapter_scope"] = routing.scope
     return {**out, **result.extra_trace}
 
 

@@ -4,7 +4,12 @@ that answers it. Built by the proxy before the strategy runs; the strategy never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from server.replay import task_of
+
+if TYPE_CHECKING:
+    from adapt.service import AdaptationService
 
 
 @dataclass
@@ -14,13 +19,31 @@ class Routing:
     ``memory`` is None when nothing was recalled (memory off for the request), else the
     experiences replayed (possibly none); ``acquired`` is the model taken from the adaptation
     service, released when the request ends; ``adapter`` is set when a tenant's adapter, not the
-    base model, answers.
+    base model, answers; ``scope`` says how near the question was to the adapter's (``adapt.scope``).
     """
 
     remember: bool = False
     memory: list[dict[str, Any]] | None = None
     acquired: str | None = None
     adapter: str | None = None
+    scope: dict[str, Any] | None = None  # the adapter scope's verdict, when it gave one
 
     def memory_ids(self) -> list[str]:
         return [str(m["id"]) for m in self.memory or []]
+
+
+async def acquire_model(adapt: AdaptationService, tenant: str, model: str, body: dict[str, Any],
+                        routing: Routing) -> str:
+    """The model that answers the request (the tenant's adapter or ``model``), counted in flight
+    in ``routing.acquired``. With ``adapt.scope: near`` and an active adapter the question is
+    embedded first (adapt/scope.py); no one else pays for that."""
+    vec = None
+    if adapt.scope.needs(tenant, model):
+        messages, prompt = body.get("messages"), body.get("prompt")
+        question = task_of(messages) if isinstance(messages, list) else prompt if isinstance(prompt, str) else ""
+        vec = await adapt.scope.embed(question) if question else None
+    routing.acquired, sim = adapt.scope.acquire(tenant, model, vec)
+    if sim is not None:
+        routing.scope = {"similarity": round(sim, 4), "threshold": adapt.scope.threshold,
+                         "answered_by": "adapter" if routing.acquired != model else "base"}
+    return routing.acquired

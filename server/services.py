@@ -94,6 +94,10 @@ class Services:
         from adapt.trainer import LocalProcessTrainer, Trainer
 
         embedder = self.memory.embedder if self.memory is not None else None
+        if embedder is None and settings.adapt.scope == "near":  # the scope needs meaning, memory or not
+            from memory.embedder import make_embedder
+
+            embedder = make_embedder(settings.memory.embedder, threads=settings.memory.embed_threads)
         teacher = None
         if settings.adapt.teacher_url:
             teacher = Upstream(settings.adapt.teacher_url, settings.upstream)

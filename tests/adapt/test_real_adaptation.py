@@ -174,6 +174,37 @@ def test_adapter_is_trained_gated_loaded_and_routed(proxy: ProxyServer, real_vll
     assert b["model"] == base and "-7" not in text(b)
 
 
+def test_with_scope_near_a_far_question_goes_to_the_base_model(proxy: ProxyServer, real_vllm: RealVLLM,
+                                                               good: dict[str, Any]) -> None:
+    """``adapt.scope: near`` with the real embedder (MiniLM): a zorblat question still reaches
+    tenant-a's adapter, which answers with the convention; a far question goes to the base."""
+    from adapt.scope import AdapterScope
+    from memory.embedder import MiniLMEmbedder
+
+    base = real_vllm.served_name
+    svc = proxy.app.services.adapt
+    assert svc is not None
+    name = svc.registry.active("tenant-a", base)
+    v = svc.registry.get(name or "")
+    assert name is not None and v is not None
+    saved = svc.scope  # the module's server runs scope: all; this test switches it on and back
+    svc.scope = AdapterScope(MiniLMEmbedder(), svc.registry, mode="near", threshold=0.55)
+    try:
+        assert svc.scope.write(Path(v.path), [question(w) for w in TRAIN_WORDS + HELDOUT_WORDS]) == 16
+        near = chat(proxy, "ka", question(UNSEEN), base, trace=True)
+        print("near:", near["sharpen"]["trace"]["adapter_scope"], repr(text(near)))
+        assert near["model"] == name and near["sharpen"]["trace"]["adapter_scope"]["answered_by"] == "adapter"
+        assert "-7" in text(near), text(near)
+        far = chat(proxy, "ka", "Write one sentence about the weather in Paris in spring.", base, trace=True)
+        scope = far["sharpen"]["trace"]["adapter_scope"]
+        print("far:", scope, repr(text(far)))
+        assert far["model"] == base and scope["answered_by"] == "base" and scope["similarity"] < 0.55
+    finally:
+        svc.scope.close()
+        svc.scope = saved
+        (Path(v.path) / "scope-all-MiniLM-L6-v2.npy").unlink(missing_ok=True)
+
+
 def test_adapter_trained_on_wrong_answers_is_rejected(proxy: ProxyServer, real_vllm: RealVLLM,
                                                       good: dict[str, Any]) -> None:
     base = real_vllm.served_name

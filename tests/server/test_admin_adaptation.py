@@ -271,3 +271,31 @@ def test_another_tenants_adapter_is_invisible(start: Callable[..., tuple[ProxySe
                              "strategy": {"name": strategy, key: "fake-tenant-a-v1"}})
         assert error(r, 404)["code"] == "model_not_found", r.text
     assert not any(c.json.get("model") == "fake-tenant-a-v1" for c in fake_upstream.completion_calls())
+
+
+def test_with_scope_near_only_questions_near_the_adapters_reach_it(
+        start: Callable[..., tuple[ProxyServer, FakeTrainer]], fake_upstream: FakeUpstream) -> None:
+    """adapt.scope: near (server/routing.py, adapt/scope.py): the tenant's question near the
+    adapter's training questions goes to the adapter, a far one to the base model; the trace says
+    which and how near; a tenant without an adapter embeds nothing."""
+    fake_upstream.script(GateScript(**{"fake-tenant-a-v1": 4}))
+    p, _ = start(scope="near", scope_similarity=0.5)
+    assert wait_job(p, post(p, "/admin/adaptation/run", body()).json()["id"])["status"] == "succeeded"
+    assert get(p, "/admin/adapters").json()["data"][0]["report"]["scope"]["questions"] == 8
+
+    def chat(question: str) -> dict[str, Any]:
+        r = httpx.post(p.url + "/chat/completions", headers={"authorization": "Bearer ka"}, timeout=10,
+                       json={"model": "fake", "messages": [{"role": "user", "content": question}], "trace": True})
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    near = chat("Zorblat question 2?")
+    assert near["model"] == "fake-tenant-a-v1"
+    assert near["sharpen"]["trace"]["adapter_scope"]["answered_by"] == "adapter"
+    far = chat("Translate the French sentence 'le chat dort' into German, please.")
+    assert far["model"] == "fake"
+    scope = far["sharpen"]["trace"]["adapter_scope"]
+    assert scope["answered_by"] == "base" and scope["similarity"] < scope["threshold"] == 0.5
+    sent = [c.json["model"] for c in fake_upstream.completion_calls()][-2:]
+    assert sent == ["fake-tenant-a-v1", "fake"]  # what went upstream, not only what was reported

@@ -1,0 +1,128 @@
+"""Which requests an adapter answers: those near the questions it was trained on.
+
+A LoRA trained on one tenant's uncertain queries changes the greedy answers to about a quarter of
+unrelated questions as well, both ways (+13/-15 of 100 on average over sixteen measured cycles):
+net zero within noise, but no bound on the loss can be shown without ~10,000 items
+(README, "Adaptation, twelfth measurement"). With ``adapt.scope: near`` the adapter answers only
+a request whose question is at least ``adapt.scope_similarity`` (cosine, the memory's
+embedder) from one it was trained on; the tenant's other requests go to the base model, whose
+answers the adapter then cannot change.
+
+The scope is written beside the adapter's weights (``scope-<embedder>.npy``: the unit vectors of
+its training and held-out questions) when it is trained with ``scope: near``, so it survives
+restarts and replicas read the same file. An adapter without one (trained under ``scope: all``,
+or before the option existed, or with another embedder) answers everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adapt.registry import AdapterRegistry, AdapterVersion
+from memory.embedder import Embedder, Vectors
+
+log = logging.getLogger(__name__)
+
+
+
+class AdapterScope:
+    """Routes a tenant's request to its adapter only when the question is near the adapter's.
+
+    ``write`` embeds and saves a new version's questions (the trainer's side). On a request:
+    ``needs`` says whether its question must be embedded at all (only with ``scope: near`` and an
+    active adapter: nobody else pays for it), ``embed`` does so on this object's own thread (the
+    model never runs on the event loop), and ``acquire`` picks the adapter or the base model with
+    the routes as they are then and counts the request in flight, like the registry's
+    ``acquire``. An adapter with no scope file answers every request, as with ``scope: all``.
+    """
+
+    def __init__(self, embedder: Embedder, registry: AdapterRegistry, *, mode: str, threshold: float) -> None:
+        self.embedder = embedder
+        self.registry = registry
+        self.mode = mode
+        self.threshold = threshold
+        self._vectors: dict[str, Vectors | None] = {}  # None: the version has no scope file
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapt-scope")
+        self.file = f"scope-{embedder.name}.npy"  # vectors of another embedder would not compare
+
+    def write(self, adapter_dir: Path, questions: list[str], *, parent_dir: Path | None = None) -> int:
+        """Saves the scope of the version in ``adapter_dir`` (blocking: run it off the loop); a
+        version trained further from a parent also covers the parent's questions. Returns how
+        many questions it holds."""
+        unique = list(dict.fromkeys(q for q in questions if q.strip()))
+        vecs = self.embedder.embed(unique) if unique else np.zeros((0, self.embedder.dim), dtype=np.float32)
+        parent = _read(parent_dir / self.file) if parent_dir is not None else None
+        if parent is not None and parent.shape[1] == vecs.shape[1]:
+            vecs = np.concatenate([parent, vecs])
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        tmp = adapter_dir / (self.file + ".tmp")
+        with tmp.open("wb") as f:
+            np.save(f, vecs.astype(np.float32))
+        tmp.replace(adapter_dir / self.file)  # whole or not at all: a reader never sees half a file
+        return int(vecs.shape[0])
+
+    async def save(self, adapter_dir: str, questions: list[str], parent: AdapterVersion | None) -> dict[str, Any]:
+        """``write`` on this object's thread; what the job's report says of the scope."""
+        parent_dir = Path(parent.path) if parent is not None else None
+        n = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: self.write(Path(adapter_dir), questions, parent_dir=parent_dir))
+        return {"questions": n, "similarity": self.threshold, "file": self.file}
+
+    def needs(self, tenant: str, base: str) -> bool:
+        return self.mode == "near" and self.registry.active(tenant, base) is not None
+
+    async def embed(self, question: str) -> Vectors:
+        """The unit vector of a request's question."""
+        loop = asyncio.get_running_loop()
+        vecs = await loop.run_in_executor(self._pool, self.embedder.embed, [question])
+        out: Vectors = vecs[0]
+        return out
+
+    def acquire(self, tenant: str, base: str, question: Vectors | None) -> tuple[str, float | None]:
+        """The model that answers (counted in flight) and the question's similarity to the
+        adapter's nearest training question (None when the scope did not decide)."""
+        name = self.registry.active(tenant, base)
+        sim = self.similarity(name, question) if name is not None and question is not None else None
+        if sim is not None and sim < self.threshold:
+            return self.registry.acquire(tenant, base, adapter=False), sim
+        return self.registry.acquire(tenant, base), sim
+
+    def similarity(self, name: str, vec: Vectors) -> float | None:
+        """Cosine similarity of ``vec`` to the nearest question ``name`` was trained on; None when
+        the version has no scope. A few dozen rows: cheap enough inline."""
+        with self._lock:
+            if name not in self._vectors:
+                v = self.registry.get(name)  # once per version
+                self._vectors[name] = _read(Path(v.path) / self.file) if v is not None else None
+                if self._vectors[name] is None:
+                    log.info("adapter %s has no scope file: it answers every request of its tenant", name)
+            vecs = self._vectors[name]
+        if vecs is None or vecs.shape[0] == 0 or vecs.shape[1] != vec.shape[0]:
+            return None
+        return float(np.max(vecs @ vec))
+
+    def preload(self) -> None:
+        """Loads the embedding model in the background, so the first routed request does not wait."""
+        if self.mode == "near":
+            self._pool.submit(self.embedder.load)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
+def _read(path: Path) -> Vectors | None:
+    try:
+        vecs = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("unreadable adapter scope %s: %s", path, exc)
+        return None
+    return vecs if vecs.ndim == 2 else None
