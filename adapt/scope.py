@@ -1,8 +1,8 @@
 """Which requests an adapter answers: those near the questions it was trained on.
 
 A LoRA trained on one tenant's uncertain queries changes the greedy answers to about a quarter of
-unrelated questions as well, both ways (+13/-15 of 100 on average over sixteen measured cycles):
-net zero within noise, but no bound on the loss can be shown without ~10,000 items
+unrelated questions as well, both ways (+13/-13 of 100 on average over sixteen measured cycles):
+net zero within noise, but no bound on the loss can be shown without ~9,000 items
 (README, "Adaptation, twelfth measurement"). With ``adapt.scope: near`` the adapter answers only
 a request whose question is at least ``adapt.scope_similarity`` (cosine, the memory's
 embedder) from one it was trained on; the tenant's other requests go to the base model, whose

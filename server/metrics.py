@@ -46,6 +46,8 @@ class Metrics:
         self.strategy_calls = Counter("sharpen_strategy_upstream_calls", "Upstream calls made, by strategy",
                                       ["strategy"])
         self.disconnects = Counter("sharpen_client_disconnects", "Clients that left before the answer")
+        self.adapter_scope = Counter("sharpen_adapter_scope", "Requests routed by an adapter's scope (adapt.scope: "
+                                     "near), by who answered: adapter or base", ["answered_by"])
         self.uncertainty = Histogram("sharpen_uncertainty", "Per-request uncertainty (0 sure, 1 unsure)",
                                      ["strategy"], buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
         self.upstream_ready = Gauge("sharpen_upstream_ready", "1 while the upstream answers")
@@ -56,7 +58,8 @@ class Metrics:
         self.replica_in_flight = Gauge("sharpen_replica_in_flight", "Calls in flight on the replica", ["replica"])
         self.registry.register(SeriesCollector([
             self.requests, self.latency, self.overhead, self.in_flight, self.upstream_errors, self.tokens,
-            self.upstream_calls, self.strategy_tokens, self.strategy_calls, self.disconnects, self.uncertainty,
+            self.upstream_calls, self.strategy_tokens, self.strategy_calls, self.disconnects, self.adapter_scope,
+            self.uncertainty,
             self.upstream_ready, self.replica_calls, self.replica_up, self.replica_in_flight]))
         self.admin_registry.register(SeriesCollector([self.model_tokens]))
         a = self.admin_registry  # labelled by tenant: the admin's to read

@@ -210,7 +210,8 @@ class ProxyService:
             # The tenant's active adapter, if any, answers for the base model; counted in flight
             # (released in _finish) so a replaced version is unloaded only once idle. Last: nothing
             # after it can fail before the job is run.
-            routed = await acquire_model(self.adapt, principal.tenant, upstream_model, body, job.routing)
+            routed = await acquire_model(self.adapt, principal.tenant, upstream_model, body, job.routing,
+                                         self.metrics.adapter_scope)
             if routed != upstream_model:
                 ctx.body["model"] = ctx.model = job.routing.adapter = routed
         if self._pool is not None:  # several replicas: this request's calls stay on one

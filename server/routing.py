@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from server.replay import task_of
+from server.series import Counter
 
 if TYPE_CHECKING:
     from adapt.service import AdaptationService
@@ -33,10 +34,10 @@ class Routing:
 
 
 async def acquire_model(adapt: AdaptationService, tenant: str, model: str, body: dict[str, Any],
-                        routing: Routing) -> str:
+                        routing: Routing, counter: Counter) -> str:
     """The model that answers the request (the tenant's adapter or ``model``), counted in flight
     in ``routing.acquired``. With ``adapt.scope: near`` and an active adapter the question is
-    embedded first (adapt/scope.py); no one else pays for that."""
+    embedded first (adapt/scope.py; no one else pays for that), and ``counter`` counts who answered."""
     vec = None
     if adapt.scope.needs(tenant, model):
         messages, prompt = body.get("messages"), body.get("prompt")
@@ -44,6 +45,7 @@ async def acquire_model(adapt: AdaptationService, tenant: str, model: str, body:
         vec = await adapt.scope.embed(question) if question else None
     routing.acquired, sim = adapt.scope.acquire(tenant, model, vec)
     if sim is not None:
-        routing.scope = {"similarity": round(sim, 4), "threshold": adapt.scope.threshold,
-                         "answered_by": "adapter" if routing.acquired != model else "base"}
+        by = "adapter" if routing.acquired != model else "base"
+        routing.scope = {"similarity": round(sim, 4), "threshold": adapt.scope.threshold, "answered_by": by}
+        counter.labels(by).inc()
     return routing.acquired

@@ -299,3 +299,6 @@ def test_with_scope_near_only_questions_near_the_adapters_reach_it(
     assert scope["answered_by"] == "base" and scope["similarity"] < scope["threshold"] == 0.5
     sent = [c.json["model"] for c in fake_upstream.completion_calls()][-2:]
     assert sent == ["fake-tenant-a-v1", "fake"]  # what went upstream, not only what was reported
+    metrics = httpx.get(p.root + "/metrics", headers=ADMIN, timeout=10).text
+    assert 'sharpen_adapter_scope_total{answered_by="adapter"} 1.0' in metrics
+    assert 'sharpen_adapter_scope_total{answered_by="base"} 1.0' in metrics
