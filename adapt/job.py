@@ -63,5 +63,6 @@ class Job:
         if gate.canary_items:
             self.report.setdefault("canary", {"n": gate.canary_items}).update(
                 greedy_before=gate.canary_greedy_old, greedy_after=gate.canary_greedy_new,
-                score_before=gate.canary_old, score_after=gate.canary_new, allowed_drop=gate.canary_allowed_drop)
+                score_before=gate.canary_old, score_after=gate.canary_new, allowed_drop=gate.canary_allowed_drop,
+                reused=gate.canary_reused)
         self.report["promoted"], self.report["reason"] = gate.promote, gate.reason

@@ -67,6 +67,7 @@ class AdaptationService:
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: asyncio.Queue[RequestEvent] | None = None
         self._watch = LiveWatch(config.rollback_window, config.rollback_drop)
+        self._canary = canarymod.CanaryMemo()  # canary answers already known, across cycles
         self._last_cycle = time.monotonic()
         self._cooldown: dict[str, float] = {}  # tenant -> monotonic time before which no cycle starts
         self.models_changed: Callable[[], Awaitable[None]] | None = None
@@ -191,7 +192,7 @@ class AdaptationService:
                 gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout,
                                       s.gate_margin, canary=canary, canary_tolerance=s.canary_tolerance,
                                       canary_z=s.canary_z, max_tokens=s.gate_max_tokens, samples=s.gate_samples,
-                                      temperature=s.label_temperature)
+                                      temperature=s.label_temperature, known=self._canary.under(canary or [], s).scores)
             job.record_gate(gate, len(heldout), consensus_labels=s.labeller == "consensus")
             self.registry.update(version.name, score_new=gate.score_new, score_old=gate.score_old)
             (jdir / "gate.json").write_text(json.dumps(gate.items))
@@ -207,8 +208,8 @@ class AdaptationService:
             try:  # report-only, after the verdict: the vote chased, under the model the cycle started from
                 if canary and s.canary_vote:
                     with job.phase("report"):
-                        job.report.setdefault("canary", {}).update(await consensus.vote_report(
-                            self.upstream, current or job.base, job.tenant, self.labeller, canary))
+                        vote = await self._canary.vote(self.upstream, current or job.base, job.tenant, self.labeller)
+                        job.report.setdefault("canary", {}).update(vote)
             finally:
                 if old is not None:
                     self._spawn(self._unload_when_idle(old))
@@ -274,8 +275,7 @@ class AdaptationService:
     async def _settle(self, job: Job, used: list[int], version: AdapterVersion | None) -> None:
         """Ends the job: queries spent or put back, the figures recorded and handed to ``on_cycle``."""
         loop, job.report["phases_s"] = asyncio.get_running_loop(), dict(job.phases_s)
-        if job.status in ("failed", "cancelled"):
-            # Put back, not lost; the tenant waits, and queries that keep failing are set aside.
+        if job.status in ("failed", "cancelled"):  # put back, not lost; the tenant waits (failing ones set aside)
             self._cooldown[job.tenant] = time.monotonic() + self.config.retry_after_s
             if used:
                 with contextlib.suppress(Exception):

@@ -241,3 +241,18 @@ async def test_label_concurrency_bounds_the_questions_in_flight(upstream: Upstre
                                    AdaptConfig(label_concurrency=concurrency), {})
     assert labeller.most == concurrency
     assert len(train) + len(held) == 12
+
+
+def test_the_canary_memo_empties_when_the_canary_or_a_setting_changes() -> None:
+    from adapt.canary import CanaryMemo
+    from adapt.config import AdaptConfig
+    from adapt.gate import ItemScore
+
+    items = [Example(task="q1", answer="The answer is 1.", reference="1")]
+    memo, s = CanaryMemo(), AdaptConfig()
+    memo.under(items, s).scores["m"] = [ItemScore(1.0, 1.0)]
+    assert memo.under(items, AdaptConfig()).scores == {"m": [ItemScore(1.0, 1.0)]}  # same settings: kept
+    assert memo.under(items, AdaptConfig(gate_samples=2)).scores == {}  # another setting: measured again
+    memo.scores["m"] = [ItemScore(1.0, 1.0)]
+    other = [Example(task="q2", answer="The answer is 2.", reference="2")]
+    assert memo.under(other, AdaptConfig(gate_samples=2)).scores == {}  # another canary: measured again

@@ -73,7 +73,7 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "score_before": 0.8,
                             "score_after": 1.0, "samples": 4, "vote": 1.0}
     assert r["canary"] == {"n": 3, "vote_before": 1.0, "greedy_before": 1.0, "greedy_after": 1.0,
-                           "score_before": 1.0, "score_after": 1.0, "allowed_drop": 0.0}
+                           "score_before": 1.0, "score_after": 1.0, "allowed_drop": 0.0, "reused": []}
     assert r["promoted"] is True and r["phases_s"] == job.phases_s
     assert (job.examples, job.heldout) == (6, 1)  # 3 train queries x 2 distinct agreeing rationales
     [tj] = trainer.jobs
@@ -103,6 +103,32 @@ async def test_canary_tolerance(make: Make, fake_upstream: FakeUpstream, tmp_pat
     queue(svc)
     job = await done(svc.run_cycle("a"))
     assert job.status == "succeeded" and "vote_before" not in job.report["canary"]
+
+
+async def test_the_next_cycle_reuses_what_the_canary_already_measured(make: Make, fake_upstream: FakeUpstream,
+                                                                      tmp_path: Path) -> None:
+    """A rejected cycle leaves the base current: the next cycle's gate does not ask the base the
+    canary again, nor does its report vote (adapt.canary.CanaryMemo); the candidate is asked."""
+    fake_upstream.script(CycleScript(canary_drop=True))
+    svc = await make(label_n=4, canary=canary_file(tmp_path))
+    queue(svc)
+    first = await done(svc.run_cycle("a"))
+    assert first.status == "rejected" and first.report["canary"]["reused"] == []
+    fake_upstream.clear()
+    queue(svc)
+    second = await done(svc.run_cycle("a"))
+    assert second.status == "rejected", second.public()
+    canary = second.report["canary"]
+    assert canary["reused"] == [BASE] and canary["vote_reused"] is True
+    assert (canary["score_before"], canary["vote_before"]) == (first.report["canary"]["score_before"],
+                                                               first.report["canary"]["vote_before"])
+    asked = [(str(c.json["model"]), str(c.json["messages"][-1]["content"])) for c in fake_upstream.completion_calls()]
+    assert not [q for m, q in asked if m == BASE and "Canary" in q]  # nothing on the canary for the base
+    assert [q for m, q in asked if m == second.adapter and "Canary" in q]  # the candidate was asked
+    svc.config.gate_samples = 2  # a setting that changes the answers: measured again
+    queue(svc)
+    third = await done(svc.run_cycle("a"))
+    assert third.report["canary"]["reused"] == [] and "vote_reused" not in third.report["canary"]
 
 
 class SecondBeatsFirst(CycleScript):

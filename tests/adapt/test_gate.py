@@ -135,3 +135,34 @@ def test_a_canary_drop_within_its_own_noise_does_not_block_a_consistent_one_does
     # every item lost: no spread, so no allowance for noise, whatever z is
     lost = gate(set(), {1, 2, 3, 4}, z=3.0)
     assert lost.canary_allowed_drop == 0.0 and not lost.promote and lost.reason == "canary 0.000 < 1.000 - 0.000"
+
+
+def test_a_model_whose_canary_scores_are_known_is_not_asked_the_canary_again() -> None:
+    """``known`` (adapt.canary.CanaryMemo): the next cycle's current model is this cycle's
+    candidate; its canary scores are reused, only the held-out items are asked again."""
+    heldout, canary = [_ex(k) for k in range(2)], [_ex(k) for k in range(10, 14)]
+    up = Upstream({"new": {"question 0", "question 10", "question 12"}, "old": {"question 10", "question 11"}})
+    known: dict[str, Any] = {}
+    first = asyncio.run(evaluate(up, "new", "old", "old", heldout, 0.0, canary=canary, max_tokens=16, known=known))
+    assert set(known) == {"new", "old"} and first.canary_reused == []
+    assert (first.canary_new, first.canary_old) == (0.5, 0.5)
+    up.requests.clear()
+    up.knows["newer"] = {"question 0", "question 1", "question 10"}
+    second = asyncio.run(evaluate(up, "newer", "new", "old", heldout, 0.0, canary=canary, max_tokens=16,
+                                  known=known))
+    asked = {(r["model"], r["messages"][-1]["content"]) for r in up.requests}
+    assert {q for m, q in asked if m == "new"} == {"question 0", "question 1"}  # held-out only
+    assert {q for m, q in asked if m == "newer"} == {f"question {k}" for k in (0, 1, 10, 11, 12, 13)}
+    assert second.canary_reused == ["new"] and second.canary_old == first.canary_new == 0.5
+    assert second.canary_new == 0.25 and (second.score_new, second.score_old) == (1.0, 0.5)
+    assert set(known) == {"newer", "new"}  # the old current model is dropped
+
+
+def test_known_scores_for_another_canary_size_are_not_used() -> None:
+    heldout, canary = [_ex(0)], [_ex(k) for k in range(10, 13)]
+    up = Upstream({"new": {"question 10"}, "old": set()})
+    from adapt.gate import ItemScore
+
+    known: dict[str, Any] = {"old": [ItemScore(1.0, 1.0)]}  # one item: not this canary's
+    gate = asyncio.run(evaluate(up, "new", "old", "old", heldout, 0.0, canary=canary, max_tokens=16, known=known))
+    assert gate.canary_reused == [] and gate.canary_old == 0.0 and len(known["old"]) == 3
