@@ -205,6 +205,39 @@ def test_with_scope_near_a_far_question_goes_to_the_base_model(proxy: ProxyServe
         (Path(v.path) / "scope-all-MiniLM-L6-v2.npy").unlink(missing_ok=True)
 
 
+def test_a_gate_reuses_known_canary_scores_on_the_real_model(proxy: ProxyServer, real_vllm: RealVLLM,
+                                                             good: dict[str, Any], tmp_path: Path) -> None:
+    """The canary (adapt.canary) on real answers: tenant-a's adapter knows the convention and the
+    base does not, so the canary tells them apart; a second gate with what the first measured
+    (``known``) asks neither model the canary again and reaches the same figures."""
+    from adapt import canary as canarymod
+    from adapt.data import Example
+    from adapt.gate import ItemScore, evaluate
+
+    base = real_vllm.served_name
+    name = f"{base}-tenant-a-v1"
+    path = tmp_path / "canary.jsonl"
+    path.write_text("".join(f'{{"question": "{question(w)}", "answer": "-7"}}\n' for w in ("emu", "ape", "yak")))
+    canary = canarymod.load(path)
+    held = [Example(task=question(w), answer=convention(w), reference="-7") for w in ("bat", "ram")]
+
+    async def gate(known: dict[str, list[ItemScore]]) -> Any:
+        up = Upstream(real_vllm.base_url, UpstreamSettings())
+        try:
+            return await evaluate(up, name, base, base, held, 0.1, canary=canary, max_tokens=24, known=known)
+        finally:
+            await up.aclose()
+
+    known: dict[str, list[ItemScore]] = {}
+    first = asyncio.run(gate(known))
+    print("canary", first.canary_new, first.canary_old, first.reason)
+    assert first.canary_reused == [] and first.canary_items == 3
+    assert first.canary_new is not None and first.canary_old is not None and first.canary_new > first.canary_old
+    second = asyncio.run(gate(known))
+    assert second.canary_reused == [name, base]
+    assert (second.canary_new, second.canary_old) == (first.canary_new, first.canary_old)
+
+
 def test_adapter_trained_on_wrong_answers_is_rejected(proxy: ProxyServer, real_vllm: RealVLLM,
                                                       good: dict[str, Any]) -> None:
     base = real_vllm.served_name
