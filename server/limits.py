@@ -6,10 +6,10 @@ leaves mid-upload is a ClientGone (a disconnect, logged as such), not a server e
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from protocol.deadline import Deadline
 from protocol.errors import PayloadTooLarge, RequestTimeout
 from server.streaming import ClientGone
 
@@ -44,7 +44,7 @@ class BodyLimit:
             if done:
                 return await receive()
             try:
-                async with Deadline(self.read_timeout_s):
+                async with asyncio.timeout(self.read_timeout_s):
                     message = await receive()
             except TimeoutError:
                 raise RequestTimeout(f"The request body did not arrive within {self.read_timeout_s:g} s.") from None

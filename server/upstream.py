@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from protocol.deadline import Deadline
 from protocol.errors import UpstreamConnectError, UpstreamError, UpstreamStatusError, UpstreamTimeout
 from server.settings import UpstreamSettings
 from server.transport import Transport, TransportResponse, make_transport
@@ -109,7 +108,7 @@ class Upstream:
         for attempt in range(attempts):
             last = attempt == attempts - 1
             try:
-                async with Deadline(t.first_byte):
+                async with asyncio.timeout(t.first_byte):
                     resp = await self._transport.send(method, url, body, self._headers)
             except TimeoutError:
                 raise UpstreamTimeout(f"upstream did not answer within {t.first_byte:g} s") from None

@@ -19,6 +19,7 @@ Contract for implementers:
 from __future__ import annotations
 
 import abc
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from typing import Any, ClassVar, Generic, TypeVar
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.deadline import Deadline
 from protocol.errors import InvalidRequest, UpstreamError, UpstreamTimeout
 from protocol.uncertainty import Uncertainty
 from protocol.upstream import Reply, UpstreamAPI
@@ -153,7 +153,7 @@ class StrategyContext:
         try:
             if left <= 0:  # spent already (a tool ran to the deadline): no call starts after it
                 raise TimeoutError
-            async with Deadline(left):
+            async with asyncio.timeout(left):
                 reply = await self.upstream.request("POST", path, orjson.dumps(body))
                 raw = await reply.read()
         except TimeoutError:
