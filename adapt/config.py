@@ -94,8 +94,8 @@ class AdaptConfig(BaseModel):
     # which of the tenant's requests its adapter answers: "all" of them, or "near" ones only: a
     # question at least `scope_similarity` (cosine, the memory's embedder) from one the adapter
     # was trained on; the others go to the base model, whose answers the adapter then cannot
-    # change. On reasoning-gym, 0.55 (chosen on tuning seeds) sent 150 of 150 unseen items of the
-    # adapter's family to it and 0 of 2,000 of four other families (README, "Adaptation, twelfth
+    # change. On reasoning-gym, 0.55 (chosen on tuning seeds) sent 149-150 of 150 unseen items of
+    # the adapter's family to it and 0 of 6,100 of other families (README, "Adaptation, twelfth
     # measurement"). Costs one embedding per request of a tenant with an adapter
     scope: Literal["all", "near"] = "all"
     scope_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)

@@ -31,7 +31,6 @@ from memory.embedder import Embedder, Vectors
 log = logging.getLogger(__name__)
 
 
-
 class AdapterScope:
     """Routes a tenant's request to its adapter only when the question is near the adapter's.
 
@@ -79,12 +78,18 @@ class AdapterScope:
     def needs(self, tenant: str, base: str) -> bool:
         return self.mode == "near" and self.registry.active(tenant, base) is not None
 
-    async def embed(self, question: str) -> Vectors:
-        """The unit vector of a request's question."""
-        loop = asyncio.get_running_loop()
-        vecs = await loop.run_in_executor(self._pool, self.embedder.embed, [question])
-        out: Vectors = vecs[0]
-        return out
+    async def embed(self, question: str, tenant: str, base: str) -> Vectors:
+        """The unit vector of a request's question, on this object's thread, where the active
+        adapter's scope file is also read the first time (no file I/O on the event loop)."""
+        name = self.registry.active(tenant, base)
+
+        def work() -> Vectors:
+            if name is not None:
+                self._scope_of(name)
+            out: Vectors = self.embedder.embed([question])[0]
+            return out
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     def acquire(self, tenant: str, base: str, question: Vectors | None) -> tuple[str, float | None]:
         """The model that answers (counted in flight) and the question's similarity to the
@@ -97,17 +102,21 @@ class AdapterScope:
 
     def similarity(self, name: str, vec: Vectors) -> float | None:
         """Cosine similarity of ``vec`` to the nearest question ``name`` was trained on; None when
-        the version has no scope. A few dozen rows: cheap enough inline."""
-        with self._lock:
-            if name not in self._vectors:
-                v = self.registry.get(name)  # once per version
-                self._vectors[name] = _read(Path(v.path) / self.file) if v is not None else None
-                if self._vectors[name] is None:
-                    log.info("adapter %s has no scope file: it answers every request of its tenant", name)
-            vecs = self._vectors[name]
+        the version has no scope. A few dozen rows: cheap enough inline (``embed`` has read them)."""
+        vecs = self._scope_of(name)
         if vecs is None or vecs.shape[0] == 0 or vecs.shape[1] != vec.shape[0]:
             return None
         return float(np.max(vecs @ vec))
+
+    def _scope_of(self, name: str) -> Vectors | None:
+        """``name``'s vectors, read from its folder once (None: it has no scope file)."""
+        with self._lock:
+            if name not in self._vectors:
+                v = self.registry.get(name)
+                self._vectors[name] = _read(Path(v.path) / self.file) if v is not None else None
+                if self._vectors[name] is None:
+                    log.info("adapter %s has no scope file: it answers every request of its tenant", name)
+            return self._vectors[name]
 
     def preload(self) -> None:
         """Loads the embedding model in the background, so the first routed request does not wait."""

@@ -39,6 +39,7 @@ from memory.embedder import Embedder, HashingEmbedder
 from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
 from protocol.events import EventBus, RequestEvent
 from protocol.upstream import AdapterHost, UpstreamAPI
+from protocol.wire import task_of
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,12 @@ class AdaptationService:
             ev = await self._sub.get()
             try:
                 self._watch_live(ev)
-                u = ev.uncertainty
-                if u is None or u.score < self.config.uncertainty_threshold or not self.opted_in(ev.tenant):
+                u, task = ev.uncertainty, task_of(ev.messages)
+                if u is None or u.score < self.config.uncertainty_threshold or not self.opted_in(ev.tenant) or not task:
                     continue
-                task = next((str(m.get("content")) for m in reversed(ev.messages) if m.get("role") == "user"), "")
                 samples = ev.samples if len(ev.messages) == 1 else None  # samples of the task alone only then
-                if task:
-                    await loop.run_in_executor(self._pool, self.queue.add, ev.tenant, task, ev.answer or "",
-                                               u.score, ev.model, samples)
+                await loop.run_in_executor(self._pool, self.queue.add, ev.tenant, task, ev.answer or "", u.score,
+                                           ev.model, samples)
             except Exception:
                 log.exception("queueing an uncertain query failed")
 

@@ -35,6 +35,15 @@ def text_of(content: str | list[dict[str, Any]] | None) -> str:
     return content or ""
 
 
+def task_of(messages: list[dict[str, Any]]) -> str:
+    """What a conversation asks: its last user message's text (the task an experience is about,
+    the question an adapter learns from and is routed by)."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            return text_of(m.get("content"))
+    return ""
+
+
 class _Sampling(BaseModel):
     """The sampling fields both endpoints share and sharpen reads. Strict: the body is forwarded
     as sent, so a value sharpen would coerce (``"n": "2"``, ``"stream": "yes"``) would reach the

@@ -20,8 +20,8 @@ from memory.service import MemoryService
 from memory.store import Experience
 from protocol.errors import NotFound, ServiceUnavailable, SharpenError
 from protocol.events import EventBus, RequestEvent
+from protocol.wire import task_of
 from server.redact import clip
-from server.replay import task_of
 from server.settings import MemorySettings
 from server.upstream import Upstream
 from strategies.chat import first_text

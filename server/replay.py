@@ -8,19 +8,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.errors import InvalidRequest
-from protocol.wire import ChatCompletionRequest, ChatMessage, first_problem, text_of
+from protocol.wire import ChatCompletionRequest, ChatMessage, first_problem, task_of
 from server.settings import MemorySettings
 
 if TYPE_CHECKING:  # the memory package pulls in numpy and faiss: only where memory is enabled
     from memory.service import Hit, MemoryService
-
-
-def task_of(messages: list[dict[str, Any]]) -> str:
-    """The task an experience is about: the last user message's text."""
-    for m in reversed(messages):
-        if m.get("role") == "user":
-            return text_of(m.get("content"))
-    return ""
 
 
 def render_hits(hits: list[Hit], budget_tokens: int) -> str:

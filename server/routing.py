@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from server.replay import task_of
+from protocol.wire import task_of
 from server.series import Counter
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ async def acquire_model(adapt: AdaptationService, tenant: str, model: str, body:
     if adapt.scope.needs(tenant, model):
         messages, prompt = body.get("messages"), body.get("prompt")
         question = task_of(messages) if isinstance(messages, list) else prompt if isinstance(prompt, str) else ""
-        vec = await adapt.scope.embed(question) if question else None
+        vec = await adapt.scope.embed(question, tenant, model) if question else None
     routing.acquired, sim = adapt.scope.acquire(tenant, model, vec)
     if sim is not None:
         by = "adapter" if routing.acquired != model else "base"

@@ -88,8 +88,8 @@ async def test_a_cycle_with_scope_near_writes_the_scope_and_routes_by_it(make: M
     name = await promote(svc, fake_upstream)
     job = next(j for j in svc.jobs.values() if j.adapter == name)
     assert job.report["scope"] == {"questions": 8, "similarity": 0.5, "file": "scope-hashing.npy"}  # 4 + 4 held out
-    near = await svc.scope.embed("Zorblat question 3?")
-    far = await svc.scope.embed(FAR)
+    near = await svc.scope.embed("Zorblat question 3?", "a", BASE)
+    far = await svc.scope.embed(FAR, "a", BASE)
     assert svc.scope.acquire("a", BASE, near)[0] == name
     assert svc.scope.acquire("a", BASE, far)[0] == BASE
 

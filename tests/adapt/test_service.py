@@ -56,6 +56,17 @@ async def test_uncertain_events_are_queued_for_opted_in_tenants_above_threshold(
     assert svc.status()["queue"] == {"a": 1, "c": 1}
 
 
+async def test_a_question_in_content_parts_is_queued_as_its_text(make: Make) -> None:
+    """The queued task is the text the adapter's scope routes by (protocol.wire.task_of), not a
+    Python list repr the adapter would then be trained on."""
+    svc = await make(uncertainty_threshold=0.5)
+    ev = event("a", "", 0.9)
+    ev.messages[-1]["content"] = [{"type": "text", "text": "How many r's in"}, {"type": "text", "text": "strawberry?"}]
+    svc.events.publish(ev)
+    await until(lambda: svc.queue.counts().get("a") == 1)
+    assert svc.queue.pending("a")[0].task == "How many r's in strawberry?"
+
+
 async def test_a_queued_query_keeps_its_live_samples_only_when_the_task_was_all_that_was_sent(make: Make) -> None:
     """The candidates a request drew are samples of the task alone only without a system
     prompt (or recalled memory) before it; otherwise labelling must draw its own."""
