@@ -88,9 +88,10 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     from strategies import best_of_n as bon
 
     g[AUTO_BUDGET] = [
-        (f"pal={k},n={n}", partial(auto_programs_first, pal_k=k, temperature=bon.VOTE_TEMPERATURE,
-                                   boost=bon.DEFAULT_WEIGHTS["execution"], n=n))
-        for k in (1, 2, 3, 4) for n in sorted({k + 2, k + 4, 8}) if n <= 8]
+        (f"pal={k},pal_more={m},n={n}", partial(auto_programs_first, pal_k=k, temperature=bon.VOTE_TEMPERATURE,
+                                                boost=bon.DEFAULT_WEIGHTS["execution"], n=n, more=m))
+        for k in (1, 2, 3, 4) for m in range(0, 5 - k)  # the bench stores 4 programs per item
+        for n in sorted({k + m + 2, k + m + 4, 8}) if n <= 8]
     g["auto[probe->cisc]"] = [
         (f"probe={p},min_lp={m}", partial(auto, probe=p, min_conf=m))
         for p in (2, 3, 4) for m in (None, -0.3, -0.2, -0.1)]
@@ -211,7 +212,7 @@ def shipped_defaults() -> dict[str, Selector]:
         "best_of_n": partial(policy, signal="mean_logprob", temperature=bon.VOTE_TEMPERATURE, boost=boost,
                              pal_k=bon.PAL, n=8),
         "auto": partial(auto_programs_first, pal_k=au.AutoOptions().pal, temperature=bon.VOTE_TEMPERATURE,
-                        boost=boost, n=8),
+                        boost=boost, n=au.AutoOptions().n, more=au.AutoOptions().pal_more),
         "self_consistency": (partial(early_sc, threshold=sc.STOP_THRESHOLD, wave=sc.WAVE) if sc.STOP_THRESHOLD
                              and sc.VOTE == "majority" else partial(policy, signal="mean_logprob",
                                                                     temperature=sc_temp)),

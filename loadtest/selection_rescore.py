@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from strategies import pal
 from strategies import vote as V
 from strategies.answers import FORM_NO_ANSWER, FORM_OK, final_answer, placeholders
 from strategies.confidence import Confidence, TokenStats, measure
@@ -275,17 +276,30 @@ def auto_pal(r: Rec, probe: int, pal_k: int, temperature: float | None, boost: f
     return correct, tokens + (r.prompt_tokens if n - pal_k > probe else 0)  # the top-up call's prompt
 
 
-def auto_programs_first(r: Rec, pal_k: int, temperature: float | None, boost: float, n: int = 8) -> Pick:
+def auto_programs_first(r: Rec, pal_k: int, temperature: float | None, boost: float, n: int = 8,
+                        more: int = 0) -> Pick:
     """``auto`` as shipped: ``pal_k`` program-aided candidates are the probe (one call); when
     every program that ran printed the same answer (at least one ran), that answer returns at
-    once; else the other ``n - pal_k`` prose candidates (a second call) join best_of_n's vote
-    with the probe's programs (``policy`` with ``pal_k`` of ``n``)."""
+    once; when some ran but disagree, ``more`` further programs (a second call, never past ``n``)
+    and an answer printed by at least two and by more than any other returns; else the other
+    prose candidates (one more call) join best_of_n's vote with the programs (``policy`` with
+    the programs drawn of ``n``)."""
     progs = r.pal[:pal_k]
-    printed = {c.answer for c in progs if c.answer is not None}
-    probe_tokens = r.pal_prompt_tokens + sum(c.tokens for c in progs)
-    if len(printed) == 1:
-        return next(c.correct for c in progs if c.answer is not None), probe_tokens
-    return policy(r, "mean_logprob", temperature, boost=boost, pal_k=pal_k, n=n)
+    printed = [c.answer for c in progs if c.answer is not None]
+    tokens = r.pal_prompt_tokens + sum(c.tokens for c in progs)
+    if len(set(printed)) == 1:
+        return next(c.correct for c in progs if c.answer is not None), tokens
+    more = min(more, n - pal_k)
+    if printed and more > 0:
+        assert len(r.pal) >= pal_k + more, "the stored item has fewer programs than the setting draws"
+        extra = r.pal[pal_k:pal_k + more]
+        tokens += r.pal_prompt_tokens + sum(c.tokens for c in extra)
+        progs = progs + extra
+        answer = pal.leader([c.answer for c in progs], min_votes=2)
+        if answer is not None:
+            return next(c.correct for c in progs if c.answer == answer), tokens
+    correct, total = policy(r, "mean_logprob", temperature, boost=boost, pal_k=len(progs), n=max(n, len(progs)))
+    return correct, tokens + total - (r.pal_prompt_tokens + sum(c.tokens for c in progs))  # prompts as drawn
 
 
 def oracle(r: Rec) -> Pick:

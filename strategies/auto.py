@@ -2,11 +2,12 @@
 
 The probe is ``pal`` program-aided candidates (one ``n=pal`` call, the programs run in the
 sandbox): if every program that ran printed the same answer, that answer returns at once. Where
-programs do not apply (tools or JSON, more choices asked for than ``pal``, or ``pal: 0``) the probe
-is ``probe_n`` prose samples, which answer at once when they agree. An unsettled probe escalates
-to ``best_of_n``: the missing candidates are drawn (in waves when ``stop_threshold`` is set), the
-probe's are reused, and all ``n`` are judged together. Measured on the default model (README
-"Selection"): the programs-first probe keeps best_of_n's accuracy at about a third of its tokens.
+programs ran but disagree, ``pal_more`` further programs are drawn (one more call), and an answer
+printed by at least two programs and by more than any other returns. Where programs do not apply
+(tools or JSON, more choices asked for than ``pal``, or ``pal: 0``) the probe is ``probe_n`` prose
+samples, which answer at once when they agree. An unsettled probe escalates to ``best_of_n``: the
+missing candidates are drawn (in waves when ``stop_threshold`` is set), the probe's are reused,
+and all ``n`` are judged together. Measured on the default model (README "Selection").
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from strategies.verifiers import VerifierNames
 
 # Defaults measured on the default model (loadtest/selection_bench.py, README "Selection").
 WAVE = 8
+PAL_MORE = 2
 STOP_THRESHOLD: float | None = None
 
 
@@ -38,6 +40,8 @@ class AutoOptions(StrategyOptions):
     temperature: float = Field(default=0.7, gt=0, le=2)
     verifiers: VerifierNames = Field(default_factory=lambda: list(DEFAULT_VERIFIERS), min_length=1)
     pal: int = Field(default=PAL, ge=0, le=64)  # program-aided candidates (of n): the probe where they apply
+    # more programs when the probe's disagree (never past n in all); 0: escalate to prose at once
+    pal_more: int = Field(default=PAL_MORE, ge=0, le=64)
     wave: int = Field(default=WAVE, ge=1, le=256)  # candidates per call after the probe
     stop_threshold: float | None = Field(default=STOP_THRESHOLD, gt=0.5, le=1.0)  # None: draw all n
 
@@ -76,16 +80,23 @@ class Auto(Strategy[AutoOptions]):
         notes: list[str] = []
         probe, progs = await pal.draw(request, ctx, k, o.temperature, start=0)
         printed = [c.answer for c in progs if c.answer is not None]
-        share = len(printed) / len(progs) if progs else 0.0
-        settled = len(set(printed)) == 1
-        probe_trace: dict[str, Any] = {"probe": "programs", "probe_n": k,
-                                       "probe_answer": printed[0] if settled else None,
-                                       "probe_agreement": share if settled else 0.0, "escalated": not settled}
-        if settled:
-            ranked = sorted(progs, key=lambda c: (c.answer is None, c.index))
+        answer = printed[0] if len(set(printed)) == 1 else None
+        more = min(o.pal_more, o.n - k)
+        if answer is None and printed and more > 0:
+            # The programs ran but disagree: a second wave of programs (cheap beside prose on every
+            # family measured) settles most of these; two abstentions say programs do not apply.
+            extra, progs2 = await pal.draw(request, ctx, more, o.temperature, start=k)
+            probe, progs = pal.merge(probe, extra), progs + progs2
+            answer = pal.leader([c.answer for c in progs], min_votes=2)
+        share = sum(c.answer == answer for c in progs) / len(progs) if answer is not None else 0.0
+        probe_trace: dict[str, Any] = {"probe": "programs", "probe_n": len(progs), "probe_waves": 1 + (len(progs) > k),
+                                       "probe_answer": answer, "probe_agreement": share, "escalated": answer is None}
+        if answer is not None:
+            ranked = sorted(progs, key=lambda c: (c.answer != answer, c.index))
             return StrategyResult(response=sampling.answer(probe, ranked, request), candidates=progs,
                                   sampled=True, uncertainty=Uncertainty(score=1.0 - share, agreement=share),
                                   notes=notes, extra_trace=probe_trace)
+        k = len(progs)
         if o.n > k:
             drawn = await waves.draw(request, ctx, o.n - k, o.temperature, notes, wave=o.wave,
                                      threshold=o.stop_threshold)

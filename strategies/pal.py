@@ -9,6 +9,7 @@ only (a thin adapter over ``strategies.sandbox``), so its hardening can change u
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,3 +116,12 @@ def merge(upstream: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     base = len(upstream["choices"])
     more = sorted(extra["choices"], key=lambda c: int(c.get("index", 0)))
     return {**upstream, "choices": [*upstream["choices"], *(dict(c, index=base + i) for i, c in enumerate(more))]}
+
+
+def leader(printed: list[str | None], min_votes: int) -> str | None:
+    """The answer at least ``min_votes`` programs printed and more than printed any other, else
+    None (a tie is not settled); programs that abstained (None) do not vote."""
+    counts = Counter(a for a in printed if a is not None).most_common(2)
+    if not counts or counts[0][1] < min_votes or (len(counts) > 1 and counts[1][1] == counts[0][1]):
+        return None
+    return counts[0][0]

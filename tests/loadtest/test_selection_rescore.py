@@ -69,3 +69,27 @@ def test_a_split_stops_early_and_the_most_confident_answers(rec: R.Rec) -> None:
     assert R.early_sc(rec, threshold=None, wave=3, split=3) == (1, 30 + 10 * 3)  # split: stop after one wave
     # without the split rule, the waves continue until n
     assert R.early_sc(rec, threshold=None, wave=3)[1] == 2 * 30 + 10 * 5
+
+
+def _prog(answer: str | None, correct: int) -> R.Cand:
+    conf = R.measure(R.TokenStats((-0.2,) * 20, (0.4,) * 20))
+    return R.Cand(answer, 0 if answer is not None else 9, correct, conf, 20)
+
+
+def test_auto_programs_in_two_waves(rec: R.Rec) -> None:
+    # the stored programs: 7 (right) and an abstention: one ran, so the probe settles
+    assert R.auto_programs_first(rec, 2, 0.05, 0.5, more=2) == (1, 60 + 20)
+    # 7 and 5 disagree; the second wave prints 5 and 5: 5 leads with three, the second call counted
+    rec.pal = [_prog("7", 1), _prog("5", 0), _prog("5", 0), _prog("5", 0)]
+    assert R.auto_programs_first(rec, 2, 0.05, 0.5, more=2) == (0, 2 * (60 + 40))
+    # 7, 5, then 7, 5: a tie settles nothing, so the prose joins all four programs in the vote
+    rec.pal = [_prog("7", 1), _prog("5", 0), _prog("7", 1), _prog("5", 0)]
+    correct, tokens = R.auto_programs_first(rec, 2, 0.05, 0.5, n=6, more=2)
+    assert tokens == 2 * (60 + 40) + 30 + 2 * 10  # two programs' calls, then one call of two prose
+    assert correct == R.policy(rec, "mean_logprob", 0.05, boost=0.5, pal_k=4, n=6)[0]
+    # two abstentions: programs do not apply, no second wave
+    rec.pal = [_prog(None, 0), _prog(None, 0), _prog("7", 1), _prog("7", 1)]
+    assert R.auto_programs_first(rec, 2, 0.05, 0.5, n=8, more=2)[1] == 60 + 40 + 30 + 6 * 10
+    # never past n in all: with n = 3 the second wave is one program
+    rec.pal = [_prog("7", 1), _prog("5", 0), _prog("7", 1), _prog("5", 0)]
+    assert R.auto_programs_first(rec, 2, 0.05, 0.5, n=3, more=2) == (1, 2 * 60 + 60)

@@ -228,13 +228,19 @@ def test_escalation_in_waves_stops_once_settled(fake_upstream: FakeUpstream, pro
     assert usage_of(resp) == fake_upstream.total_usage()
 
 
-def programs(printed: list[str | None], prose: list[str] | None = None) -> Callable[[dict[str, Any], int], str]:
-    """Program-aided calls: program i prints ``printed[i]`` (None: a reply with no code); prose
-    calls say ``prose[i]``."""
+def programs(printed: list[str | None], prose: list[str] | None = None,
+             more: list[str | None] | None = None) -> Callable[[dict[str, Any], int], str]:
+    """Program-aided calls: in the first, program i prints ``printed[i]`` (None: a reply with no
+    code), in a second ``more[i]``; prose calls say ``prose[i]``."""
+    pal_calls = 0
 
     def fn(body: dict[str, Any], i: int) -> str:
+        nonlocal pal_calls
         if "Python program" in str(body["messages"][-1]["content"]):
-            p = printed[i]
+            pal_calls += i == 0  # the fake asks for a call's choices in order
+            wave = printed if pal_calls == 1 else more
+            assert wave is not None, "an unexpected second wave of programs"
+            p = wave[i]
             return "I cannot write code." if p is None else f"```python\nprint({p})\n```"
         assert prose is not None, body
         return f"Prose {i}. The answer is {prose[i]}."
@@ -273,7 +279,7 @@ def test_one_program_that_ran_settles_with_less_certainty(fake_upstream: FakeUps
 def test_unsettled_programs_escalate_to_the_prose_and_one_vote(fake_upstream: FakeUpstream, proxy: ProxyServer,
                                                                printed: list[str | None]) -> None:
     fake_upstream.script(programs(printed, ["7", "7", "5", "7", "6", "7"]))
-    resp = ask_auto(proxy, {"n": 8})
+    resp = ask_auto(proxy, {"n": 8, "pal_more": 0})  # two abstentions draw no second wave anyway
     t = resp["sharpen"]["trace"]
     assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates:pal", 2), ("candidates", 6)]
     assert t["probe"] == "programs" and t["escalated"] is True
@@ -286,9 +292,46 @@ def test_escalated_indices_line_up(fake_upstream: FakeUpstream, proxy: ProxyServ
     # the programs disagree (9 vs 8); one prose reply says 8: the vote is 8, and the reply returned
     # must be a candidate that says 8 (a misaligned merge would return another's text)
     fake_upstream.script(programs(["9", "8"], ["8", "5"]))
-    resp = ask_auto(proxy, {"n": 4})
+    resp = ask_auto(proxy, {"n": 4, "pal_more": 0})
     assert content(resp).endswith("The answer is 8.")
     assert len(resp["sharpen"]["trace"]["candidates"]) == 4
+
+
+def test_disagreeing_programs_draw_a_second_wave_that_settles(fake_upstream: FakeUpstream,
+                                                               proxy: ProxyServer) -> None:
+    fake_upstream.script(programs(["7", "8"], more=[None, "7"]))
+    resp = ask_auto(proxy, {})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates:pal", 2), ("candidates:pal", 2)]
+    assert t["escalated"] is False and t["probe_answer"] == "7"
+    assert t["probe_n"] == 4 and t["probe_waves"] == 2 and t["probe_agreement"] == 0.5
+    assert content(resp).endswith("The answer is 7.")
+    assert resp["sharpen"]["uncertainty"] == 0.5
+    assert usage_of(resp) == fake_upstream.total_usage()
+
+
+@pytest.mark.parametrize("more", [["9", "8"], [None, None], ["6", "4"]])
+def test_a_second_wave_without_a_leader_of_two_escalates(fake_upstream: FakeUpstream, proxy: ProxyServer,
+                                                         more: list[str | None]) -> None:
+    # a 2-2 tie, no new votes, or four different answers: none settled, so prose joins the vote
+    fake_upstream.script(programs(["9", "8"], ["8", "5"], more=more))
+    resp = ask_auto(proxy, {"n": 6})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [
+        ("candidates:pal", 2), ("candidates:pal", 2), ("candidates", 2)]
+    assert t["escalated"] is True and t["probe_n"] == 4 and len(t["candidates"]) == 6
+    # 8 leads every one of these votes; the reply returned must be one that says 8 (indices
+    # misaligned across the three calls would return another candidate's text)
+    assert content(resp).endswith("The answer is 8.")
+    assert usage_of(resp) == fake_upstream.total_usage()
+
+
+def test_the_second_wave_never_draws_past_n(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(programs(["7", "8"], more=["7"]))
+    resp = ask_auto(proxy, {"n": 3})
+    t = resp["sharpen"]["trace"]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates:pal", 2), ("candidates:pal", 1)]
+    assert t["escalated"] is False and content(resp).endswith("The answer is 7.")
 
 
 def test_more_choices_than_programs_probe_with_prose(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:

@@ -52,3 +52,16 @@ def test_pal_messages_append_the_instruction_to_the_last_user_turn() -> None:
     assert msgs[3]["content"] == "Q2"  # not modified in place
     parts = pal.pal_messages([{"role": "user", "content": [{"type": "text", "text": "Q"}]}])
     assert parts[0]["content"][-1]["type"] == "text"
+
+
+@pytest.mark.parametrize(("printed", "min_votes", "expected"), [
+    (["7", "8", "7", None], 2, "7"),   # two of the programs that ran, more than any other
+    (["7", "8", "8", "7"], 2, None),   # a tie is not settled
+    (["7", "8", "6", None], 2, None),  # no answer printed twice
+    (["7", None, None, None], 2, None),
+    (["7", None], 1, "7"),             # abstentions do not vote
+    ([None, None], 1, None),
+    ([], 1, None),
+])
+def test_leader_needs_votes_and_a_strict_lead(printed: list[str | None], min_votes: int, expected: str | None) -> None:
+    assert pal.leader(printed, min_votes) == expected

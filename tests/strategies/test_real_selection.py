@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from strategies import pal
 from strategies.answers import FORM_OK
 from tests.proxy_server import ProxyServer
 
@@ -84,4 +85,30 @@ def test_program_aided_candidates_never_fail_the_request(real_proxy: ProxyServer
     runs = [c["verdicts"]["execution_run"]["status"] for c in t["candidates"] if "execution_run" in c["verdicts"]]
     assert len(runs) == 2 and set(runs) <= {"ok", "no_code", "failed", "timeout", "no_output", "sandbox_error"}
     assert "execution" in t["verifiers"]
+    _usage_adds_up(data)
+
+
+def test_auto_takes_the_path_its_programs_printed(real_proxy: ProxyServer) -> None:
+    # Whatever the small model's programs print, the calls made must be the ones the rule asks
+    # for: agreeing programs answer at once, disagreeing ones draw a second wave, and a wave
+    # without a leader of two (or two abstentions) escalates to the prose candidates.
+    data = _ask(real_proxy, {"name": "auto"}, temperature=1.0)
+    t = data["sharpen"]["trace"]
+    calls = [(c["purpose"], c["n"]) for c in t["calls"]]
+    progs = sorted((c for c in t["candidates"] if "execution_run" in c["verdicts"]), key=lambda c: c["index"])
+    assert t["probe"] == "programs" and calls[0] == ("candidates:pal", 2)
+    first = [c["answer"] for c in progs[:2]]
+    printed = {a for a in first if a is not None}
+    if len(printed) == 1:  # the programs that ran agree
+        assert calls == [("candidates:pal", 2)] and t["probe_answer"] == next(iter(printed))
+    elif not t["escalated"]:  # settled by the second wave
+        assert calls == [("candidates:pal", 2)] * 2 and len(progs) == 4
+        assert t["probe_answer"] == pal.leader([c["answer"] for c in progs], min_votes=2) is not None
+    elif len(calls) == 3:  # the programs ran, disagreed, and the second wave settled nothing
+        assert calls == [("candidates:pal", 2), ("candidates:pal", 2), ("candidates", 4)]
+    else:  # no program printed anything
+        assert calls == [("candidates:pal", 2), ("candidates", 6)]
+    if t["escalated"]:
+        assert len(t["candidates"]) == 8 and t["probe_answer"] is None
+    assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
     _usage_adds_up(data)
