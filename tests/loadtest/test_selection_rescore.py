@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from loadtest import selection_rescore as R
+from strategies.confidence import TokenStats, measure
 
 
 def _cand(answer: str | None, correct: int, lp: int, tokens: int = 10, finish: str = "stop") -> dict[str, Any]:
@@ -72,7 +73,7 @@ def test_a_split_stops_early_and_the_most_confident_answers(rec: R.Rec) -> None:
 
 
 def _prog(answer: str | None, correct: int) -> R.Cand:
-    conf = R.measure(R.TokenStats((-0.2,) * 20, (0.4,) * 20))
+    conf = measure(TokenStats((-0.2,) * 20, (0.4,) * 20))
     return R.Cand(answer, 0 if answer is not None else 9, correct, conf, 20)
 
 
