@@ -31,6 +31,7 @@ class ReplicaAdaptation(AdaptationService):
     async def start(self, base: str | None) -> None:
         self.base = base
         self.registry.reload_routes()
+        self.scope.preload()  # a replica routes by the scope too: its first request should not load a model
         self._tasks = [asyncio.create_task(self._follow())]
 
     async def _follow(self) -> None:

@@ -3,13 +3,20 @@ with the hashing embedder (deterministic; the MiniLM one is measured in loadtest
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
 
+from adapt.config import AdaptConfig
+from adapt.follower import ReplicaAdaptation
 from adapt.registry import AdapterRegistry
 from adapt.scope import AdapterScope
 from memory.embedder import HashingEmbedder
+from protocol.events import EventBus
+from server.settings import UpstreamSettings
+from server.upstream import Upstream
 from tests.adapt.conftest import BASE, Make, promote, train_examples
 from tests.fakes.upstream import FakeUpstream
 
@@ -100,3 +107,27 @@ async def test_a_cycle_with_scope_all_writes_none(make: Make, fake_upstream: Fak
     v = svc.registry.get(name)
     assert v is not None and not (Path(v.path) / "scope-hashing.npy").exists()
     assert "scope" not in next(j for j in svc.jobs.values() if j.adapter == name).report
+
+
+class _Loading(HashingEmbedder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loads = threading.Event()
+
+    def load(self) -> None:
+        self.loads.set()
+
+
+async def test_a_replica_preloads_the_scopes_embedder(fake_upstream: FakeUpstream, tmp_path: Path) -> None:
+    emb = _Loading()
+    up = Upstream(fake_upstream.url, UpstreamSettings())
+    config = AdaptConfig(**{"enabled": True, "tenants": ["a"], "base_model_path": str(tmp_path), "scope": "near"})
+    svc = ReplicaAdaptation(config, tmp_path / "adapt", up, EventBus(), embedder=emb, follow_s=60, not_primary="no")
+    try:
+        await svc.start(BASE)
+        assert await asyncio.to_thread(emb.loads.wait, 10), "the replica did not load the scope's embedder"
+    finally:
+        await svc.stop()
+        svc.registry.close()
+        svc.queue.close()
+        await up.aclose()
