@@ -74,7 +74,7 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     g["shipped vote[mean_logprob]+PAL"] = [
         (f"T={t},boost={b}", partial(policy, signal="mean_logprob", temperature=t, pal=True, boost=b))
         for t in (None, 0.05, 0.1, 0.2, 0.5) for b in (0.5, 1.0, 2.0, 4.0)]
-    for k in (2, 4):
+    for k in (1, 2, 3, 4):
         g[f"best_of_n n=8, pal={k} (shipped policy)"] = [
             (f"T={t},boost={b}", partial(policy, signal="mean_logprob", temperature=t, boost=b, pal_k=k, n=8))
             for t in (None, 0.05, 0.1, 0.2, 0.5) for b in (0.5, 1.0, 2.0, 4.0)]

@@ -429,17 +429,17 @@ def _raw_ask(proxy: ProxyServer, strategy: dict[str, Any], content: str = "What 
     return r.model_dump()
 
 
-def test_the_measured_default_two_programs_and_the_confidence_vote(fake_upstream: FakeUpstream,
+def test_the_measured_default_four_programs_and_the_confidence_vote(fake_upstream: FakeUpstream,
                                                                    proxy: ProxyServer) -> None:
     def script(body: dict[str, Any], i: int) -> str:
         if "Python program" in body["messages"][-1]["content"]:
             return "```python\nprint(3 + 4)\n```"
-        return f"Path {i}. The answer is {['7', '8', '8', '9', '5', '6'][i]}."
+        return f"Path {i}. The answer is {['7', '8', '8', '9'][i]}."
 
     fake_upstream.script(script)
     resp = _raw_ask(proxy, {})
     t = resp["sharpen"]["trace"]
-    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 6), ("candidates:pal", 2)]
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == [("candidates", 4), ("candidates:pal", 4)]
     assert t["verifiers"] == ["confidence", "execution"]
     assert t["weights"] == {"confidence": 1.0, "execution": 0.5} and t["vote_temperature"] == 0.05
     assert content(resp) == "Path 0. The answer is 7."  # the executed 7s carry the lone prose 7

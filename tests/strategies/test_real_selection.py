@@ -14,6 +14,7 @@ import pytest
 
 from strategies import pal
 from strategies.answers import FORM_OK
+from strategies.auto import AutoOptions
 from tests.proxy_server import ProxyServer
 
 pytestmark = [
@@ -43,8 +44,8 @@ def test_default_best_of_n_is_a_confidence_vote_with_programs(real_proxy: ProxyS
     data = _ask(real_proxy, {"name": "best_of_n"})
     t = data["sharpen"]["trace"]
     assert t["verifiers"] == ["confidence", "execution"]
-    # the default policy: two program-aided candidates of the eight, and no verifier calls at all
-    assert sorted((c["purpose"], c["n"]) for c in t["calls"]) == [("candidates", 6), ("candidates:pal", 2)]
+    # the default policy: four program-aided candidates of the eight, and no verifier calls at all
+    assert sorted((c["purpose"], c["n"]) for c in t["calls"]) == [("candidates", 4), ("candidates:pal", 4)]
     for c in t["candidates"]:
         score = c["verdicts"]["confidence"]["score"]
         assert 0 < score <= 1 and math.isclose(score, math.exp(c["logprob"]), rel_tol=1e-6)
@@ -93,22 +94,22 @@ def test_auto_takes_the_path_its_programs_printed(real_proxy: ProxyServer) -> No
     # for: agreeing programs answer at once, disagreeing ones draw a second wave, and a wave
     # without a leader of two (or two abstentions) escalates to the prose candidates.
     data = _ask(real_proxy, {"name": "auto"}, temperature=1.0)
+    n = AutoOptions().n
     t = data["sharpen"]["trace"]
     calls = [(c["purpose"], c["n"]) for c in t["calls"]]
     progs = sorted((c for c in t["candidates"] if "execution_run" in c["verdicts"]), key=lambda c: c["index"])
     assert t["probe"] == "programs" and calls[0] == ("candidates:pal", 2)
-    first = [c["answer"] for c in progs[:2]]
-    printed = {a for a in first if a is not None}
-    if len(printed) == 1:  # the programs that ran agree
-        assert calls == [("candidates:pal", 2)] and t["probe_answer"] == next(iter(printed))
-    elif not t["escalated"]:  # settled by the second wave
-        assert calls == [("candidates:pal", 2)] * 2 and len(progs) == 4
+    if len(calls) == 1:  # the programs that ran agree (an escalated vote may void their answers, not this path)
+        printed = {c["answer"] for c in progs} - {None}
+        assert len(printed) == 1 and t["probe_answer"] == next(iter(printed)) and not t["escalated"]
+    elif calls == [("candidates:pal", 2)] * 2:  # they disagreed; the second wave settled it
+        assert not t["escalated"] and len(progs) == 4
         assert t["probe_answer"] == pal.leader([c["answer"] for c in progs], min_votes=2) is not None
     elif len(calls) == 3:  # the programs ran, disagreed, and the second wave settled nothing
-        assert calls == [("candidates:pal", 2), ("candidates:pal", 2), ("candidates", 4)]
-    else:  # no program printed anything
-        assert calls == [("candidates:pal", 2), ("candidates", 6)]
+        assert calls == [("candidates:pal", 2), ("candidates:pal", 2), ("candidates", n - 4)] and t["escalated"]
+    else:  # no program printed anything: no second wave
+        assert calls == [("candidates:pal", 2), ("candidates", n - 2)] and t["escalated"]
     if t["escalated"]:
-        assert len(t["candidates"]) == 8 and t["probe_answer"] is None
+        assert len(t["candidates"]) == n and t["probe_answer"] is None
     assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
     _usage_adds_up(data)
