@@ -206,6 +206,7 @@ def test_probe_n_equal_to_n_judges_the_probe_alone(fake_upstream: FakeUpstream, 
     ({"agree_threshold": 1.5}, {}, "strategy.agree_threshold"),
     ({"probe_n": 0}, {}, "strategy.probe_n"),
     ({"verifiers": ["nope"]}, {}, "strategy.verifiers"),
+    ({"pal_more": -1}, {}, "strategy.pal_more"),
     ({"probe_n": 3, "n": 8}, {"n": 4}, "n"),  # more choices than a confident probe holds
 ])
 def test_invalid_options_are_400_before_any_call(fake_upstream: FakeUpstream, proxy: ProxyServer,
