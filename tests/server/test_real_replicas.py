@@ -144,20 +144,20 @@ def test_requests_spread_over_two_real_replicas(proxy: ProxyServer, real_vllm: R
             home[winner.label].append(i)
     starts = [i for pair in zip(*home.values(), strict=True) for i in pair]  # alternating
     assert len(starts) == 24
-    # Each replica answers a request of its own first: a replica still cold (its first requests
-    # slow) holds more in flight, and the pool then rightly sends its prompts to the other one,
-    # which is load balancing, not the spread this test is about (the full suite saw 19:5).
-    for v in (real_vllm, replica_b):
-        for i in range(2):
-            r = httpx.post(v.base_url + "/chat/completions", timeout=120, trust_env=False, json={
-                "model": v.served_name, "max_tokens": 8, "messages": [{"role": "user", "content": question(i)}]})
-            assert r.status_code == 200, r.text
+    # At most ``affinity_slack`` requests in flight: a prompt then always goes to its own replica,
+    # whatever each replica's speed. With more (the full suite ran 6 at once) a replica slowed by
+    # the other's load holds more in flight and the pool rightly sends its prompts elsewhere
+    # (19:5 seen twice, even after warming both): load balancing, which the fake-upstream pool
+    # tests cover, not the spread over two real servers this test is about.
+    slack = pool.settings.affinity_slack
     before = ok_calls(proxy)
-    assert load(proxy, 24, real_vllm.served_name, starts=starts) == []
+    assert load(proxy, 24, real_vllm.served_name, starts=starts, concurrency=slack) == []
     d = delta(before, ok_calls(proxy))
     state = {r.label: (r.up, r.in_flight, r.failures, r.error) for r in pool.replicas}
     print("spread:", d, "replicas (up, in flight, failures, error):", state)
-    assert min(d[public_url(real_vllm.base_url)], d[public_url(replica_b.base_url)]) >= 6, (d, state)
+    # 12:12 by affinity; a replica briefly marked down by a late health check may lose a couple
+    a, b = d[public_url(real_vllm.base_url)], d[public_url(replica_b.base_url)]
+    assert a + b == 24 and min(a, b) >= 10, (d, state)
 
 
 def test_an_adapter_is_loaded_on_both_and_served_by_both(proxy: ProxyServer, real_vllm: RealVLLM,
