@@ -99,6 +99,19 @@ def test_a_shared_prompt_prefix_meets_on_one_replica(pair: tuple[FakeUpstream, F
                                            {"role": "user", "content": "something else"}]})
 
 
+def test_a_busy_prefix_replica_spills_to_the_other(pair: tuple[FakeUpstream, FakeUpstream],
+                                                   make_proxy: Callable[..., ProxyServer]) -> None:
+    # One shared prefix: every prompt prefers the same replica, until it holds more than
+    # affinity_slack (4) requests beyond the other; 8 slow requests at a time must overflow.
+    a, b = pair
+    a.ttft = b.ttft = 0.3
+    p = pool_proxy(make_proxy, [a.url, b.url])
+    assert asyncio.run(burst(p, 16, system="You are the long shared system prompt.")) == []
+    home, other = sorted((calls(a), calls(b)), reverse=True)
+    print("spill", home, other)
+    assert home + other == 16 and other >= 2 and home > other
+
+
 def test_a_dead_replica_costs_no_request(pair: tuple[FakeUpstream, FakeUpstream],
                                          make_proxy: Callable[..., ProxyServer]) -> None:
     a, b = pair
