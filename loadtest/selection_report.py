@@ -28,6 +28,7 @@ from loadtest.selection_rescore import (
     cisc,
     deepconf,
     early_sc,
+    early_sc_programs_first,
     first,
     greedy,
     load,
@@ -37,6 +38,7 @@ from loadtest.selection_rescore import (
     pal_alone,
     pal_mix,
     policy,
+    sc_mix,
 )
 
 # ---- tuning and the report ------------------------------------------------------------------
@@ -68,6 +70,9 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
         (f"wave={w},thr={c},split={k},tiebreak={t}",
          partial(early_sc, threshold=c, wave=w, split=k, tiebreak=t))
         for w in (2, 3, 4) for c in (0.6, 0.7, 0.8, 0.9) for k in (3, 4, 5) for t in (None, *SIGNALS)]
+    for k in PAL_ES:
+        g[es_family(k)] = [(f"thr={c},wave={w}", partial(early_sc_programs_first, threshold=c, wave=w, pal_k=k))
+                           for c in (0.6, 0.7, 0.8, 0.9, 0.95) for w in (1, 2, 4)]
     for sig in SIGNALS:
         g[f"shipped vote[{sig}]"] = [(f"T={t}", partial(policy, signal=sig, temperature=t))
                                      for t in (None, *TEMPS)]
@@ -98,12 +103,20 @@ def grids() -> dict[str, list[tuple[str, Selector]]]:
     return g
 
 
+PAL_ES = (2, 4)  # programs of n=8 (the bench stores 4 per item)
+
+
+def es_family(k: int) -> str:
+    return f"early_sc, pal={k}, programs first (<= 60% of SC n=8 pal={k}'s tokens)"
+
+
 FIXED: list[tuple[str, Selector]] = [
     ("greedy", greedy), ("first sample", first), ("majority (as shipped)", majority_plain),
     ("majority + well-formedness (SC@N)", majority),
     ("vote weighted by exp(mean logprob)", partial(cisc, signal="mean_logprob", temperature=1.0)),
     ("PAL alone (k votes)", pal_alone), ("pass@N (oracle)", oracle),
     *((f"SC over the first {k} samples (fixed k)", partial(majority, k=k)) for k in (3, 4, 5, 6)),
+    *((f"SC n=8, pal={k} (programs vote with prose, no stopping)", partial(sc_mix, pal_k=k)) for k in PAL_ES),
 ]
 
 
@@ -118,6 +131,7 @@ AUTO_BUDGET = "auto (programs first, then best_of_n of n), <= 40% of best_of_n's
 BUDGETS: dict[str, tuple[float, Selector]] = {
     "early_sc+split (<= 60% of SC@N's tokens)": (0.6, majority),
     AUTO_BUDGET: (0.4, lambda r: shipped_defaults()["best_of_n"](r)),
+    **{es_family(k): (0.6, partial(sc_mix, pal_k=k)) for k in PAL_ES},
 }
 
 
@@ -168,6 +182,30 @@ def report(recs: list[Rec], selectors: list[tuple[str, str, Selector]], tasks: l
                      "per_task": dict(zip(tasks, per, strict=True)), "vs_greedy": vg, "vs_sc": vs,
                      "tokens_per_item": toks})
     return head + "\n".join(lines) + "\n", rows
+
+
+def early_table(recs: list[Rec], tuned: list[tuple[str, str, Selector]]) -> str:
+    """Each tuned early-stopping setting against ``self_consistency`` n=8 drawing the same mix of
+    candidates with no stopping (the target's comparison), and against plain SC@N: accuracy with
+    95% intervals, exact paired McNemar, tokens as a share of each."""
+    out = ["| early stopping | setting | accuracy (95% CI) | n=8, same mix | vs n=8 same mix | tokens / n=8 same mix "
+           "| vs SC@N (prose) | tokens / SC@N |", "|---|---|---|---|---|---:|---|---:|"]
+    sc = {r.key: float(majority(r)[0]) for r in recs}
+    sc_tok = tokens(recs, majority)
+    for k in PAL_ES:
+        _, params, fn = next(t for t in tuned if t[0] == es_family(k))
+        ref = partial(sc_mix, pal_k=k)
+        mine = {r.key: float(fn(r)[0]) for r in recs}
+        base = {r.key: float(ref(r)[0]) for r in recs}
+        n, a, b = len(recs), int(sum(mine.values())), int(sum(base.values()))
+        vm, vs = mcnemar(base, mine), mcnemar(sc, mine)
+        lo, hi = wilson(a, n)
+        blo, bhi = wilson(b, n)
+        out.append(f"| pal={k}, programs first | {params} | {a / n:.1%} ({lo:.1%}-{hi:.1%}) | {b / n:.1%} "
+                   f"({blo:.1%}-{bhi:.1%}) | +{vm['other_only']}/-{vm['base_only']}, p={vm['p_value']:.3g} | "
+                   f"{tokens(recs, fn) / tokens(recs, ref):.2f} | +{vs['other_only']}/-{vs['base_only']}, "
+                   f"p={vs['p_value']:.3g} | {tokens(recs, fn) / sc_tok:.2f} |")
+    return "\n".join(out) + "\n"
 
 
 def auroc(pos: list[float], neg: list[float]) -> float | None:
@@ -289,6 +327,8 @@ def main(args: argparse.Namespace, rest: list[str]) -> None:
         table, rows[label] = report(subset, sel, tasks)
         md += [f"## {label} set, {len(subset)} items", "", table, "Confidence signals, right vs wrong samples:", "",
                signal_table(subset)]
+    md += ["## Early stopping against n=8 with the same candidates (report set, tuned on the tuning set)", "",
+           early_table(rep, tuned)]
     if Path(args.online_out).exists():
         md += ["## Online (through sharpen) against offline, same report items", "",
                online_table(rep, Path(args.online_out))]

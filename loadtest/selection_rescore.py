@@ -246,8 +246,18 @@ def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pa
         prose, progs = r.samples[: (n or len(r.samples)) - pal_k], r.pal[:pal_k]
     else:
         prose, progs = r.samples, (r.pal if pal else [])
-    cs = prose + progs
-    weights = {"confidence": 1.0} | ({"execution": boost} if pal else {})
+    best = _choose(prose + progs, progs, signal, temperature, keep, boost if pal else None)
+    tokens = (_tok(r, prose) if prose else 0) + (r.pal_prompt_tokens + sum(c.tokens for c in progs) if progs else 0)
+    return (best.correct if best is not None else 0), tokens
+
+
+def _choose(cs: list[Cand], progs: list[Cand], signal: str, temperature: float | None, keep: float = 1.0,
+            boost: float | None = None) -> Cand | None:
+    """``strategies.selection.WeightedVote`` over the candidates in this order (the ``confidence``
+    verifier's score; ``boost``: the execution verifier's weight, None: no execution verifier, as
+    in ``self_consistency``): the chosen candidate, None when no answer wins."""
+    pal = boost is not None
+    weights = {"confidence": 1.0} | ({"execution": boost} if boost is not None else {})
     executed = [c.answer for c in progs if c.answer is not None]
     ballots = []
     for c in cs:
@@ -259,9 +269,46 @@ def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pa
         ballots.append(Ballot(c.answer, c.rank if c.rank <= FORM_NO_ANSWER else FORM_NO_ANSWER, scores,
                               c.conf.mean_logprob))
     choice = WeightedVote(weights=weights, temperature=temperature, keep=keep).choose(ballots)
-    best = cs[choice.order[0]] if choice.order else None
-    tokens = (_tok(r, prose) if prose else 0) + (r.pal_prompt_tokens + sum(c.tokens for c in progs) if progs else 0)
-    return (best.correct if best is not None and choice.answer is not None else 0), tokens
+    return cs[choice.order[0]] if choice.order and choice.answer is not None else None
+
+
+def sc_mix(r: Rec, pal_k: int, n: int = 8) -> Pick:
+    """``self_consistency`` with ``pal: pal_k`` of ``n`` and no early stopping: one call of prose,
+    one of programs, a plain majority (the shipped vote) over all of them."""
+    prose, progs = r.samples[: n - pal_k], r.pal[:pal_k]
+    best = _choose(prose + progs, progs, "mean_logprob", None)
+    return (best.correct if best is not None else 0), _tok(r, prose) + r.pal_prompt_tokens + sum(
+        c.tokens for c in progs)
+
+
+def early_sc_programs_first(r: Rec, threshold: float, wave: int, pal_k: int, n: int = 8) -> Pick:
+    """``self_consistency`` with ``pal: pal_k`` of ``n`` and early stopping, as shipped: the
+    programs in waves of ``wave`` (each wave one call), then the prose in waves, stopping once the
+    Beta rule says the leader is settled (an abstaining program does not vote); a plain majority
+    over what was drawn, programs first."""
+    assert len(r.pal) >= pal_k, "the stored item has fewer programs than the setting draws"
+    drawn: list[Cand] = []
+    tokens = 0
+
+    def settled() -> bool:
+        return V.should_stop([c.answer if c.rank == FORM_OK else None for c in drawn], threshold)
+
+    for i in range(0, pal_k, wave):
+        more = r.pal[i:min(i + wave, pal_k)]
+        drawn += more
+        tokens += r.pal_prompt_tokens + sum(c.tokens for c in more)
+        if settled():
+            break
+    else:
+        for i in range(0, n - pal_k, wave):
+            more = r.samples[i:min(i + wave, n - pal_k)]
+            drawn += more
+            tokens += r.prompt_tokens + sum(c.tokens for c in more)
+            if settled():
+                break
+    progs = [c for c in drawn if any(c is p for p in r.pal)]
+    best = _choose(drawn, progs, "mean_logprob", None)
+    return (best.correct if best is not None else 0), tokens
 
 
 def auto_pal(r: Rec, probe: int, pal_k: int, temperature: float | None, boost: float, n: int = 8) -> Pick:

@@ -6,6 +6,7 @@ Free-form answers that yield no extractable answer fall back to universal self-c
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from typing import Literal
@@ -78,20 +79,24 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         assert isinstance(request, ChatCompletionRequest)
         opts = self.options
         notes: list[str] = []
-        drawn = waves.Drawn({"choices": []}, [])
-        if opts.n > opts.pal:
-            drawn = await waves.draw(request, ctx, opts.n - opts.pal, opts.temperature, notes, wave=opts.wave,
+        stopping = opts.stop_threshold is not None or opts.split_stop is not None
+        if opts.pal and stopping:
+            drawn = await self._programs_first(request, ctx, notes)
+        elif opts.pal:
+            drawn = await self._programs_beside(request, ctx, notes)
+        else:
+            drawn = await waves.draw(request, ctx, opts.n, opts.temperature, notes, wave=opts.wave,
                                      threshold=opts.stop_threshold, split=opts.split_stop)
         upstream, cands = drawn.upstream, drawn.candidates
-        if opts.pal:
-            extra, programs = await pal.draw(request, ctx, opts.pal, opts.temperature, start=len(cands))
-            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + programs
         best, share = majority([c.answer for c in cands])
         # Counted without extract's last-line fallback, which "finds" an answer in any free-form
         # text: otherwise free-form candidates never reach universal self-consistency.
-        parsed = sum(tool_calls.is_key(c.answer) or extract(c.content, last_line=False) is not None for c in cands)
-        if opts.usc and len(cands) > 1 and (best is None or parsed < len(cands) / 2):
-            ranked = await self._universal(request, ctx, cands, notes)
+        # A program that printed nothing abstains: it is not a free-form reply to judge.
+        voters = [c for c in cands if not (c.program and c.answer is None)] or cands
+        parsed = sum(tool_calls.is_key(c.answer) or extract(c.content, last_line=False) is not None for c in voters)
+        if opts.usc and len(voters) > 1 and (best is None or parsed < len(voters) / 2):
+            ranked = await self._universal(request, ctx, voters, notes)
+            ranked += [c for c in cands if all(c is not r for r in ranked)]
         else:
             policy = WeightedVote(temperature=opts.vote_temperature if opts.vote == "confidence" else None)
             ranked, choice = selection.rank(cands, policy, opts.signal)
@@ -108,6 +113,41 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
             extra_trace={"majority_answer": best, "answers_parsed": parsed, "waves": drawn.waves,
                          "stopped_early": drawn.stopped_early, "split": drawn.split},
         )
+
+    async def _programs_beside(self, request: ChatCompletionRequest, ctx: StrategyContext,
+                               notes: list[str]) -> waves.Drawn:
+        """No early stopping: the prose call and the program call at once (one round trip), the
+        programs' choices indexed after the prose ones."""
+        opts = self.options
+        prose = sampling.sample(request, ctx, opts.n - opts.pal, opts.temperature, notes) if opts.n > opts.pal \
+            else None
+        tasks = [asyncio.ensure_future(c) for c in (prose, pal.draw(request, ctx, opts.pal, opts.temperature,
+                                                                    start=opts.n - opts.pal)) if c is not None]
+        try:
+            got = await asyncio.gather(*tasks)
+        except BaseException:  # one call failed: the other's upstream work is not wanted either
+            for t in tasks:
+                t.cancel()
+            raise
+        extra, programs = got[-1]
+        if prose is None:
+            return waves.Drawn(extra, programs)
+        upstream, cands = got[0]
+        return waves.Drawn(pal.merge(upstream, extra), cands + programs)
+
+    async def _programs_first(self, request: ChatCompletionRequest, ctx: StrategyContext,
+                              notes: list[str]) -> waves.Drawn:
+        """Early stopping with programs among the candidates: the ``pal`` programs are the first
+        waves, the prose ones follow only while the leading answer is not settled. Executed answers
+        agree far more often than prose ones on a weak model, so the rule stops sooner (README
+        "Selection": n=8 with 4 programs, waves of 2, threshold 0.6)."""
+        opts = self.options
+        drawn = await waves.draw(request, ctx, opts.pal, opts.temperature, notes, wave=opts.wave,
+                                 threshold=opts.stop_threshold, split=opts.split_stop, programs=True)
+        if drawn.stopped_early or opts.n <= opts.pal:
+            return drawn
+        return await waves.draw(request, ctx, opts.n, opts.temperature, notes, wave=opts.wave,
+                                threshold=opts.stop_threshold, split=opts.split_stop, first=drawn)
 
     async def _universal(self, request: ChatCompletionRequest, ctx: StrategyContext, cands: list[Candidate],
                          notes: list[str]) -> list[Candidate]:

@@ -6,6 +6,11 @@ reaches ``threshold`` (``strategies.vote.should_stop``; only well-formed answers
 ``split``, once that many candidates are in and no two answers agree (``strategies.vote.all_differ``:
 the caller then answers with the most confident). Usage counts only what was drawn; the returned
 trace lists every wave.
+
+With ``programs``, each wave is program-aided candidates (``strategies.pal.draw``: the programs run
+in the sandbox, what they printed is their answer, an abstention does not vote). Executed answers
+agree far more often than a weak model's prose ones, so the rule settles after fewer candidates
+(``self_consistency`` draws its programs first when it stops early; README "Selection").
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protocol.wire import ChatCompletionRequest
-from strategies import sampling
+from strategies import pal, sampling
 from strategies.answers import FORM_OK
 from strategies.base import Candidate, StrategyContext
 from strategies.vote import all_differ, prob_leader_wins, should_stop, tally
@@ -43,14 +48,20 @@ def settled(cands: list[Candidate]) -> float:
 
 async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
                notes: list[str], *, wave: int, threshold: float | None, split: int | None = None,
-               first: tuple[dict[str, Any], list[Candidate]] | None = None) -> Drawn:
-    """Up to ``n`` candidates in waves (``threshold`` and ``split`` None: one wave of ``n``).
-    ``first``: a wave already drawn (``auto``'s probe), counted as the first."""
+               first: tuple[dict[str, Any], list[Candidate]] | Drawn | None = None, programs: bool = False) -> Drawn:
+    """Up to ``n`` candidates in all, in waves (``threshold`` and ``split`` None: one wave of ``n``).
+    ``first``: a wave already drawn (``auto``'s probe), counted as the first, or earlier waves
+    (a ``Drawn``, continued: its waves stay in the trace and count toward ``n``).
+    ``programs``: each wave is program-aided candidates."""
     if (threshold is None and split is None) or wave >= n:
         wave = n
-    out = Drawn(first[0], list(first[1])) if first is not None else None
-    if out is not None:
-        out.waves.append(_entry(out.candidates, len(out.candidates)))
+    out: Drawn | None
+    if isinstance(first, Drawn):
+        out = Drawn(first.upstream, list(first.candidates), list(first.waves))
+    else:
+        out = Drawn(first[0], list(first[1])) if first is not None else None
+        if out is not None:
+            out.waves.append(_entry(out.candidates, len(out.candidates)))
     while True:
         if out is not None:
             if len(out.candidates) >= n:
@@ -68,14 +79,17 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, tem
                 break
         size = min(wave, n - (len(out.candidates) if out else 0))
         req = request if out is None else request.model_copy(update={"n": None})  # the client's n: checked once
-        purpose = "candidates" if out is None else f"candidates:wave{len(out.waves) + 1}"
-        data, cands = await sampling.sample(req, ctx, size, temperature, notes if out is None else [],
-                                            purpose=purpose)
+        if programs:
+            data, cands = await pal.draw(req, ctx, size, temperature, start=0)
+        else:
+            purpose = "candidates" if out is None else f"candidates:wave{len(out.waves) + 1}"
+            data, cands = await sampling.sample(req, ctx, size, temperature, notes if out is None else [],
+                                                purpose=purpose)
         if out is None:
             out = Drawn(data, cands)
         else:
             _merge(out, data, cands)
-        out.waves.append(_entry(out.candidates, size))
+        out.waves.append(_entry(out.candidates, size) | ({"programs": True} if programs else {}))
     return out
 
 

@@ -1,7 +1,8 @@
 """The issue-12 selection on the real vLLM (SmolLM2-135M on CPU): the default best_of_n votes
 with the model's own token confidence and makes no verifier calls; self_consistency samples in
 waves, counts only what it drew and stops on a split first wave; program-aided candidates run in
-the sandbox and a failed program never fails the request."""
+the sandbox and a failed program never fails the request; with programs, early stopping draws them
+first."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 from strategies import pal
 from strategies.answers import FORM_OK
 from strategies.auto import AutoOptions
+from strategies.vote import should_stop
 from tests.proxy_server import ProxyServer
 
 pytestmark = [
@@ -111,5 +113,28 @@ def test_auto_takes_the_path_its_programs_printed(real_proxy: ProxyServer) -> No
         assert calls == [("candidates:pal", 2), ("candidates", n - 2)] and t["escalated"]
     if t["escalated"]:
         assert len(t["candidates"]) == n and t["probe_answer"] is None
+    assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
+    _usage_adds_up(data)
+
+
+def test_self_consistency_with_programs_stops_where_the_rule_says(real_proxy: ProxyServer) -> None:
+    # Early stopping with programs among the candidates: programs first, in waves, then prose
+    # waves; whatever the small model's programs print, the waves drawn must be the ones the Beta
+    # rule asks for over the answers in the order drawn (an abstaining program does not vote).
+    threshold = 0.6
+    data = _ask(real_proxy, {"name": "self_consistency", "n": 6, "pal": 4, "wave": 2,
+                             "stop_threshold": threshold}, temperature=1.0)
+    t = data["sharpen"]["trace"]
+    cands = sorted(t["candidates"], key=lambda c: c["index"])
+    expected, drawn = [], 0
+    for purpose in ("candidates:pal", "candidates:pal", "candidates:wave3"):
+        expected.append((purpose, 2))
+        drawn += 2
+        if should_stop([c["answer"] if c["form"] == FORM_OK else None for c in cands[:drawn]], threshold):
+            break
+    assert [(c["purpose"], c["n"]) for c in t["calls"]] == expected
+    assert len(cands) == drawn and t["stopped_early"] == (drawn < 6)
+    is_program = ["execution_run" in c["verdicts"] for c in cands]
+    assert is_program == [True] * min(drawn, 4) + [False] * (drawn - 4)
     assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
     _usage_adds_up(data)

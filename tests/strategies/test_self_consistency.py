@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -302,3 +303,63 @@ def test_every_candidate_program_aided(fake_upstream: FakeUpstream, proxy: Proxy
     resp = ask(proxy, {"name": "self_consistency", "n": 2, "pal": 2}, extra_body={"trace": True})
     assert content(resp).endswith("The answer is 7.")
     assert [c["purpose"] for c in resp["sharpen"]["trace"]["calls"]] == ["candidates:pal"]
+
+
+def _programs_then_prose(printed: list[str], prose: str) -> Any:
+    """A script: program-aided calls print ``printed[i]`` (``"fail"``: the program raises), prose
+    calls answer ``prose``."""
+    def script(body: dict[str, Any], i: int) -> str:
+        if "Python program" in body["messages"][-1]["content"]:
+            code = "raise ValueError" if printed[i] == "fail" else f"print({printed[i]})"
+            return f"```python\n{code}\n```"
+        return prose
+    return script
+
+
+EARLY_PAL = {"name": "self_consistency", "n": 8, "pal": 4, "wave": 2, "stop_threshold": 0.6}
+
+
+def test_early_stopping_with_programs_draws_them_first(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_programs_then_prose(["7", "7"], "The answer is 9."))
+    resp = ask(proxy, EARLY_PAL, extra_body={"trace": True})
+    # two agreeing programs: P = 7/8 >= 0.6, so neither the other programs nor any prose is drawn
+    assert [(c.json["n"], "Python program" in c.json["messages"][-1]["content"]) for c in calls(fake_upstream)] \
+        == [(2, True)]
+    assert content(resp).endswith("The answer is 7.")
+    t = resp["sharpen"]["trace"]
+    assert t["waves"] == [{"drawn": 2, "total": 2, "p_leader": 0.875, "programs": True}]
+    assert t["stopped_early"] is True and [c["purpose"] for c in t["calls"]] == ["candidates:pal"]
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+
+
+def test_disagreeing_programs_are_followed_by_prose_waves(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_programs_then_prose(["3", "5"], "The answer is 3."))
+    resp = ask(proxy, EARLY_PAL, extra_body={"trace": True})
+    t = resp["sharpen"]["trace"]
+    # programs 3, 5 then 3, 5 (P = 0.5 twice); a prose wave of two 3s: 4 to 2, P = 0.77: stop at 6 of 8
+    assert [c["purpose"] for c in t["calls"]] == ["candidates:pal", "candidates:pal", "candidates:wave3"]
+    assert [(w["total"], w.get("programs", False)) for w in t["waves"]] == [(2, True), (4, True), (6, False)]
+    assert sorted(c["index"] for c in t["candidates"]) == list(range(6))
+    assert t["majority_answer"] == "3" and content(resp) == "The answer is 3."  # the prose reply, not the code
+    assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
+
+
+def test_abstaining_programs_leave_the_vote_to_the_prose(fake_upstream: FakeUpstream, proxy: ProxyServer) -> None:
+    fake_upstream.script(_programs_then_prose(["fail", "fail"], "The answer is 7."))
+    resp = ask(proxy, {**EARLY_PAL, "n": 6}, extra_body={"trace": True})
+    t = resp["sharpen"]["trace"]
+    assert [c.json["n"] for c in calls(fake_upstream)] == [2, 2, 2]  # no program voted: the prose settles it
+    assert [w["p_leader"] for w in t["waves"]] == [0.0, 0.0, 0.875]
+    assert content(resp) == "The answer is 7."
+
+
+def test_without_early_stopping_programs_and_prose_are_one_round_trip(fake_upstream: FakeUpstream,
+                                                                      proxy: ProxyServer) -> None:
+    fake_upstream.ttft = 0.5
+    fake_upstream.script(_programs_then_prose(["7", "7"], "The answer is 7."))
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(ask, proxy, {"name": "self_consistency", "n": 4, "pal": 2}, extra_body={"trace": True})
+        assert fake_upstream.wait_until(lambda: fake_upstream.in_flight == 2)  # both calls at once
+        resp = fut.result()
+    assert sorted(c["index"] for c in resp["sharpen"]["trace"]["candidates"]) == [0, 1, 2, 3]
+    assert content(resp) == "The answer is 7."
