@@ -29,6 +29,16 @@ from loadtest.selection_bench import INSTRUCTION, Item, upstream_for
 from strategies.answers import extract
 
 
+def recipe(strategy: str) -> dict[str, Any]:
+    """The strategy object sent for a name: a shipped strategy with its defaults, or a named recipe
+    of options (``self_consistency+early``: ``strategies.self_consistency.EARLY_STOPPING``)."""
+    from strategies.self_consistency import EARLY_STOPPING
+
+    if strategy == "self_consistency+early":
+        return {"name": "self_consistency", **EARLY_STOPPING}
+    return {"name": strategy}
+
+
 def _targets(args: argparse.Namespace) -> list[Any]:
     """The first ``--online`` report items whose candidates the generation file stored, taken
     from each task in turn (so a few cover every family)."""
@@ -48,7 +58,7 @@ def _targets(args: argparse.Namespace) -> list[Any]:
 
 async def _one(session: aiohttp.ClientSession, url: str, model: str, strategy: str, item: Any,
                args: argparse.Namespace) -> dict[str, Any]:
-    body = {"model": model, "max_tokens": args.max_tokens, "trace": True, "strategy": {"name": strategy},
+    body = {"model": model, "max_tokens": args.max_tokens, "trace": True, "strategy": recipe(strategy),
             "messages": [{"role": "user", "content": item.question + INSTRUCTION}]}
     t0 = time.perf_counter()
     async with session.post(url + "/chat/completions", json=body) as r:

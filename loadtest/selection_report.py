@@ -255,6 +255,9 @@ def shipped_defaults() -> dict[str, Selector]:
                              and sc.VOTE == "majority" else partial(policy, signal="mean_logprob",
                                                                     temperature=sc_temp)),
     }
+    es = sc.EARLY_STOPPING
+    out["self_consistency+early"] = partial(early_sc_programs_first, threshold=float(es["stop_threshold"]),
+                                            wave=int(es["wave"]), pal_k=int(es["pal"]), n=int(es["n"]))
     return out
 
 
