@@ -133,26 +133,10 @@ class BestOfN(Strategy[BestOfNOptions]):
         assert isinstance(request, ChatCompletionRequest)
         o = self.options
         notes: list[str] = []
-        upstream: dict[str, Any] = {"choices": []}
-        cands: list[Candidate] = []
         k = o.pal if pal.applicable(request) else 0
         if k < o.pal:
             notes.append("no program-aided candidates: the request wants tool calls or JSON")
-        # the prose and the program calls are independent: one round trip, not two
-        prose = sampling.sample(request, ctx, o.n - k, o.temperature, notes) if o.n > k else None
-        programs = pal.draw(request, ctx, k, o.temperature, start=o.n - k) if k else None
-        tasks = [asyncio.ensure_future(c) for c in (prose, programs) if c is not None]
-        try:
-            got = await asyncio.gather(*tasks)
-        except BaseException:  # one call failed: the other's upstream work is not wanted either
-            for t in tasks:
-                t.cancel()
-            raise
-        if prose is not None:
-            upstream, cands = got[0]
-        if programs is not None:
-            extra, progs = got[-1]
-            upstream, cands = pal.merge(upstream, extra) if cands else extra, cands + progs
+        upstream, cands = await pal.with_prose(request, ctx, o.n, k, o.temperature, notes)
         return await self.judge(request, ctx, upstream, cands, notes)
 
     async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],

@@ -111,6 +111,26 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, k: int, tem
     return data, cands
 
 
+async def with_prose(request: ChatCompletionRequest, ctx: StrategyContext, n: int, k: int, temperature: float,
+                     notes: list[str]) -> tuple[dict[str, Any], list[Candidate]]:
+    """``n`` candidates, ``k`` of them program-aided: the prose call and the program call at once
+    (they are independent: one round trip, not two), the programs indexed after the prose. If one
+    call fails, the other is cancelled (its upstream work is not wanted either)."""
+    prose = sampling.sample(request, ctx, n - k, temperature, notes) if n > k else None
+    programs = draw(request, ctx, k, temperature, start=n - k) if k else None
+    tasks = [asyncio.ensure_future(c) for c in (prose, programs) if c is not None]
+    try:
+        got = await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+    if prose is None or programs is None:
+        return got[0]
+    (upstream, cands), (extra, progs) = got
+    return merge(upstream, extra), cands + progs
+
+
 def merge(upstream: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """One upstream-shaped answer holding both answers' choices, ``extra``'s indexed after."""
     base = len(upstream["choices"])

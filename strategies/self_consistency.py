@@ -6,7 +6,6 @@ Free-form answers that yield no extractable answer fall back to universal self-c
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections import Counter
 from typing import Literal
@@ -86,8 +85,8 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         stopping = opts.stop_threshold is not None or opts.split_stop is not None
         if opts.pal and stopping:
             drawn = await self._programs_first(request, ctx, notes)
-        elif opts.pal:
-            drawn = await self._programs_beside(request, ctx, notes)
+        elif opts.pal:  # no stopping: the prose call and the program call at once
+            drawn = waves.Drawn(*await pal.with_prose(request, ctx, opts.n, opts.pal, opts.temperature, notes))
         else:
             drawn = await waves.draw(request, ctx, opts.n, opts.temperature, notes, wave=opts.wave,
                                      threshold=opts.stop_threshold, split=opts.split_stop)
@@ -117,27 +116,6 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
             extra_trace={"majority_answer": best, "answers_parsed": parsed, "waves": drawn.waves,
                          "stopped_early": drawn.stopped_early, "split": drawn.split},
         )
-
-    async def _programs_beside(self, request: ChatCompletionRequest, ctx: StrategyContext,
-                               notes: list[str]) -> waves.Drawn:
-        """No early stopping: the prose call and the program call at once (one round trip), the
-        programs' choices indexed after the prose ones."""
-        opts = self.options
-        prose = sampling.sample(request, ctx, opts.n - opts.pal, opts.temperature, notes) if opts.n > opts.pal \
-            else None
-        tasks = [asyncio.ensure_future(c) for c in (prose, pal.draw(request, ctx, opts.pal, opts.temperature,
-                                                                    start=opts.n - opts.pal)) if c is not None]
-        try:
-            got = await asyncio.gather(*tasks)
-        except BaseException:  # one call failed: the other's upstream work is not wanted either
-            for t in tasks:
-                t.cancel()
-            raise
-        extra, programs = got[-1]
-        if prose is None:
-            return waves.Drawn(extra, programs)
-        upstream, cands = got[0]
-        return waves.Drawn(pal.merge(upstream, extra), cands + programs)
 
     async def _programs_first(self, request: ChatCompletionRequest, ctx: StrategyContext,
                               notes: list[str]) -> waves.Drawn:
