@@ -302,7 +302,8 @@ def test_stream_disconnect_aborts_upstream(real_vllm: RealVLLM, any_proxy: Proxy
     assert ok, f"vLLM still ran {value} requests 10 s after the client left"
     generated = _generated(real_vllm) - before
     assert generated < 1500, f"the request ran to its end ({generated:.0f} tokens): the disconnect aborted nothing"
-    print(f"upstream aborted {time.monotonic() - t_closed:.2f} s after the stream was closed, {generated:.0f} tokens in")
+    print(f"upstream aborted {time.monotonic() - t_closed:.2f} s after the stream was closed, "
+          f"{generated:.0f} tokens in")
 
 
 def test_non_stream_disconnect_aborts_upstream(real_vllm: RealVLLM, any_proxy: ProxyServer, model: str) -> None:
