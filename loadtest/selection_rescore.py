@@ -257,7 +257,7 @@ def _choose(cs: list[Cand], progs: list[Cand], signal: str, temperature: float |
     verifier's score; ``boost``: the execution verifier's weight, None: no execution verifier, as
     in ``self_consistency``): the chosen candidate, None when no answer wins."""
     pal = boost is not None
-    weights = {"confidence": 1.0} | ({"execution": boost} if boost is not None else {})
+    weights = {"confidence": 1.0} | ({"execution": boost} if pal else {})
     executed = [c.answer for c in progs if c.answer is not None]
     ballots = []
     for c in cs:
@@ -276,7 +276,7 @@ def sc_mix(r: Rec, pal_k: int, n: int = 8) -> Pick:
     """``self_consistency`` with ``pal: pal_k`` of ``n`` and no early stopping: one call of prose,
     one of programs, a plain majority (the shipped vote) over all of them."""
     prose, progs = r.samples[: n - pal_k], r.pal[:pal_k]
-    best = _choose(prose + progs, progs, "mean_logprob", None)
+    best = _choose(prose + progs, [], "mean_logprob", None)  # no execution verifier
     return (best.correct if best is not None else 0), _tok(r, prose) + r.pal_prompt_tokens + sum(
         c.tokens for c in progs)
 
@@ -306,8 +306,7 @@ def early_sc_programs_first(r: Rec, threshold: float, wave: int, pal_k: int, n: 
             tokens += r.prompt_tokens + sum(c.tokens for c in more)
             if settled():
                 break
-    progs = [c for c in drawn if any(c is p for p in r.pal)]
-    best = _choose(drawn, progs, "mean_logprob", None)
+    best = _choose(drawn, [], "mean_logprob", None)  # no execution verifier: executed answers unused
     return (best.correct if best is not None else 0), tokens
 
 

@@ -84,13 +84,14 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
         opts = self.options
         notes: list[str] = []
         stopping = opts.stop_threshold is not None or opts.split_stop is not None
-        if opts.pal and stopping:
-            drawn = await self._programs_first(request, ctx, notes)
-        elif opts.pal:  # no stopping: the prose call and the program call at once
+        if opts.pal and not stopping:  # the prose call and the program call at once
             drawn = waves.Drawn(*await pal.with_prose(request, ctx, opts.n, opts.pal, opts.temperature, notes))
         else:
+            # Stopping early with programs: they are the first waves, and prose follows only while
+            # the leader is unsettled. Executed answers agree far more often than a weak model's
+            # prose ones, so the rule stops sooner (README "Selection").
             drawn = await waves.draw(request, ctx, opts.n, opts.temperature, notes, wave=opts.wave,
-                                     threshold=opts.stop_threshold, split=opts.split_stop)
+                                     threshold=opts.stop_threshold, split=opts.split_stop, programs=opts.pal)
         upstream, cands = drawn.upstream, drawn.candidates
         best, share = majority([c.answer for c in cands])
         # Counted without extract's last-line fallback, which "finds" an answer in any free-form
@@ -117,20 +118,6 @@ class SelfConsistency(Strategy[SelfConsistencyOptions]):
             extra_trace={"majority_answer": best, "answers_parsed": parsed, "waves": drawn.waves,
                          "stopped_early": drawn.stopped_early, "split": drawn.split},
         )
-
-    async def _programs_first(self, request: ChatCompletionRequest, ctx: StrategyContext,
-                              notes: list[str]) -> waves.Drawn:
-        """Early stopping with programs among the candidates: the ``pal`` programs are the first
-        waves, the prose ones follow only while the leading answer is not settled. Executed answers
-        agree far more often than prose ones on a weak model, so the rule stops sooner (README
-        "Selection": n=8 with 4 programs, waves of 2, threshold 0.6)."""
-        opts = self.options
-        drawn = await waves.draw(request, ctx, opts.pal, opts.temperature, notes, wave=opts.wave,
-                                 threshold=opts.stop_threshold, split=opts.split_stop, programs=True)
-        if drawn.stopped_early or opts.n <= opts.pal:
-            return drawn
-        return await waves.draw(request, ctx, opts.n, opts.temperature, notes, wave=opts.wave,
-                                threshold=opts.stop_threshold, split=opts.split_stop, first=drawn)
 
     async def _universal(self, request: ChatCompletionRequest, ctx: StrategyContext, cands: list[Candidate],
                          notes: list[str]) -> list[Candidate]:

@@ -7,7 +7,7 @@ reaches ``threshold`` (``strategies.vote.should_stop``; only well-formed answers
 the caller then answers with the most confident). Usage counts only what was drawn; the returned
 trace lists every wave.
 
-With ``programs``, each wave is program-aided candidates (``strategies.pal.draw``: the programs run
+With ``programs``, the first waves are program-aided candidates (``strategies.pal.draw``: the programs run
 in the sandbox, what they printed is their answer, an abstention does not vote). Executed answers
 agree far more often than a weak model's prose ones, so the rule settles after fewer candidates
 (``self_consistency`` draws its programs first when it stops early; README "Selection").
@@ -48,20 +48,15 @@ def settled(cands: list[Candidate]) -> float:
 
 async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, temperature: float,
                notes: list[str], *, wave: int, threshold: float | None, split: int | None = None,
-               first: tuple[dict[str, Any], list[Candidate]] | Drawn | None = None, programs: bool = False) -> Drawn:
-    """Up to ``n`` candidates in all, in waves (``threshold`` and ``split`` None: one wave of ``n``).
-    ``first``: a wave already drawn (``auto``'s probe), counted as the first, or earlier waves
-    (a ``Drawn``, continued: its waves stay in the trace and count toward ``n``).
-    ``programs``: each wave is program-aided candidates."""
+               first: tuple[dict[str, Any], list[Candidate]] | None = None, programs: int = 0) -> Drawn:
+    """Up to ``n`` candidates in waves (``threshold`` and ``split`` None: one wave of ``n``).
+    ``first``: a wave already drawn (``auto``'s probe), counted as the first. ``programs``: the
+    first that many candidates are program-aided, drawn in their own waves before any prose."""
     if (threshold is None and split is None) or wave >= n:
         wave = n
-    out: Drawn | None
-    if isinstance(first, Drawn):
-        out = Drawn(first.upstream, list(first.candidates), list(first.waves))
-    else:
-        out = Drawn(first[0], list(first[1])) if first is not None else None
-        if out is not None:
-            out.waves.append(_entry(out.candidates, len(out.candidates)))
+    out = Drawn(first[0], list(first[1])) if first is not None else None
+    if out is not None:
+        out.waves.append(_entry(out.candidates, len(out.candidates)))
     while True:
         if out is not None:
             if len(out.candidates) >= n:
@@ -77,11 +72,13 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, tem
                 notes.append(f"stopped after {len(out.candidates)} of {n} candidates: no two of their answers "
                              "agree, the most confident answers")
                 break
-        size = min(wave, n - (len(out.candidates) if out else 0))
+        have = len(out.candidates) if out else 0
         req = request if out is None else request.model_copy(update={"n": None})  # the client's n: checked once
-        if programs:
+        if have < programs:
+            size = min(wave, programs - have)
             data, cands = await pal.draw(req, ctx, size, temperature, start=0)
         else:
+            size = min(wave, n - have)
             purpose = "candidates" if out is None else f"candidates:wave{len(out.waves) + 1}"
             data, cands = await sampling.sample(req, ctx, size, temperature, notes if out is None else [],
                                                 purpose=purpose)
@@ -89,7 +86,7 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, n: int, tem
             out = Drawn(data, cands)
         else:
             _merge(out, data, cands)
-        out.waves.append(_entry(out.candidates, size) | ({"programs": True} if programs else {}))
+        out.waves.append(_entry(out.candidates, size) | ({"programs": True} if have < programs else {}))
     return out
 
 

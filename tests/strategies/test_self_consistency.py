@@ -329,6 +329,7 @@ def test_early_stopping_with_programs_draws_them_first(fake_upstream: FakeUpstre
     t = resp["sharpen"]["trace"]
     assert t["waves"] == [{"drawn": 2, "total": 2, "p_leader": 0.875, "programs": True}]
     assert t["stopped_early"] is True and [c["purpose"] for c in t["calls"]] == ["candidates:pal"]
+    assert any("stopped after 2 of 8 candidates" in n for n in t["notes"])  # of the request's n, not of pal
     assert {k: resp["usage"][k] for k in fake_upstream.total_usage()} == fake_upstream.total_usage()
 
 
