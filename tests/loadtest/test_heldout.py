@@ -1,5 +1,6 @@
-"""The held-out helper: the set is built reproducibly from an outside file, answers keep their
-GSM8K form, and the summary pairs items and keeps no question text."""
+"""The held-out helper: the set is built reproducibly from outside files (GSM8K, BIG-Bench-Hard
+tasks interleaved), answers keep their source's form, and the summary pairs items, splits them
+by task and keeps no question text."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.heldout import build, summary
+from loadtest.heldout import build, family, summary
 from loadtest.machine import cpu_line
 
 
@@ -19,14 +20,32 @@ def _gsm8k(path: Path, n: int) -> None:
 
 def test_build_is_seeded_and_takes_the_final_answer(tmp_path: Path) -> None:
     _gsm8k(tmp_path / "test.jsonl", 20)
-    build(tmp_path / "test.jsonl", tmp_path / "a.jsonl", 5, seed=7)
-    build(tmp_path / "test.jsonl", tmp_path / "b.jsonl", 5, seed=7)
-    build(tmp_path / "test.jsonl", tmp_path / "c.jsonl", 5, seed=8)
+    build([tmp_path / "test.jsonl"], tmp_path / "a.jsonl", 5, seed=7)
+    build([tmp_path / "test.jsonl"], tmp_path / "b.jsonl", 5, seed=7)
+    build([tmp_path / "test.jsonl"], tmp_path / "c.jsonl", 5, seed=8)
     a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert (tmp_path / "a.jsonl").read_text() != (tmp_path / "c.jsonl").read_text()
     assert len(a) == 5 and all(r["answer"] == r["question"][1:-1] + "000" for r in a)  # "#### 3,000" -> "3000"
     assert [r["id"] for r in a] == [f"gsm8k-test-{i}" for i in range(5)]
+
+
+def _bbh(path: Path, n: int) -> None:
+    path.write_text(json.dumps({"examples": [{"input": f"{path.stem} {i} =", "target": f" {i}"} for i in range(n)]}))
+
+
+def test_bbh_tasks_are_interleaved_so_a_stopped_run_covers_each_alike(tmp_path: Path) -> None:
+    _bbh(tmp_path / "object_counting.json", 10)
+    _bbh(tmp_path / "multistep_arithmetic_two.json", 3)
+    build([tmp_path / "object_counting.json", tmp_path / "multistep_arithmetic_two.json"], tmp_path / "o.jsonl", 4,
+          seed=7)
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    fams = [family(r["id"]) for r in rows]
+    # 4 of the first task, all 3 of the second, one of each in turn while both last
+    assert fams == ["object_counting", "multistep_arithmetic_two"] * 3 + ["object_counting"]
+    assert all(r["question"].split()[1] == r["answer"] for r in rows)  # target stripped, paired with its input
+    assert len({r["id"] for r in rows}) == 7
+    assert family("gsm8k-test-12") == "gsm8k"
 
 
 def test_summary_pairs_items_and_keeps_no_question_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -45,6 +64,19 @@ def test_summary_pairs_items_and_keeps_no_question_text(tmp_path: Path, capsys: 
     assert "| passthrough | 33.3%" in out and "| auto | 100.0%" in out and "+2/-0" in out
     kept = (tmp_path / "kept.jsonl").read_text()
     assert "secret" not in kept and len(kept.splitlines()) == 7
+
+
+def test_summary_splits_by_task_when_there_are_several(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{"strategy": s, "item": f"bbh-{t}-{i}", "correct": float(s == "auto" or t == "b"), "tokens": 1,
+             "wall_s": 1.0} for t in ("a", "b") for i in range(2) for s in ("passthrough", "auto")]
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert summary(results, "passthrough", None) == 0
+    out = capsys.readouterr().out
+    assert "all: 4 items" in out and "a: 2 items" in out and "b: 2 items" in out
+    a, b = out.split("\na: ")[1].split("\nb: ")
+    assert "| passthrough | 0.0%" in a and "+2/-0" in a
+    assert "| passthrough | 100.0%" in b and "+0/-0" in b
 
 
 def test_cpu_line_names_the_model_and_only_the_vector_flags(tmp_path: Path) -> None:
