@@ -97,7 +97,8 @@ def table(rows: list[dict[str, Any]], baseline: str, title: str) -> None:
         right = [bool(by[i][s]["correct"]) for i in items]
         lo, hi = wilson(sum(right), n)
         t = mcnemar({i: by[i][baseline]["correct"] for i in items}, {i: by[i][s]["correct"] for i in items})
-        versus = "-" if s == baseline else f"+{t['other_only']}/-{t['base_only']}, p={t['p_value']:.2g}"
+        pv = "p<1e-4" if t["p_value"] == 0 else f"p={t['p_value']:.2g}"  # mcnemar rounds to 4 places
+        versus = "-" if s == baseline else f"+{t['other_only']}/-{t['base_only']}, {pv}"
         tokens = sum(by[i][s]["tokens"] for i in items) / n
         wall = sorted(by[i][s]["wall_s"] for i in items)[n // 2]
         print(f"| {s} | {sum(right) / n:.1%} ({lo:.1%}-{hi:.1%}) | {versus} | {tokens:.0f} | {wall:.1f} |")
