@@ -21,29 +21,12 @@ import pytest
 
 from server.backend.process_group import group_members
 from tests.real_backend import REAL_MODEL
-from tests.server.test_serve_embedded import READY_TIMEOUT, STOP_TIMEOUT, VLLM_MODULE, _alive
+from tests.server.vllm_children import READY_TIMEOUT, STOP_TIMEOUT, alive, vllm_processes
 
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
 ]
-
-
-def _vllm_children(parent: int) -> dict[int, int]:
-    """pid -> process group of every live vLLM API server whose parent is ``parent``."""
-    found: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if VLLM_MODULE.encode() in argv and int(fields[1]) == parent and fields[0] not in ("Z", "X"):
-            found[int(entry.name)] = int(fields[2])
-    return found
 
 
 def test_sigterm_to_eval_takes_the_embedded_vllm_down(tmp_path: Path) -> None:
@@ -66,10 +49,10 @@ def test_sigterm_to_eval_takes_the_embedded_vllm_down(tmp_path: Path) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline and not (results.exists() and results.read_text().count("\n") >= 2):
             assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            children = children or _vllm_children(proc.pid)
+            children = children or vllm_processes(parent=proc.pid)
             time.sleep(0.5)
         assert results.exists(), f"no result within {READY_TIMEOUT:.0f} s\n{log.read_text(errors='replace')[-4000:]}"
-        children = _vllm_children(proc.pid)
+        children = vllm_processes(parent=proc.pid)
         assert len(children) == 1, "the eval serves through one embedded vLLM"
         (pgid,) = children.values()
         members = group_members(pgid)
@@ -77,10 +60,10 @@ def test_sigterm_to_eval_takes_the_embedded_vllm_down(tmp_path: Path) -> None:
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)  # mid-run: items are still in flight
         code = proc.wait(timeout=STOP_TIMEOUT + 30)
-        while time.monotonic() - t0 < STOP_TIMEOUT and any(_alive(p) for p in members):
+        while time.monotonic() - t0 < STOP_TIMEOUT and any(alive(p) for p in members):
             time.sleep(0.2)
         took = time.monotonic() - t0
-        assert not [p for p in members if _alive(p)], f"vLLM outlived sharpen eval by {took:.1f} s"
+        assert not [p for p in members if alive(p)], f"vLLM outlived sharpen eval by {took:.1f} s"
         assert code == 128 + signal.SIGTERM, log.read_text(errors="replace")[-4000:]
         rows = [json.loads(line) for line in results.read_text().splitlines()]  # every line whole
         assert 2 <= len(rows) < 200 and {r["strategy"] for r in rows} == {"passthrough"}

@@ -24,15 +24,13 @@ import pytest
 from server.backend.process_group import group_members
 from tests.proxy_server import free_port
 from tests.real_backend import REAL_MODEL
+from tests.server.vllm_children import READY_TIMEOUT, STOP_TIMEOUT, alive, vllm_processes
 
 pytestmark = [
     pytest.mark.real,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
 ]
 
-VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-READY_TIMEOUT = 240.0
-STOP_TIMEOUT = 20.0
 
 
 class Serve:
@@ -88,37 +86,6 @@ class Serve:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-
-
-def _proc_state(pid: int) -> str | None:
-    """The process's state letter (``R``, ``S``, ``Z``...), or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat[stat.rfind(")") + 2 :].split()[0]
-
-
-def _alive(pid: int) -> bool:
-    return _proc_state(pid) not in (None, "Z", "X")  # an unreaped zombie holds no memory or port
-
-
-def vllm_processes(port: int) -> dict[int, int]:
-    """pid -> process group of every live vLLM API server started with ``--port port``."""
-    found: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if VLLM_MODULE.encode() in argv and b"--port" in argv and argv[argv.index(b"--port") + 1] == str(port).encode():
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if fields[0] not in ("Z", "X"):
-                found[int(entry.name)] = int(fields[2])
-    return found
 
 
 def _chat(serve: Serve) -> str:
@@ -186,11 +153,11 @@ def test_sigterm_takes_vllm_down(serve: Serve) -> None:
     t0 = time.monotonic()
     serve.proc.send_signal(signal.SIGTERM)
     code = serve.proc.wait(timeout=STOP_TIMEOUT)
-    while time.monotonic() - t0 < STOP_TIMEOUT and (vllm_processes(port) or any(_alive(p) for p in members)):
+    while time.monotonic() - t0 < STOP_TIMEOUT and (vllm_processes(port) or any(alive(p) for p in members)):
         time.sleep(0.2)
     took = time.monotonic() - t0
     assert not vllm_processes(port), f"vLLM still runs {took:.1f} s after SIGTERM\n{serve.output()}"
-    assert not [p for p in members if _alive(p)], f"vLLM's children outlived sharpen\n{serve.output()}"
+    assert not [p for p in members if alive(p)], f"vLLM's children outlived sharpen\n{serve.output()}"
     # uvicorn re-raises the signal it caught once its graceful shutdown is done
     assert code in (0, -signal.SIGTERM), serve.output()
     out = serve.out_path.read_text(errors="replace")
