@@ -61,13 +61,17 @@ def build(srcs: list[Path], out: Path, n: int, seed: int) -> int:
 
 
 def family(item: str) -> str:
-    """The task an item id names (``bbh-object_counting-3`` -> ``object_counting``)."""
-    return item.rsplit("-", 1)[0].removeprefix("bbh-").removeprefix("gsm8k-test").strip("-") or "gsm8k"
+    """The task an item id names (``bbh-object_counting-3`` -> ``object_counting``); every
+    other id is one family (GSM8K's, or a hand-made set's)."""
+    if item.startswith("bbh-"):
+        return item.removeprefix("bbh-").rsplit("-", 1)[0]
+    return "gsm8k" if item.startswith("gsm8k-") else "items"
 
 
 def summary(results: Path, baseline: str, keep: Path | None) -> int:
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     families = sorted({family(r["item"]) for r in rows})
+    print(f"CPU: {cpu_line()}")
     table(rows, baseline, "all")
     if len(families) > 1:
         for fam in families:
@@ -90,7 +94,7 @@ def table(rows: list[dict[str, Any]], baseline: str, title: str) -> None:
     if not n:
         print(f"{title}: no item has an answer from every strategy")
         return
-    print(f"\n{title}: {n} items answered by every strategy ({', '.join(strategies)}); CPU: {cpu_line()}")
+    print(f"\n{title}: {n} items answered by every strategy ({', '.join(strategies)})")
     print("| strategy | accuracy (95% CI) | vs " + baseline + " | tokens/item | median wall s |")
     print("|---|---|---|---:|---:|")
     for s in strategies:

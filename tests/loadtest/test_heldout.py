@@ -61,6 +61,7 @@ def test_summary_pairs_items_and_keeps_no_question_text(tmp_path: Path, capsys: 
     assert summary(results, "passthrough", tmp_path / "kept.jsonl") == 0
     out = capsys.readouterr().out
     assert "3 items answered by every strategy" in out
+    assert out.count("items answered by every strategy") == 1  # ids from no known source: one family
     assert "| passthrough | 33.3%" in out and "| auto | 100.0%" in out and "+2/-0" in out
     kept = (tmp_path / "kept.jsonl").read_text()
     assert "secret" not in kept and len(kept.splitlines()) == 7
