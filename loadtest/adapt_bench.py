@@ -69,28 +69,38 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
 
 
 # A JSONL set from outside the project (--family path.jsonl): disjoint blocks of its rows by role
-_BLOCK = {SEED_A: 0, SEED_C: 64, SEED_B: 128}
+# (the unseen block starts at --unseen-from, 128 unless a short set needs it earlier)
+_BLOCK = {SEED_A: 0, SEED_C: 64}
+LIVE_ROWS = 64  # the live queries of every cycle come from rows 0-63, the canary from row 64
 
 
-def items(family: str, n: int, seed: int) -> list[Item]:
+def items(family: str, n: int, seed: int, *, cycle: int = 0, unseen_from: int = 128) -> list[Item]:
+    """``n`` items of a reasoning-gym family for ``seed`` (cycle ``c``'s live queries: seed + c),
+    or rows of a JSONL set (``_from_file``)."""
     if family.endswith(".jsonl"):
-        return _from_file(Path(family), n, seed)
+        return _from_file(Path(family), n, seed, cycle, unseen_from)
     import reasoning_gym
 
+    seed += cycle
     ds = reasoning_gym.create_dataset(family, seed=seed, size=n, **FAMILY_CONFIG.get(family, {}))
     return [Item(id=f"{family}-{seed}-{i}", question=str(ds[i]["question"]), answer=str(ds[i]["answer"]),
                  checker="reasoning_gym", entry=ds[i], dataset=ds) for i in range(n)]
 
 
-def _from_file(path: Path, n: int, seed: int) -> list[Item]:
+def _from_file(path: Path, n: int, seed: int, cycle: int, unseen_from: int) -> list[Item]:
     """Rows of a question/answer JSONL the project does not contain (e.g. GSM8K's test split via
-    ``loadtest/heldout.py build``) in the file's order: live queries (seed A) from row 0, canary
-    (seed C) from row 64, unseen evaluation (seed B) from row 128: never overlapping."""
-    start = _BLOCK.get(seed)
+    ``loadtest/heldout.py build``) in the file's order: live queries (seed A; cycle c's from row
+    c x n) within rows 0-63, canary (seed C) from row 64, unseen evaluation (seed B) from row
+    ``unseen_from``: never overlapping."""
+    start = unseen_from if seed == SEED_B else _BLOCK.get(seed)
+    if start is not None and seed == SEED_A:
+        start += cycle * n
     got = load(str(path))[start:start + n] if start is not None else []
-    if len(got) < n or (seed != SEED_B and n > 64):
-        raise SystemExit(f"{path}: {n} rows from row {start} do not fit (at most 64 queries or canary "
-                         "items; --unrelated must be a reasoning-gym family)")
+    end = {SEED_A: LIVE_ROWS, SEED_C: unseen_from}.get(seed)
+    if len(got) < n or (start is not None and end is not None and start + n > end):
+        raise SystemExit(f"{path}: {n} rows from row {start} do not fit (the live queries of all cycles within "
+                         f"rows 0-{LIVE_ROWS - 1}, the canary from row 64 before the unseen block at row "
+                         f"{unseen_from}; --unrelated must be a reasoning-gym family)")
     return got
 
 
@@ -222,7 +232,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any] | Non
     if args.canary_items:
         canary = scratch / "canary.jsonl"
         canary.write_text("".join(json.dumps({"question": it.prompt(), "answer": it.answer}) + "\n"
-                                  for it in items(args.family, args.canary_items, SEED_C)))
+                                  for it in items(args.family, args.canary_items, SEED_C,
+                                                 unseen_from=args.unseen_from)))
     before = json.loads(Path(args.before).read_text())["before"] if args.before else None
     return canary, before
 
@@ -259,19 +270,32 @@ async def measure_before(vllm: httpx.AsyncClient, base: str, args: argparse.Name
 
 
 async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str, args: argparse.Namespace,
-                            seen: list[Item], unseen: list[Item], unrelated: list[Item]) -> dict[str, Any]:
+                            seen: list[list[Item]], unseen: list[Item], unrelated: list[Item]) -> dict[str, Any]:
+    """Steps 2 and 3 once per cycle (``seen[c]``: cycle c's live queries), one service throughout
+    (what it remembers between cycles, such as the canary's known answers, is kept); then step 4
+    for the last cycle's adapter. Earlier cycles go to ``earlier_cycles``."""
     out: dict[str, Any] = {}
+    done: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=proxy_root, timeout=60) as admin:
-        t0 = time.perf_counter()
-        out["live"] = await live_traffic(proxy_root + "/v1", base, seen, args.max_tokens,
-                                         json.loads(args.live_strategy))
-        await asyncio.sleep(2.0)  # the adaptation service queues from the event stream
-        status = (await admin.get("/admin/adaptation")).json()
-        out["live"].update(queued=status["queue"].get("default", 0), seconds=round(time.perf_counter() - t0))
-        print(f"live: {len(seen)} queries, {out['live']['queued']} queued ({out['live']['seconds']} s)", flush=True)
-        job = await cycle(proxy_root)
-        out["cycle"] = job
-        print(f"cycle: {job['status']} {job.get('error') or ''} {json.dumps(job.get('report'))}", flush=True)
+        for c, queries in enumerate(seen):
+            if out:
+                done.append(out)
+                out = {}
+            t0 = time.perf_counter()
+            out["live"] = await live_traffic(proxy_root + "/v1", base, queries, args.max_tokens,
+                                             json.loads(args.live_strategy))
+            await asyncio.sleep(2.0)  # the adaptation service queues from the event stream
+            status = (await admin.get("/admin/adaptation")).json()
+            out["live"].update(queued=status["queue"].get("default", 0), seconds=round(time.perf_counter() - t0))
+            print(f"cycle {c + 1}, live: {len(queries)} queries, {out['live']['queued']} queued "
+                  f"({out['live']['seconds']} s)", flush=True)
+            job = await cycle(proxy_root)
+            out["cycle"] = job
+            print(f"cycle {c + 1}: {job['status']} {job.get('error') or ''} {json.dumps(job.get('report'))}",
+                  flush=True)
+        if done:
+            out["earlier_cycles"] = done
+        job = out["cycle"]
         if not job.get("adapter") or job["status"] not in ("succeeded", "rejected"):
             return out
         name = job["adapter"]
@@ -300,7 +324,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     canary, before = await asyncio.to_thread(prepare, args)
     report: dict[str, Any] = {"args": vars(args), "cpu": cpu_line(), "load_avg_start": os.getloadavg()}
-    seen, unseen = items(args.family, args.queries, args.queries_seed), items(args.family, args.eval, SEED_B)
+    seen = [items(args.family, args.queries, args.queries_seed, cycle=c) for c in range(args.cycles)]
+    unseen = items(args.family, args.eval, SEED_B, unseen_from=args.unseen_from)
     unrelated = items(args.unrelated, args.eval_unrelated, SEED_U)
     async with backend(args) as (url, base_path), httpx.AsyncClient(base_url=url, timeout=1800) as vllm:
         base = next(str(m["id"]) for m in (await vllm.get("/models")).json()["data"] if not m.get("parent"))
@@ -335,7 +360,9 @@ def render(r: dict[str, Any]) -> str:
              f"CPU: {r['cpu']}; load average {r['load_avg_start'][0]:.1f} at start, "
              f"{r.get('load_avg_end', [0])[0]:.1f} at end (the machine is shared)\n"]
     b, af = r["before"], r.get("after")
-    lines += ["| measure | base | after one cycle | paired (McNemar) |", "|---|---|---|---|"]
+    many = len(r.get("earlier_cycles", [])) + 1
+    after = "after one cycle" if many == 1 else f"after {many} cycles"
+    lines += [f"| measure | base | {after} | paired (McNemar) |", "|---|---|---|---|"]
     for key, label in (("family", f"greedy, {a['eval']} unseen {a['family']}"),
                        ("unrelated", f"greedy, {a['eval_unrelated']} {a['unrelated']}")):
         sb = summary(b[key])
@@ -359,6 +386,12 @@ def render(r: dict[str, Any]) -> str:
     if not r.get("cycle"):  # --adapter or --before-only: no traffic, no cycle to describe
         lines += ["", f"- adapter measured: {a.get('adapter') or 'none (base only)'}"]
         return "\n".join(lines)
+    for i, one in enumerate([*r.get("earlier_cycles", []), r]):
+        lines += _cycle_lines(one, f"cycle {i + 1} of {many}, " if many > 1 else "")
+    return "\n".join(lines)
+
+
+def _cycle_lines(r: dict[str, Any], label: str) -> list[str]:
     c = r["cycle"]
     rep = c.get("report") or {}
     phases = rep.get("phases_s") or {}
@@ -366,17 +399,16 @@ def render(r: dict[str, Any]) -> str:
     verdict = sum(v for k, v in phases.items() if k != "report") if phases else float(c.get("wall_s") or 0.0)
     live = r.get("live") or {}
     how = json.dumps(live.get("strategy", LIVE))
-    lines += ["", f"- live: {live.get('sent')} queries through sharpen ({how}), {live.get('queued')} "
-              f"queued as uncertain ({live.get('seconds')} s)",
-              f"- labelling: {json.dumps(rep.get('labelling'))}",
-              f"- cycle: {c.get('status')} ({c.get('error') or rep.get('reason') or 'promoted'}); examples "
-              f"{c.get('examples')} train / {c.get('heldout')} held out; train "
-              f"{json.dumps({k: (c.get('train') or {}).get(k) for k in ('step', 'total_steps', 'loss')})}",
-              f"- gate: held-out {json.dumps(rep.get('heldout'))}; canary {json.dumps(rep.get('canary'))}",
-              f"- phases (s): {json.dumps(phases)}; to the verdict {verdict:.0f} s "
-              f"({'within' if verdict <= TARGET_S else 'over'} the {TARGET_S:.0f} s target), then the report-only "
-              f"canary vote {phases.get('report', 0.0):.0f} s; job wall {c.get('wall_s')} s"]
-    return "\n".join(lines)
+    return ["", f"- {label}live: {live.get('sent')} queries through sharpen ({how}), {live.get('queued')} "
+            f"queued as uncertain ({live.get('seconds')} s)",
+            f"- labelling: {json.dumps(rep.get('labelling'))}",
+            f"- cycle: {c.get('status')} ({c.get('error') or rep.get('reason') or 'promoted'}); examples "
+            f"{c.get('examples')} train / {c.get('heldout')} held out; train "
+            f"{json.dumps({k: (c.get('train') or {}).get(k) for k in ('step', 'total_steps', 'loss')})}",
+            f"- gate: held-out {json.dumps(rep.get('heldout'))}; canary {json.dumps(rep.get('canary'))}",
+            f"- phases (s): {json.dumps(phases)}; to the verdict {verdict:.0f} s "
+            f"({'within' if verdict <= TARGET_S else 'over'} the {TARGET_S:.0f} s target), then the report-only "
+            f"canary vote {phases.get('report', 0.0):.0f} s; job wall {c.get('wall_s')} s"]
 
 
 def parse() -> argparse.Namespace:
@@ -389,6 +421,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--unrelated", default="letter_counting")
     ap.add_argument("--queries", type=int, default=32)
     ap.add_argument("--queries-seed", type=int, default=SEED_A, help="the live queries' seed (another for a 2nd cycle)")
+    ap.add_argument("--cycles", type=int, default=1,
+                    help="cycles in one service, each on its own live queries; the last one's adapter is measured")
+    ap.add_argument("--unseen-from", type=int, default=128, help="with a JSONL --family: the unseen block's first row")
     ap.add_argument("--start-from", help="an earlier run's adapt/adapters.sqlite3: its newest adapter is current")
     ap.add_argument("--train-from", choices=("base", "current"), default="base", help="adapt.train_from")
     ap.add_argument("--live-strategy", default=json.dumps(LIVE),

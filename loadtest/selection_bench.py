@@ -310,7 +310,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "loadtest" / "results"))
     args, rest = ap.parse_known_args()
     Path(args.scratch).mkdir(parents=True, exist_ok=True)
-    Path(args.gen).parent.mkdir(parents=True, exist_ok=True)
     if args.rescore:
         from loadtest.selection_report import main as rescore_main
 
@@ -319,6 +318,8 @@ def main() -> None:
     if rest:
         ap.error(f"unknown arguments: {rest}")
     if args.generate:
+        # Only a generation writes --gen (a re-score takes a comma-separated list of them).
+        Path(args.gen).parent.mkdir(parents=True, exist_ok=True)
         sys.exit(asyncio.run(generate(args)))
     if args.online:
         from loadtest.selection_online import online
