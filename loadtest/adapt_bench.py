@@ -27,7 +27,12 @@ tenant, cycles started by hand). Then:
 ``--adapter DIR`` skips 2 and 3 and measures an adapter trained elsewhere (for example a
 cycle's ``train.jsonl`` retrained with ``python -m adapt.train_worker``) the same way.
 
-A second cycle: ``--start-from`` an earlier run's ``adapt/adapters.sqlite3`` (its newest adapter
+``--cycles N`` runs N cycles in one service (each on its own live queries: the next seed of a
+reasoning-gym family, the next rows of a JSONL set), so what the service keeps between cycles
+(the canary's known answers) counts in the later cycles' times; the last cycle's adapter is
+measured. ``--unseen-from`` moves a short JSONL set's unseen block (row 128 by default).
+
+A second cycle in a new process: ``--start-from`` an earlier run's ``adapt/adapters.sqlite3`` (its newest adapter
 becomes the current one: it serves the live queries and the gate compares against it),
 ``--queries-seed`` another seed for new live queries, and ``--train-from current`` to start the
 cycle's adapter from it (``adapt.train_from``); ``loadtest/retrain_variants.py`` retrains the same
@@ -356,14 +361,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(r: dict[str, Any]) -> str:
     a = r["args"]
-    lines = [f"\n## Consensus self-training: {r.get('base')}, {a['family']} (unrelated: {a['unrelated']})",
+    family = Path(a["family"]).name  # a JSONL set by its file name, not this machine's path
+    lines = [f"\n## Consensus self-training: {r.get('base')}, {family} (unrelated: {a['unrelated']})",
              f"CPU: {r['cpu']}; load average {r['load_avg_start'][0]:.1f} at start, "
              f"{r.get('load_avg_end', [0])[0]:.1f} at end (the machine is shared)\n"]
     b, af = r["before"], r.get("after")
     many = len(r.get("earlier_cycles", [])) + 1
     after = "after one cycle" if many == 1 else f"after {many} cycles"
     lines += [f"| measure | base | {after} | paired (McNemar) |", "|---|---|---|---|"]
-    for key, label in (("family", f"greedy, {a['eval']} unseen {a['family']}"),
+    for key, label in (("family", f"greedy, {a['eval']} unseen {family}"),
                        ("unrelated", f"greedy, {a['eval_unrelated']} {a['unrelated']}")):
         sb = summary(b[key])
         cell = "—"
