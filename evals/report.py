@@ -43,7 +43,9 @@ def mcnemar(base: dict[str, float], other: dict[str, float]) -> dict[str, Any]:
     c = sum(1 for i in common if other[i] >= 0.5 > base[i])
     n = b + c
     p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
-    return {"items": len(common), "base_only": b, "other_only": c, "p_value": round(p, 4)}
+    # Three significant digits, not four decimal places: a decisive result keeps its size (2e-9
+    # is not 0.0).
+    return {"items": len(common), "base_only": b, "other_only": c, "p_value": float(f"{p:.3g}")}
 
 
 def summarize(records: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:

@@ -101,7 +101,7 @@ def table(rows: list[dict[str, Any]], baseline: str, title: str) -> None:
         right = [bool(by[i][s]["correct"]) for i in items]
         lo, hi = wilson(sum(right), n)
         t = mcnemar({i: by[i][baseline]["correct"] for i in items}, {i: by[i][s]["correct"] for i in items})
-        pv = "p<1e-4" if t["p_value"] == 0 else f"p={t['p_value']:.2g}"  # mcnemar rounds to 4 places
+        pv = "p<1e-4" if t["p_value"] < 1e-4 else f"p={t['p_value']:.2g}"
         versus = "-" if s == baseline else f"+{t['other_only']}/-{t['base_only']}, {pv}"
         tokens = sum(by[i][s]["tokens"] for i in items) / n
         wall = sorted(by[i][s]["wall_s"] for i in items)[n // 2]

@@ -37,10 +37,11 @@ def _scores(pattern: list[tuple[int, int]]) -> tuple[dict[str, float], dict[str,
     (0, 5, 0.0625),    # 2 * (1/2)^5
     (5, 0, 0.0625),
     (1, 9, 0.0215),    # 2 * (1 + 10) / 2^10
-    (2, 8, 0.1094),    # 2 * (1 + 10 + 45) / 2^10
+    (2, 8, 0.109),     # 2 * (1 + 10 + 45) / 2^10
     (3, 3, 1.0),
     (0, 0, 1.0),
-    (0, 10, 0.002),    # 2 / 2^10
+    (0, 10, 0.00195),  # 2 / 2^10
+    (0, 30, 1.86e-09),  # 2 / 2^30: not rounded to 0
 ])
 def test_exact_mcnemar(b: int, c: int, p: float) -> None:
     both, neither = 4, 3  # concordant pairs do not count
