@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -18,6 +19,28 @@ def free_loopback_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+# Run as ``python -c _TIE <parent pid> <argv...>``: asks the kernel to send SIGTERM when the
+# parent goes (prctl PR_SET_PDEATHSIG = 1, kept across execve), then becomes argv. Done in the
+# child rather than in a preexec_fn, which is unsafe in a process with threads.
+_TIE = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os._exit(1)  # the parent is already gone\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def tied_to_parent(argv: list[str], python: str = sys.executable) -> list[str]:
+    """``argv`` run so that the kernel sends it SIGTERM when this process dies, even by SIGKILL,
+    which no handler or ``atexit`` of ours sees. The signal follows the thread that spawned the
+    child, so spawn from the thread that lives as long as the child should (the event loop's).
+    Linux only: elsewhere ``argv`` unchanged."""
+    if not sys.platform.startswith("linux"):
+        return argv
+    return [python, "-c", _TIE, str(os.getpid()), *argv]
 
 
 def group_alive(pgid: int) -> bool:

@@ -16,7 +16,7 @@ import httpx
 
 from server.backend.catalog import PreparedModel
 from server.backend.cpu import CpuInfo
-from server.backend.process_group import free_loopback_port, group_alive, log_tail, signal_group
+from server.backend.process_group import free_loopback_port, group_alive, log_tail, signal_group, tied_to_parent
 from server.backend.tuning import BackendPlan, plan_backend
 from server.settings import BackendSettings, inherited_environ
 
@@ -160,7 +160,7 @@ class VLLMProcess:
                 log.write(f"\n===== {stamp} sharpen: starting {' '.join(cmd)}\n".encode())
                 log.flush()
                 self._proc = await asyncio.create_subprocess_exec(
-                    *cmd,
+                    *tied_to_parent(cmd, self.python),  # a killed sharpen takes vLLM with it
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,

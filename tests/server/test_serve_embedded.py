@@ -1,5 +1,6 @@
 """The default deployment end to end: ``sharpen serve --model ...`` with no upstream starts its own
-vLLM child, serves through it, restarts it when it dies, and takes it down on SIGTERM.
+vLLM child, serves through it, restarts it when it dies, and takes it down on SIGTERM (and, by
+the kernel's parent-death signal, on SIGKILL).
 
 Heavy: a second vLLM (~3.5 GB, ~30 s to start) besides the session's; run it alone.
 """
@@ -111,11 +112,42 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
         with contextlib.suppress(Exception):
             port = s.vllm_port()
         s.stop()
-        if port is not None:  # should there be any left (a failed test), do not leak 3.5 GB
-            for pid, pgid in vllm_processes(port).items():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, signal.SIGKILL)
-                    os.kill(pid, signal.SIGKILL)
+        if port is not None:
+            _kill_leftovers(port)
+
+
+def _kill_leftovers(port: int) -> None:
+    """Should a failed test leave a vLLM on ``port``, do not leak its 3.5 GB."""
+    for pid, pgid in vllm_processes(port).items():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_sharpen_takes_vllm_down(tmp_path: Path) -> None:
+    # First in the module, on its own server: the module's `serve` starts after this one is gone.
+    s = Serve(tmp_path, free_port())
+    port = None
+    try:
+        s.wait_status("/health", 200, 60)
+        s.wait_status("/ready", 200, READY_TIMEOUT)
+        port = s.vllm_port()
+        ((_, pgid),) = vllm_processes(port).items()
+        members = group_members(pgid)
+        assert len(members) >= 2  # the API server and its engine core at least
+        t0 = time.monotonic()
+        s.proc.kill()  # no handler, finally or atexit of sharpen's runs
+        s.proc.wait(timeout=10)
+        while time.monotonic() - t0 < STOP_TIMEOUT and (vllm_processes(port) or any(alive(p) for p in members)):
+            time.sleep(0.2)
+        took = time.monotonic() - t0
+        assert not vllm_processes(port), f"vLLM still runs {took:.1f} s after sharpen's SIGKILL\n{s.output()}"
+        assert not [p for p in members if alive(p)], f"vLLM's children outlived sharpen\n{s.output()}"
+        print(f"sharpen serve SIGKILLed: vLLM gone {took:.1f} s later")
+    finally:
+        s.stop()
+        if port is not None:
+            _kill_leftovers(port)
 
 
 def test_serves_through_embedded_vllm(serve: Serve) -> None:
