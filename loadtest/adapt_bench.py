@@ -76,7 +76,7 @@ FAMILY_CONFIG: dict[str, dict[str, Any]] = {
 # A JSONL set from outside the project (--family path.jsonl): disjoint blocks of its rows by role
 # (the unseen block starts at --unseen-from, 128 unless a short set needs it earlier)
 _BLOCK = {SEED_A: 0, SEED_C: 64}
-LIVE_ROWS = 64  # the live queries of every cycle come from rows 0-63, the canary from row 64
+LIVE_ROWS = _BLOCK[SEED_C]  # the live queries of every cycle come before the canary
 
 
 def items(family: str, n: int, seed: int, *, cycle: int = 0, unseen_from: int = 128) -> list[Item]:
@@ -102,7 +102,9 @@ def _from_file(path: Path, n: int, seed: int, cycle: int, unseen_from: int) -> l
         start += cycle * n
     got = load(str(path))[start:start + n] if start is not None else []
     end = {SEED_A: LIVE_ROWS, SEED_C: unseen_from}.get(seed)
-    if len(got) < n or (start is not None and end is not None and start + n > end):
+    # each block ends where the next begins; the unseen block must not start among the live rows
+    overlaps = start is not None and (start + n > end if end is not None else start < LIVE_ROWS)
+    if len(got) < n or overlaps:
         raise SystemExit(f"{path}: {n} rows from row {start} do not fit (the live queries of all cycles within "
                          f"rows 0-{LIVE_ROWS - 1}, the canary from row 64 before the unseen block at row "
                          f"{unseen_from}; --unrelated must be a reasoning-gym family)")
@@ -279,13 +281,11 @@ async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str,
     """Steps 2 and 3 once per cycle (``seen[c]``: cycle c's live queries), one service throughout
     (what it remembers between cycles, such as the canary's known answers, is kept); then step 4
     for the last cycle's adapter. Earlier cycles go to ``earlier_cycles``."""
-    out: dict[str, Any] = {}
-    done: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     async with httpx.AsyncClient(base_url=proxy_root, timeout=60) as admin:
         for c, queries in enumerate(seen):
-            if out:
-                done.append(out)
-                out = {}
+            out: dict[str, Any] = {}
+            runs.append(out)
             t0 = time.perf_counter()
             out["live"] = await live_traffic(proxy_root + "/v1", base, queries, args.max_tokens,
                                              json.loads(args.live_strategy))
@@ -298,8 +298,9 @@ async def adapt_and_measure(vllm: httpx.AsyncClient, proxy_root: str, base: str,
             out["cycle"] = job
             print(f"cycle {c + 1}: {job['status']} {job.get('error') or ''} {json.dumps(job.get('report'))}",
                   flush=True)
-        if done:
-            out["earlier_cycles"] = done
+        out = runs[-1]
+        if len(runs) > 1:
+            out["earlier_cycles"] = runs[:-1]
         job = out["cycle"]
         if not job.get("adapter") or job["status"] not in ("succeeded", "rejected"):
             return out
@@ -467,6 +468,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--scratch", default="/tmp/adapt_bench")
     ap.add_argument("--out", help="write the report as JSON here")
     ns = ap.parse_args()
+    if ns.cycles < 1:
+        ap.error("--cycles must be at least 1")
     if ns.upstream and not ns.base_model_path:
         ap.error("--upstream needs --base-model-path")
     if ns.base_model_path:

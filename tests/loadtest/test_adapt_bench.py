@@ -43,6 +43,8 @@ def test_later_cycles_take_the_next_live_rows_and_a_short_set_can_start_its_unse
     assert ab.items(str(src), 16, ab.SEED_C, unseen_from=80)[-1].id == "q79"
     with pytest.raises(SystemExit, match="do not fit"):
         ab.items(str(src), 17, ab.SEED_C, unseen_from=80)  # would run into the unseen block
+    with pytest.raises(SystemExit, match="do not fit"):
+        ab.items(str(src), 150, ab.SEED_B, unseen_from=40)  # would start among the live queries
 
 
 def test_a_reasoning_gym_family_draws_each_cycles_queries_from_its_own_seed() -> None:

@@ -15,6 +15,8 @@ from server.backend import process_group
 from server.backend.process_group import tied_to_parent
 from tests.server.vllm_children import alive
 
+ROOT = Path(__file__).resolve().parents[3]  # the parent imports server.* from the checkout
+
 # A child that notes the signal it got (vLLM's API server shuts its engine down on SIGTERM).
 CHILD = (
     "import signal, sys, time\n"
@@ -22,6 +24,7 @@ CHILD = (
     "    open(sys.argv[1], 'w').write(signal.Signals(signum).name)\n"
     "    sys.exit(0)\n"
     "signal.signal(signal.SIGTERM, note)\n"
+    "open(sys.argv[1], 'w').write('ready')\n"
     "time.sleep(60)\n"
 )
 # A parent that starts the tied child in its own session (as the vLLM child is), prints the
@@ -44,7 +47,7 @@ def _cmdline(pid: int) -> list[bytes]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_tied_child_gets_sigterm_when_its_parent_is_killed(tmp_path: Path) -> None:
     got = tmp_path / "signal"
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(got)], stdout=subprocess.PIPE)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(got)], stdout=subprocess.PIPE, cwd=ROOT)
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
@@ -53,7 +56,9 @@ def test_a_tied_child_gets_sigterm_when_its_parent_is_killed(tmp_path: Path) -> 
         while _cmdline(child)[1:] != want and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _cmdline(child)[1:] == want  # the shim became the command (same pid)
-        time.sleep(0.5)  # its handler installed
+        while not (got.exists() and got.read_text() == "ready") and time.monotonic() < deadline:
+            time.sleep(0.05)  # its handler installed
+        assert got.read_text() == "ready"
         parent.kill()  # SIGKILL: nothing in the parent runs
         parent.wait(timeout=10)
         deadline = time.monotonic() + 10
