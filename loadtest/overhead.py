@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtest/overhead.py [--clients h1,aiohttp,httpx] [--requests 800] [--concurrency 16]
         [--ttft 0.02] [--rounds 3] [--throughput] [--max-rps]
-        [--variant NAME:KEY=VALUE;KEY=VALUE ...] [--floor]
+        [--variant NAME:KEY=VALUE;KEY=VALUE ...] [--floor] [--warm N]
 
 Starts the scripted fake upstream (fixed latency) and one ``sharpen serve --upstream`` per
 variant: by default one per upstream HTTP client (``--clients``); with ``--variant``, one per
@@ -16,7 +16,11 @@ requests/s one sharpen worker sustains against a zero-latency upstream (64 concu
 generator is aiohttp (httpx's client cannot load a fast proxy on 2 cores), and it shares the
 cores with the proxy and the fake. With ``--floor``, a bare uvicorn + aiohttp relay with no logic
 (``loadtest/relay.py``) runs in the same rounds: what any Python relay adds on this host, beside
-what sharpen adds. The first lines print the CPU and a Python speed reading, since hosts differ.
+what sharpen adds. With ``--warm N``, N untimed requests go to each side right before its timed
+round: a control for hosts where memory left idle for a second is slow to touch again (the first
+line prints that reading), since a proxy idles through the direct round while the direct
+upstream is kept busy by the proxies' rounds. The first lines print the CPU, a Python speed
+reading and the idle-memory reading, since hosts differ.
 Everything runs on 127.0.0.1 with bounded request counts.
 """
 
@@ -38,7 +42,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from loadtest.machine import cpu_line, python_speed  # noqa: E402
+from loadtest.machine import cpu_line, page_cost_line, python_speed  # noqa: E402
 
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 
@@ -119,8 +123,12 @@ def pct(xs: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(p / 100 * len(s)))] * 1000
 
 
-async def ab(direct: str, proxies: list[str], n: int, c: int, rounds: int, stream: bool) -> list[dict[str, float]]:
-    """Interleaved rounds: direct, then each proxy; medians per proxy against the direct medians."""
+async def ab(direct: str, proxies: list[str], n: int, c: int, rounds: int, stream: bool,
+             warm: int = 0) -> list[dict[str, float]]:
+    """Interleaved rounds: direct, then each proxy; medians per proxy against the direct medians.
+    With ``warm``, each side gets that many untimed requests right before its timed round: every
+    side then starts its round as recently used as the direct upstream (which the proxies' rounds
+    keep busy), so what stays is the cost of the code, not of the side's idle memory."""
     await load(direct, 100, 8, stream)
     for proxy in proxies:
         await load(proxy, 100, 8, stream)
@@ -129,11 +137,15 @@ async def ab(direct: str, proxies: list[str], n: int, c: int, rounds: int, strea
     p99: list[list[float]] = [[] for _ in proxies]
     rp: list[list[float]] = [[] for _ in proxies]
     for _ in range(rounds):
+        if warm:
+            await load(direct, warm, c, stream)
         d, drps = await load(direct, n, c, stream)
         d50.append(pct(d, 50))
         d99.append(pct(d, 99))
         rd.append(drps)
         for i, proxy in enumerate(proxies):
+            if warm:
+                await load(proxy, warm, c, stream)
             p, prps = await load(proxy, n, c, stream)
             p50[i].append(pct(p, 50))
             p99[i].append(pct(p, 99))
@@ -161,11 +173,13 @@ def main() -> None:
     ap.add_argument("--max-rps", action="store_true", help="also req/s against a zero-latency upstream")
     ap.add_argument("--only-max-rps", action="store_true", help="only the zero-latency req/s rounds")
     ap.add_argument("--floor", action="store_true", help="also a bare uvicorn + aiohttp relay, in the same rounds")
+    ap.add_argument("--warm", type=int, default=0, metavar="N",
+                    help="N untimed requests to each side right before its timed round (idle-memory control)")
     a = ap.parse_args()
     variants = [Variant.parse(v) for v in a.variant] or [Variant(c, c) for c in a.clients.split(",")]
     if a.floor:
         variants.append(Variant("bare-relay", relay=True))
-    print(f"CPU: {cpu_line()}; Python speed: {python_speed():.2f} s for 10M additions")
+    print(f"CPU: {cpu_line()}; Python speed: {python_speed():.2f} s for 10M additions; {page_cost_line()}")
     sharpen = str(Path(sys.executable).parent / "sharpen")
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -177,7 +191,8 @@ def main() -> None:
             procs.append(start(fake))
             wait_http(f"http://127.0.0.1:{ports[key]}/health", 20)
         print(f"fake upstream: {a.ttft * 1000:.0f} ms to first token; {a.concurrency} concurrent clients; "
-              f"{a.requests} requests x {a.rounds} interleaved rounds; load {os.getloadavg()[0]:.2f}")
+              f"{a.requests} requests x {a.rounds} interleaved rounds"
+              f"{f', {a.warm} untimed before each side' if a.warm else ''}; load {os.getloadavg()[0]:.2f}")
         print(f"{'variant':12} {'mode':9} {'direct p50':>11} {'added p50':>10} {'added p99':>10} {'rps ratio':>10} "
               f"{'rps':>7}")
         modes = [] if a.only_max_rps else [("fast", "json"), ("fast", "stream")]
@@ -204,7 +219,7 @@ def main() -> None:
             elif mode == "max-rps":
                 rows = asyncio.run(ab(upstream, urls, 4000, 64, a.rounds, False))
             else:
-                rows = asyncio.run(ab(upstream, urls, a.requests, a.concurrency, a.rounds, mode == "stream"))
+                rows = asyncio.run(ab(upstream, urls, a.requests, a.concurrency, a.rounds, mode == "stream", a.warm))
             for v, r in zip(variants, rows, strict=True):
                 print(f"{v.name:12} {mode:9} {r['direct_p50']:9.2f}ms {r['added_p50']:8.2f}ms "
                       f"{r['added_p99']:8.2f}ms {r['rps_ratio']:10.2f} {r['rps']:7.0f}", flush=True)
