@@ -38,6 +38,12 @@ class AdaptConfig(BaseModel):
     # it). Off by default: on gsm_symbolic it raised the labels kept but not the adapted accuracy
     # (README, "Adaptation, third measurement")
     label_rationalize: int = Field(default=0, ge=0, le=16)
+    # a label the programs decided also gets their working as rationales, listed first: each
+    # agreeing program's top-level arithmetic worked out one operation at a time as it runs
+    # (strategies.trace). Where the prose cannot do the computation it teaches it: BIG-Bench-Hard
+    # multistep arithmetic 7.3% -> 34.7% greedy offline (README, "Trace rationales"). Off by
+    # default: not yet measured through a cycle, nor on families whose programs do no arithmetic
+    label_traces: bool = False
     # draw the prose samples still missing only when they are needed: not where agreeing programs
     # settled the label and the live request's samples already hold `rationales` agreeing ones.
     # Off by default: measured on letter_counting it drew fewer rationales, sent more labels to

@@ -37,6 +37,7 @@ class Labelled:
         return {"questions": self.questions, "kept": len(self.kept), "skipped": dict(self.skipped),
                 "mean_share": round(self.mean_share, 4), "reused_samples": self.reused,
                 "rationalized": sum(lab.rationalized for lab in self.kept),
+                "traced": sum(lab.traced > 0 for lab in self.kept),
                 "kept_by_programs": sum(lab.program is not None for lab in self.kept)}
 
 

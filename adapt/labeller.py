@@ -9,6 +9,7 @@ without touching the cycle); ``keep`` is the one place the thresholds are applie
 from __future__ import annotations
 
 import abc
+import asyncio
 import math
 import re
 import time
@@ -20,7 +21,7 @@ from adapt.config import AdaptConfig
 from protocol.events import Sample
 from protocol.upstream import UpstreamAPI
 from protocol.wire import ChatCompletionRequest
-from strategies import pal, sampling
+from strategies import pal, sampling, trace
 from strategies.base import Candidate, StrategyContext
 
 
@@ -46,6 +47,7 @@ class Label:
     program: str | None = None  # the executed programs' agreed answer, when it is the label (else None)
     reused: int = 0  # candidates taken from the live request rather than drawn again
     rationalized: bool = False  # ``agreeing`` was written with the answer as a hint (STaR)
+    traced: int = 0  # of ``agreeing``, the programs' working (``strategies.trace``), listed first
 
 
 class Labeller(abc.ABC):
@@ -94,12 +96,15 @@ class MajorityVote(Labeller):
     answers pool. Neither is better everywhere (``loadtest/label_precision.py``, on the queries the
     live path queues): the 0.5B's agreeing programs are right on 67 of 68 such labels on
     arithmetic and letter counting but 17 of 28 on word problems, where the pooled vote is
-    right on 11 of 11. The rationales trained on stay the prose ones that reach the label."""
+    right on 11 of 11. The rationales trained on are the prose ones that reach the label; with
+    ``traces``, first the working of the agreeing programs (``strategies.trace``: their
+    arithmetic written out one operation at a time, as they ran), where the label is theirs."""
 
     def __init__(self, n: int = 8, *, temperature: float = 0.8, max_tokens: int = 256, pal: int = 0,
-                 rationalize: int = 0, programs_decide: bool = True) -> None:
+                 rationalize: int = 0, programs_decide: bool = True, traces: bool = False) -> None:
         self.n = n
         self.pal = pal
+        self.traces = traces
         self.programs_decide = programs_decide
         self.hints = rationalize  # hinted samples drawn by ``rationalize`` (0: none)
         self.temperature = temperature
@@ -110,7 +115,7 @@ class MajorityVote(Labeller):
         """The labeller ``adapt.label_*`` describe."""
         return cls(config.label_n, temperature=config.label_temperature, max_tokens=config.label_max_tokens,
                    pal=config.label_pal, rationalize=config.label_rationalize,
-                   programs_decide=config.label_vote == "programs")
+                   programs_decide=config.label_vote == "programs", traces=config.label_traces)
 
     def _ask(self, upstream: UpstreamAPI, model: str, tenant: str,
              content: str) -> tuple[ChatCompletionRequest, StrategyContext]:
@@ -136,12 +141,24 @@ class MajorityVote(Labeller):
         if len(programs) < self.pal:
             programs += (await pal.draw(req, ctx, self.pal - len(programs), self.temperature, start=len(had)))[1]
         lab = vote(task, cands, programs, programs_decide=self.programs_decide)
+        # The agreeing programs' working is worked out once (it does not change the vote) and
+        # only where rationales are wanted; it can settle the question before any prose is drawn.
+        worked = await self._worked(programs, lab.program) if rationales != 0 else []
+        lab = _with(lab, worked)
         settled = rationales is not None and lab.program is not None and len(lab.agreeing) >= rationales
         if len(cands) < self.n and not settled:
             cands += (await sampling.sample(req, ctx, self.n - len(cands), self.temperature, []))[1]
-            lab = vote(task, cands, programs, programs_decide=self.programs_decide)
+            lab = _with(vote(task, cands, programs, programs_decide=self.programs_decide), worked)
         lab.reused = reused
         return lab
+
+    async def _worked(self, programs: list[Candidate], answer: str | None) -> list[str]:
+        """The working of the programs that printed ``answer`` (the programs' agreed answer),
+        those that reach it again when traced; none without ``traces`` or an agreed answer."""
+        if not self.traces or answer is None:
+            return []
+        got = await asyncio.gather(*(trace.worked_out(c.content) for c in programs if c.answer == answer))
+        return list(dict.fromkeys(text for text, printed in got if text is not None and printed == answer))
 
     async def rationalize(self, upstream: UpstreamAPI, model: str, tenant: str, label: Label) -> list[str]:
         """``rationalize`` samples of the question with the label as a hint (one ``n=k`` call);
@@ -153,6 +170,14 @@ class MajorityVote(Labeller):
         good = sorted((c for c in cands if c.finish_reason == "stop" and c.answer == label.answer
                        and not _MENTIONS_HINT.search(c.content)), key=_prob, reverse=True)
         return list(dict.fromkeys(c.content for c in good))
+
+
+def _with(lab: Label, worked: list[str]) -> Label:
+    """``lab`` with the programs' ``worked`` rationales first, where its answer is theirs."""
+    if worked and lab.program is not None and lab.answer == lab.program:
+        lab.agreeing = list(dict.fromkeys([*worked, *lab.agreeing]))
+        lab.traced = len(worked)
+    return lab
 
 
 def _prob(c: Candidate) -> float:

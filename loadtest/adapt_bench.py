@@ -187,7 +187,7 @@ def adapt_config(args: argparse.Namespace, base_path: str, canary: Path | None) 
             "train_dtype": args.train_dtype,
             "gate_margin": args.gate_margin, "canary": str(canary) if canary else None,
             "label_early_stop": args.early_stop, "label_concurrency": args.label_concurrency,
-            "gate_samples": args.gate_samples, "train_from": args.train_from}
+            "gate_samples": args.gate_samples, "train_from": args.train_from, "label_traces": args.traces}
 
 
 async def live_traffic(proxy: str, base: str, its: list[Item], max_tokens: int,
@@ -447,6 +447,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--min-share", type=float, default=0.5)
     ap.add_argument("--label-vote", choices=("programs", "pooled"), default="programs",
                     help="agreeing programs set the label, or all answers pool (adapt.label_vote)")
+    ap.add_argument("--traces", action="store_true", help="adapt.label_traces: the programs' working as rationales")
     ap.add_argument("--rationalize", type=int, default=0,
                     help="hinted samples for a clear label no rationale reached (STaR; 0: skip it)")
     ap.add_argument("--rationales", type=int, default=4)

@@ -6,10 +6,9 @@
 Where the model's prose cannot reach the answer its programs find (multi-step arithmetic: its
 programs are right far more often than its prose), a rationale the model wrote cannot teach the
 computation. Here the model writes its usual program-aided answer (``strategies.pal``'s
-instruction); each top-level assignment of it is traced (``a = 4 + 7 * 4 - -5 = 37``, then
-``answer = a - b = 37 - -5 = 42``: its source, the values of the names it uses, its value) and
-the program runs in the sandbox: the trace, ending with ``The answer is X.`` (what the program
-printed last), is the rationale. Labels are the model's own: the answer that most of the ``--n``
+instruction); its top-level assignments are worked out one operation at a time
+(``strategies.trace``) as it runs in the sandbox, and that working, ending with ``The answer is
+X.`` (what the program printed last), is the rationale. Labels are the model's own: the answer that most of the ``--n``
 programs print (a clear majority, as the labeller keeps), never the gold one, which is only
 counted. Writes ``DIR/train.jsonl`` in the trainer's format (the question as ``sharpen eval``
 and ``adapt_bench`` ask it, the printed steps as the answer; up to ``--per-question`` distinct
@@ -20,7 +19,6 @@ is then measured with ``adapt_bench.py --adapter DIR/adapter --before RUN.json``
 from __future__ import annotations
 
 import argparse
-import ast
 import asyncio
 import json
 import sys
@@ -36,87 +34,8 @@ sys.path.insert(0, str(ROOT))
 from evals.checkers import score  # noqa: E402
 from evals.datasets import Item, load  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
-from strategies.answers import extract  # noqa: E402
 from strategies.pal import PAL_INSTRUCTION  # noqa: E402
-from strategies.sandbox import SandboxLimits, extract_code, run_python  # noqa: E402
-
-MARK = "\x02"  # marks a trace line apart from the program's own prints (not whitespace)
-
-
-# Defined at the top of a traced program (it runs in the sandbox with the program): prints one
-# assignment's steps. Names holding numbers are replaced by their values, then the innermost
-# arithmetic operation on two numbers is worked out, one at a time, leftmost first, until the
-# value is left or something other than arithmetic (a call, a name) stops the reduction.
-HELPER = """
-def __sharpen_step__(name, src, env):
-    import ast as _ast
-    def show(node):
-        return _ast.unparse(node)
-    class Fill(_ast.NodeTransformer):
-        def visit_Name(self, node):
-            v = env.get(node.id)
-            return _ast.Constant(v) if type(v) in (int, float) and node.id != name else node
-        def visit_UnaryOp(self, node):
-            self.generic_visit(node)
-            if isinstance(node.op, _ast.USub) and isinstance(node.operand, _ast.Constant) \\
-                    and type(node.operand.value) in (int, float):
-                return _ast.Constant(-node.operand.value)
-            return node
-    def first_op(node):
-        for child in _ast.iter_child_nodes(node):
-            found = first_op(child)
-            if found is not None:
-                return found
-        if isinstance(node, _ast.BinOp) and all(isinstance(x, _ast.Constant) and type(x.value) in (int, float)
-                                                 for x in (node.left, node.right)):
-            return node
-        return None
-    class Swap(_ast.NodeTransformer):
-        def __init__(self, target, value):
-            self.target, self.value = target, value
-        def visit(self, node):
-            return _ast.Constant(self.value) if node is self.target else self.generic_visit(node)
-    lines = [name + " = " + src]
-    tree = _ast.parse(src, mode="eval")
-    tree = Fill().visit(tree)
-    if show(tree) != src:
-        lines.append("= " + show(tree))
-    for _ in range(50):
-        op = first_op(tree)
-        if op is None:
-            break
-        try:
-            value = eval(show(op))
-        except Exception:
-            break
-        tree = Swap(op, value).visit(tree)
-        lines.append("= " + show(tree))
-    final = repr(env.get(name))
-    if show(tree) != final:
-        lines.append("= " + final)
-    for line in lines:
-        print(MARK + line)
-"""
-
-
-def traced(code: str) -> str | None:
-    """``code`` with its top-level ``name = expression`` assignments traced: after each, its
-    steps are printed (``HELPER``), each line marked with ``MARK``. None if it does not parse or
-    assigns nothing at top level."""
-    try:
-        tree = ast.parse(code)
-    except SyntaxError:
-        return None
-    body: list[ast.stmt] = []
-    for stmt in tree.body:
-        body.append(stmt)
-        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name):
-            call = f"__sharpen_step__({stmt.targets[0].id!r}, {ast.unparse(stmt.value)!r}, globals())"
-            body.append(ast.parse(call).body[0])
-    if len(body) == len(tree.body):
-        return None
-    tree.body = body
-    return f"MARK = {MARK!r}\n{HELPER}\n{ast.unparse(tree)}\n"
+from strategies.trace import worked_out  # noqa: E402
 
 
 def majority(answers: list[str | None], min_votes: int = 2) -> str | None:
@@ -129,19 +48,6 @@ def majority(answers: list[str | None], min_votes: int = 2) -> str | None:
     return top if votes >= min_votes and votes * 2 > sum(got.values()) else None
 
 
-def rationale(stdout: str, max_lines: int = 40) -> tuple[str | None, str | None]:
-    """The traced steps ending with ``The answer is X.``, and X: what the program printed last.
-    The steps are None when fewer than two of their lines work something out (``= ...``), or
-    there are more than ``max_lines`` (a loop); the answer still votes."""
-    lines = [ln.rstrip() for ln in stdout.strip().splitlines() if ln.strip()]
-    steps = [ln[1:] for ln in lines if ln.startswith(MARK)]
-    printed = [ln for ln in lines if not ln.startswith(MARK)]
-    answer = extract(printed[-1]) if printed else None
-    if answer is None or sum(ln.startswith("= ") for ln in steps) < 2 or len(steps) > max_lines:
-        return None, answer
-    return "\n".join([*steps, f"The answer is {answer}."]), answer
-
-
 async def traces(client: httpx.AsyncClient, model: str, item: Item, n: int, max_tokens: int,
                  temperature: float) -> list[tuple[str | None, str | None]]:
     body = {"model": model, "n": n, "temperature": temperature, "max_tokens": max_tokens,
@@ -150,12 +56,7 @@ async def traces(client: httpx.AsyncClient, model: str, item: Item, n: int, max_
     r.raise_for_status()
     out: list[tuple[str | None, str | None]] = []
     for choice in r.json()["choices"]:
-        code = extract_code(choice["message"]["content"] or "")
-        if code is None:
-            out.append((None, None))
-            continue
-        res = await run_python(traced(code) or code, SandboxLimits(wall_s=5.0, cpu_s=3))
-        out.append(rationale(res.stdout) if res.ok and not res.timed_out else (None, None))
+        out.append(await worked_out(choice["message"]["content"] or ""))
     return out
 
 

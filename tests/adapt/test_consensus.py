@@ -78,7 +78,7 @@ async def test_clear_majorities_are_kept_and_the_rest_counted(fake_upstream: Fak
         ("What is sure 5?", "5", 1.0, 1), ("What is sure 8?", "8", 1.0, 3)]
     assert got.skipped == {"no_majority": 1} and got.questions == 3
     assert got.summary() == {"questions": 3, "kept": 2, "skipped": {"no_majority": 1}, "mean_share": 0.75,
-                             "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
+                             "reused_samples": 0, "rationalized": 0, "traced": 0, "kept_by_programs": 0}
     assert len(fake_upstream.completion_calls()) == 3  # one n=4 call per question
 
 

@@ -68,7 +68,7 @@ async def test_consensus_cycle_promotes_and_reports(make: Make, fake_upstream: F
     assert all(v >= 0 for v in job.phases_s.values())
     r = job.report
     assert r["labelling"] == {"questions": 5, "kept": 4, "skipped": {"no_majority": 1}, "mean_share": 0.85,
-                              "reused_samples": 0, "rationalized": 0, "kept_by_programs": 0}
+                              "reused_samples": 0, "rationalized": 0, "traced": 0, "kept_by_programs": 0}
     # the gate's 4 samples per item (n=4 calls) are all right for both models; greedy only the adapter's
     assert r["heldout"] == {"n": 1, "greedy_before": 0.0, "greedy_after": 1.0, "score_before": 0.8,
                             "score_after": 1.0, "samples": 4, "vote": 1.0}

@@ -85,6 +85,9 @@ async def test_the_labeller_pools_when_configured(make: Any, tmp_path: Path) -> 
     for rule, decide in (("programs", True), ("pooled", False)):
         svc = await make(start=False, label_vote=rule, directory=tmp_path / rule)
         assert isinstance(svc.labeller, MajorityVote) and svc.labeller.programs_decide is decide
+        assert svc.labeller.traces is False
+    svc = await make(start=False, label_traces=True, directory=tmp_path / "traces")
+    assert isinstance(svc.labeller, MajorityVote) and svc.labeller.traces is True
 
 
 def test_split_or_silent_programs_leave_the_prose_vote() -> None:
@@ -242,3 +245,51 @@ async def test_rationalization_off_or_without_an_answer_calls_nothing(fake_upstr
     assert await MajorityVote(4).rationalize(upstream, "fake", "t", Label("q", "63", 1.0, 0.5, 2)) == []
     assert await MajorityVote(4, rationalize=2).rationalize(upstream, "fake", "t", Label("q", None, 0.0, 0.0, 2)) == []
     assert fake_upstream.completion_calls() == []
+
+
+def _worked(body: dict[str, Any], i: int) -> str:
+    if "Python program" in str(body["messages"][-1]["content"]):
+        return "```python\nt = 6 * 7 - 2\nprint(t)\n```"
+    return "Six sevens less two. The answer is 40." if i == 0 else "About 41. The answer is 41."
+
+
+WORKING = "t = 6 * 7 - 2\n= 42 - 2\n= 40\nThe answer is 40."
+
+
+async def test_traces_put_the_programs_working_first(fake_upstream: FakeUpstream, upstream: Upstream) -> None:
+    """The two agreeing programs' working (one text: they are the same program) comes before
+    the prose that reaches their answer, and is counted."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+    fake_upstream.script(_worked)
+    lab = await MajorityVote(4, pal=2, max_tokens=64, traces=True).label(upstream, "fake", "t", "6 * 7 - 2?")
+    assert (lab.answer, lab.program, lab.traced) == ("40", "40", 1)
+    assert lab.agreeing == [WORKING, "Six sevens less two. The answer is 40."]
+    off = await MajorityVote(4, pal=2, max_tokens=64).label(upstream, "fake", "t", "6 * 7 - 2?")
+    assert off.traced == 0 and off.agreeing == ["Six sevens less two. The answer is 40."]
+
+
+async def test_the_working_can_settle_a_question_before_the_prose(fake_upstream: FakeUpstream,
+                                                                  upstream: Upstream) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+    fake_upstream.script(_worked)
+    lab = await MajorityVote(4, pal=2, max_tokens=64, traces=True).label(upstream, "fake", "t", "6 * 7 - 2?",
+                                                                         rationales=1)
+    assert [c.json["n"] for c in fake_upstream.completion_calls()] == [2]  # the programs only
+    assert lab.agreeing == [WORKING] and lab.traced == 1
+
+
+async def test_no_working_where_only_the_answer_is_wanted_or_the_prose_wins(fake_upstream: FakeUpstream,
+                                                                            upstream: Upstream) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+    fake_upstream.script(_worked)
+    answer_only = await MajorityVote(4, pal=2, max_tokens=64, traces=True).label(
+        upstream, "fake", "t", "6 * 7 - 2?", rationales=0)
+    assert answer_only.traced == 0 and WORKING not in answer_only.agreeing
+    fake_upstream.script(lambda body, i: "```python\nt = 6 * 7 - 2\nprint(t)\n```"
+                         if "Python program" in str(body["messages"][-1]["content"]) else "So 41. The answer is 41.")
+    pooled = await MajorityVote(6, pal=2, max_tokens=64, traces=True, programs_decide=False).label(
+        upstream, "fake", "t", "6 * 7 - 2?")
+    assert pooled.answer == "41" and pooled.traced == 0 and WORKING not in pooled.agreeing

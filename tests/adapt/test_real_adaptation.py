@@ -23,6 +23,7 @@ import pytest
 
 from adapt.labeller import Label, MajorityVote
 from adapt.trainer import Trainer, TrainJob, TrainOutcome
+from protocol.events import Sample
 from server.settings import UpstreamSettings
 from server.upstream import Upstream
 from strategies.answers import FORM_OK, final_answer, placeholders
@@ -460,3 +461,30 @@ def test_pooled_labelling_on_the_real_model(real_vllm: RealVLLM) -> None:
         assert lab.program in (None, lab.answer)
         for text in lab.agreeing:
             assert final_answer(text, "stop", placeholders(question))[0] == lab.answer
+
+
+def test_traced_labelling_on_the_real_model(real_vllm: RealVLLM) -> None:
+    """``adapt.label_traces`` on the real model: a live request's two programs (as ``best_of_n``
+    keeps them) agree, so they decide the label; their working, run again traced in the real
+    sandbox, comes first among the rationales, and the real model's prose is drawn for the rest."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("the sandbox needs bubblewrap (make system-deps installs it)")
+    question = "What is 12 * 3 + 4? End with 'The answer is N.'"
+    program = "```python\nt = 12 * 3 + 4\nprint(t)\n```\n\nThe program printed 40.\nThe answer is 40."
+    prior = [Sample(program, "40", "stop", -0.1, program=True), Sample(program, "40", "stop", -0.2, program=True)]
+
+    async def run() -> Label:
+        up = Upstream(real_vllm.base_url, UpstreamSettings())
+        try:
+            return await MajorityVote(4, temperature=0.8, max_tokens=96, pal=2, traces=True).label(
+                up, real_vllm.served_name, "default", question, prior)
+        finally:
+            await up.aclose()
+
+    lab = asyncio.run(run())
+    print("label:", lab.answer, lab.share, lab.n, lab.traced, lab.agreeing)
+    assert (lab.answer, lab.program, lab.traced, lab.reused) == ("40", "40", 1, 2)
+    assert lab.agreeing[0] == "t = 12 * 3 + 4\n= 36 + 4\n= 40\nThe answer is 40."
+    assert lab.n == 6  # the real model's 4 prose samples were drawn beside the 2 programs
+    for text in lab.agreeing[1:]:
+        assert final_answer(text, "stop", placeholders(question))[0] == "40"
