@@ -31,6 +31,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from adapt.config import AdaptConfig  # noqa: E402
+from adapt.data import hyperparameters  # noqa: E402
+from adapt.trainer import TrainJob, write_job_file  # noqa: E402
 from evals.checkers import score  # noqa: E402
 from evals.datasets import Item, load  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
@@ -54,10 +57,7 @@ async def traces(client: httpx.AsyncClient, model: str, item: Item, n: int, max_
             "messages": [{"role": "user", "content": item.question + PAL_INSTRUCTION}]}
     r = await client.post("/chat/completions", json=body)
     r.raise_for_status()
-    out: list[tuple[str | None, str | None]] = []
-    for choice in r.json()["choices"]:
-        out.append(await worked_out(choice["message"]["content"] or ""))
-    return out
+    return list(await asyncio.gather(*(worked_out(c["message"]["content"] or "") for c in r.json()["choices"])))
 
 
 async def build(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -86,17 +86,16 @@ async def build(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[st
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
-    """``train.jsonl`` and the trainer's ``job.json`` in ``--out``."""
-    out = Path(args.out)
+    """``train.jsonl`` and the trainer's ``job.json`` in ``--out``: a cycle's hyperparameters
+    (``adapt.data.hyperparameters`` of the defaults, with ``--learning-rate`` and ``--max-steps``),
+    the examples in the order written."""
+    out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    job = {"job_dir": str(out), "base_model_path": args.base_model_path, "examples": str(out / "train.jsonl"),
-           "out_dir": str(out / "adapter"), "data_hash": "trace-rationales", "parent_adapter": None,
-           "parent_adapter_path": None,
-           "hyper": {"rank": 8, "alpha": 16, "target_modules": "all-linear", "learning_rate": args.learning_rate,
-                     "epochs": 3, "max_steps": args.max_steps, "batch_size": 4, "threads": 2, "curriculum": False,
-                     "dtype": "auto"}}
-    (out / "job.json").write_text(json.dumps(job))
+    config = AdaptConfig(learning_rate=args.learning_rate, max_steps=args.max_steps, threads=2)
+    write_job_file(TrainJob(job_dir=str(out), base_model_path=args.base_model_path, examples=str(out / "train.jsonl"),
+                            out_dir=str(out / "adapter"), data_hash="trace-rationales",
+                            hyper=hyperparameters(config, curriculum=False)))
 
 
 def main() -> None:

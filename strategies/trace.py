@@ -102,12 +102,12 @@ def steps(stdout: str, max_lines: int = 40) -> tuple[str | None, str | None]:
     The steps are None when fewer than two of their lines work something out (``= ...``), or
     there are more than ``max_lines`` (a loop); the answer still votes."""
     lines = [ln.rstrip() for ln in stdout.strip().splitlines() if ln.strip()]
-    steps = [ln[1:] for ln in lines if ln.startswith(MARK)]
+    working = [ln[1:] for ln in lines if ln.startswith(MARK)]
     printed = [ln for ln in lines if not ln.startswith(MARK)]
     answer = extract(printed[-1]) if printed else None
-    if answer is None or sum(ln.startswith("= ") for ln in steps) < 2 or len(steps) > max_lines:
+    if answer is None or sum(ln.startswith("= ") for ln in working) < 2 or len(working) > max_lines:
         return None, answer
-    return "\n".join([*steps, f"The answer is {answer}."]), answer
+    return "\n".join([*working, f"The answer is {answer}."]), answer
 
 
 async def worked_out(reply: str, *, wall_s: float = 5.0, cpu_s: int = 3) -> tuple[str | None, str | None]:
