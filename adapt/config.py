@@ -105,6 +105,10 @@ class AdaptConfig(BaseModel):
     # measurement"). Costs one embedding per request of a tenant with an adapter
     scope: Literal["all", "near"] = "all"
     scope_similarity: float = Field(default=0.55, ge=-1.0, le=1.0)
+    # with `near`: raise an adapter's threshold to where this share of questions drawn like its
+    # own training questions would still reach it (leave-one-out, adapt/scope.py), never below
+    # `scope_similarity`. A tight scope (one format) then stays tight; None: the fixed threshold
+    scope_coverage: float | None = Field(default=None, gt=0.0, lt=1.0)
     rollback_window: int = 20  # live requests watched after a promotion
     # roll back if live confidence drops this much below the tenant's over a full window before
     # the swap (the gate's score where there was not that much traffic)

@@ -12,6 +12,12 @@ The scope is written beside the adapter's weights (``scope-<embedder>.npy``: the
 its training and held-out questions) when it is trained with ``scope: near``, so it survives
 restarts and replicas read the same file. An adapter without one (trained under ``scope: all``,
 or before the option existed, or with another embedder) answers everything.
+
+One threshold does not fit every adapter: 0.55 keeps other reasoning-gym families out, but an
+adapter trained on one tight format (BIG-Bench-Hard's bracketed arithmetic, whose questions are
+0.9+ from each other) also took 889 of 1,000 ``basic_arithmetic`` questions (0.55-0.82), where it
+answered worse. With ``adapt.scope_coverage`` the threshold is raised per adapter to where its
+own training questions sit (``coverage_threshold``), so a tight scope stays tight.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -29,6 +35,31 @@ from adapt.registry import AdapterRegistry, AdapterVersion
 from memory.embedder import Embedder, Vectors
 
 log = logging.getLogger(__name__)
+
+
+class Route(NamedTuple):
+    """Who answers a request (counted in flight), the question's similarity to the adapter's
+    nearest training question and the threshold it was held to (both None: the scope did not decide)."""
+
+    model: str
+    similarity: float | None
+    threshold: float | None
+
+
+def coverage_threshold(vecs: Vectors, coverage: float) -> float | None:
+    """The similarity a new question drawn like the scope's own reaches with probability at least
+    ``coverage``: each scope question's similarity to its nearest *other* one (leave one out),
+    and the k-th lowest of those n with k = floor((1 - coverage)(n + 1)) (split-conformal; a new
+    question is compared with all n, which only raises its similarity, so the bound holds).
+    None when the scope is too small for that coverage (k < 1) or has under two distinct questions."""
+    rows = np.unique(vecs, axis=0) if vecs.shape[0] else vecs  # a repeated question is not its own neighbour
+    n = rows.shape[0]
+    k = int(np.floor((1.0 - coverage) * (n + 1) + 1e-9))
+    if n < 2 or k < 1:
+        return None
+    sims = rows @ rows.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.sort(sims.max(axis=1))[k - 1])
 
 
 class AdapterScope:
@@ -40,14 +71,19 @@ class AdapterScope:
     model never runs on the event loop), and ``acquire`` picks the adapter or the base model with
     the routes as they are then and counts the request in flight, like the registry's
     ``acquire``. An adapter with no scope file answers every request, as with ``scope: all``.
+    ``threshold`` is the floor; with ``coverage`` an adapter's own is the higher of it and
+    ``coverage_threshold`` of its questions.
     """
 
-    def __init__(self, embedder: Embedder, registry: AdapterRegistry, *, mode: str, threshold: float) -> None:
+    def __init__(self, embedder: Embedder, registry: AdapterRegistry, *, mode: str, threshold: float,
+                 coverage: float | None = None) -> None:
         self.embedder = embedder
         self.registry = registry
         self.mode = mode
         self.threshold = threshold
+        self.coverage = coverage
         self._vectors: dict[str, Vectors | None] = {}  # None: the version has no scope file
+        self._thresholds: dict[str, float] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapt-scope")
         self.file = f"scope-{embedder.name}.npy"  # vectors of another embedder would not compare
@@ -68,12 +104,21 @@ class AdapterScope:
         tmp.replace(adapter_dir / self.file)  # whole or not at all: a reader never sees half a file
         return int(vecs.shape[0])
 
+    def threshold_of(self, vecs: Vectors) -> float:
+        """The similarity a question needs to reach the adapter whose scope is ``vecs``."""
+        tight = coverage_threshold(vecs, self.coverage) if self.coverage is not None else None
+        return self.threshold if tight is None else max(self.threshold, tight)
+
     async def save(self, adapter_dir: str, questions: list[str], parent: AdapterVersion | None) -> dict[str, Any]:
         """``write`` on this object's thread; what the job's report says of the scope."""
         parent_dir = Path(parent.path) if parent is not None else None
         n = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: self.write(Path(adapter_dir), questions, parent_dir=parent_dir))
-        return {"questions": n, "similarity": self.threshold, "file": self.file}
+        out: dict[str, Any] = {"questions": n, "similarity": self.threshold, "file": self.file}
+        if self.coverage is not None:
+            vecs = _read(Path(adapter_dir) / self.file)
+            out |= {"coverage": self.coverage, "threshold": self.threshold_of(vecs) if vecs is not None else None}
+        return out
 
     def needs(self, tenant: str, base: str) -> bool:
         return self.mode == "near" and self.registry.active(tenant, base) is not None
@@ -91,14 +136,16 @@ class AdapterScope:
 
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
-    def acquire(self, tenant: str, base: str, question: Vectors | None) -> tuple[str, float | None]:
-        """The model that answers (counted in flight) and the question's similarity to the
-        adapter's nearest training question (None when the scope did not decide)."""
+    def acquire(self, tenant: str, base: str, question: Vectors | None) -> Route:
+        """The model that answers (counted in flight), with the similarity and threshold that decided."""
         name = self.registry.active(tenant, base)
         sim = self.similarity(name, question) if name is not None and question is not None else None
-        if sim is not None and sim < self.threshold:
-            return self.registry.acquire(tenant, base, adapter=False), sim
-        return self.registry.acquire(tenant, base), sim
+        if name is None or sim is None:
+            return Route(self.registry.acquire(tenant, base), None, None)
+        thr = self._thresholds.get(name, self.threshold)  # similarity() has read the scope and set it
+        if sim < thr:
+            return Route(self.registry.acquire(tenant, base, adapter=False), sim, thr)
+        return Route(self.registry.acquire(tenant, base), sim, thr)
 
     def similarity(self, name: str, vec: Vectors) -> float | None:
         """Cosine similarity of ``vec`` to the nearest question ``name`` was trained on; None when
@@ -113,9 +160,11 @@ class AdapterScope:
         with self._lock:
             if name not in self._vectors:
                 v = self.registry.get(name)
-                self._vectors[name] = _read(Path(v.path) / self.file) if v is not None else None
-                if self._vectors[name] is None:
+                vecs = self._vectors[name] = _read(Path(v.path) / self.file) if v is not None else None
+                if vecs is None:
                     log.info("adapter %s has no scope file: it answers every request of its tenant", name)
+                else:
+                    self._thresholds[name] = self.threshold_of(vecs)
             return self._vectors[name]
 
     def preload(self) -> None:

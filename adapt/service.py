@@ -60,7 +60,8 @@ class AdaptationService:
         self.registry = AdapterRegistry(directory / "adapters.sqlite3", shared=config.shared)
         embedder = embedder or HashingEmbedder()
         self.queue = UncertainQueue(directory / "queue.sqlite3", embedder, dedup_similarity=config.dedup_similarity)
-        self.scope = AdapterScope(embedder, self.registry, mode=config.scope, threshold=config.scope_similarity)
+        self.scope = AdapterScope(embedder, self.registry, mode=config.scope, threshold=config.scope_similarity,
+                                  coverage=config.scope_coverage)
         self.jobs: dict[str, Job] = {}
         self.base: str | None = None  # the upstream's base model name, set at start
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="adapt")

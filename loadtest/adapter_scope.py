@@ -8,7 +8,8 @@ For each run: the scope is the questions of the cycle's job folder (``train.json
 parent's, ``+PARENT_JOB_DIR``), embedded with the server's embedder (all-MiniLM-L6-v2). The
 run's ``adapt_bench`` report holds, per item, the base model's and the adapter's greedy scores on
 the unseen items of its family and on the unrelated family. With the scope, an item is answered
-by the adapter when its question is within ``--threshold`` of the scope, else by the base: its
+by the adapter when its question is within ``--threshold`` of the scope (with ``--coverage``, the
+higher of that and ``adapt.scope.coverage_threshold`` of the run's scope), else by the base: its
 score is one of the two stored ones, so no model runs here. Reported per run, with 95% Wilson
 intervals and exact McNemar tests: the share of each set sent to the adapter, accuracy with and
 without the scope, and the paired change against the base.
@@ -36,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from adapt.scope import coverage_threshold  # noqa: E402
 from evals.report import mcnemar, wilson  # noqa: E402
 from loadtest.adapt_bench import SEED_B, SEED_U, items  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
@@ -73,13 +75,22 @@ def paired(other: list[float], base: list[float]) -> str:
     return f"+{m['other_only']}/-{m['base_only']}, p={m['p_value']:.3g}"
 
 
+def run_threshold(scope: np.ndarray, thr: float, coverage: float | None) -> float:
+    tight = coverage_threshold(scope, coverage) if coverage is not None else None
+    return thr if tight is None else max(thr, tight)
+
+
 def run_rows(name: str, scope: np.ndarray, report: dict[str, Any], emb: MiniLMEmbedder, thr: float,
              family: str, unrelated: str) -> list[str]:
     rows = []
+    unseen_from = report["args"].get("unseen_from", 128)
     for label, fam, seed, key in ((f"unseen {family}", family, SEED_B, "family"),
                                   (f"unrelated {unrelated}", unrelated, SEED_U, "unrelated")):
         before, after = report["before"][key], report["after"][key]
-        its = [it for it in items(fam, len(before), seed) if it.id in before and it.id in after]
+        if not before or not after:
+            continue
+        its = [it for it in items(fam, len(before), seed, unseen_from=unseen_from)
+               if it.id in before and it.id in after]
         sims = (emb.embed([it.prompt() for it in its]) @ scope.T).max(axis=1)
         routed = sims >= thr
         base = [float(before[it.id]) for it in its]
@@ -94,24 +105,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", action="append", required=True, help="NAME=JOB_DIR[+PARENT_JOB_DIR]=REPORT.json")
     ap.add_argument("--threshold", type=float, default=0.55)
+    ap.add_argument("--coverage", type=float, help="adapt.scope_coverage: each run's threshold raised to its scope's")
     ap.add_argument("--fpr-items", type=int, default=1000)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     emb = MiniLMEmbedder(threads=2)
     lines = [f"CPU: {cpu_line()} (embedding only; the answers are the reports' stored ones)", "",
-             f"threshold {a.threshold} (cosine, all-MiniLM-L6-v2)", "",
+             f"threshold {a.threshold} (cosine, all-MiniLM-L6-v2)"
+             + (f", raised per run to its scope's at coverage {a.coverage}" if a.coverage else ""), "",
              "| run | items | sent to the adapter | base greedy | adapter on all (vs base) | scoped (vs base) |",
              "|---|---|---|---|---|---|"]
-    scopes = []
+    scopes, thresholds = [], {}
     for spec in a.run:
         name, dirs, report_file = spec.split("=")
         questions = scope_questions([Path(d) for d in dirs.split("+")])
         scope = emb.embed(questions)
         scopes.append((name, scope))
+        thresholds[name] = thr = run_threshold(scope, a.threshold, a.coverage)
         report = json.loads(Path(report_file).read_text())
         args = report["args"]
-        lines += run_rows(f"{name} ({len(questions)} q.)", scope, report, emb, a.threshold, args["family"],
-                          args["unrelated"])
+        lines += run_rows(f"{name} ({len(questions)} q., threshold {thr:.3f})", scope, report, emb, thr,
+                          args["family"], args["unrelated"])
         print("\n".join(lines[-2:]), flush=True)
     lines += ["", f"Other families, {a.fpr_items} items each (seed {FPR_SEED}): sent to each run's adapter", "",
               "| family | " + " | ".join(n for n, _ in scopes) + " | nearest question (max over runs) |",
@@ -125,7 +139,7 @@ def main() -> None:
         cells, top = [], 0.0
         for n, scope in scopes:
             sims = (vecs @ scope.T).max(axis=1)
-            k = int((sims >= a.threshold).sum())
+            k = int((sims >= thresholds[n]).sum())
             total[n] += k
             top = max(top, float(sims.max()))
             cells.append(str(k))

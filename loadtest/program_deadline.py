@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest.machine import cpu_line  # noqa: E402
-from loadtest.selection_rescore import Rec, _choose, load  # noqa: E402
+from loadtest.selection_rescore import Rec, choose, load  # noqa: E402
 from strategies import best_of_n as bon  # noqa: E402
 
 LENGTHS = (8, 32, 64, 128, 256)
@@ -89,7 +89,7 @@ def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, 
         use = progs if t_prog <= deadline else []
     else:
         use = [c for c in progs if f + t * c.tokens <= deadline]
-    best = _choose(prose + use, use, "mean_logprob", bon.VOTE_TEMPERATURE, 1.0,
+    best = choose(prose + use, use, "mean_logprob", bon.VOTE_TEMPERATURE, 1.0,
                    bon.DEFAULT_WEIGHTS["execution"] if use else None)
     wall = max(t_prose, min(t_prog, deadline))
     ref = f8 + t8 * max(c.tokens for c in r.samples)

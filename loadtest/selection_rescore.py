@@ -246,13 +246,13 @@ def policy(r: Rec, signal: str, temperature: float | None, keep: float = 1.0, pa
         prose, progs = r.samples[: (n or len(r.samples)) - pal_k], r.pal[:pal_k]
     else:
         prose, progs = r.samples, (r.pal if pal else [])
-    best = _choose(prose + progs, progs, signal, temperature, keep, boost if pal else None)
+    best = choose(prose + progs, progs, signal, temperature, keep, boost if pal else None)
     tokens = (_tok(r, prose) if prose else 0) + (r.pal_prompt_tokens + sum(c.tokens for c in progs) if progs else 0)
     return (best.correct if best is not None else 0), tokens
 
 
-def _choose(cs: list[Cand], progs: list[Cand], signal: str, temperature: float | None, keep: float = 1.0,
-            boost: float | None = None) -> Cand | None:
+def choose(cs: list[Cand], progs: list[Cand], signal: str, temperature: float | None, keep: float = 1.0,
+           boost: float | None = None) -> Cand | None:
     """``strategies.selection.WeightedVote`` over the candidates in this order (the ``confidence``
     verifier's score; ``boost``: the execution verifier's weight, None: no execution verifier, as
     in ``self_consistency``): the chosen candidate, None when no answer wins."""
@@ -276,7 +276,7 @@ def sc_mix(r: Rec, pal_k: int, n: int = 8) -> Pick:
     """``self_consistency`` with ``pal: pal_k`` of ``n`` and no early stopping: one call of prose,
     one of programs, a plain majority (the shipped vote) over all of them."""
     prose, progs = r.samples[: n - pal_k], r.pal[:pal_k]
-    best = _choose(prose + progs, [], "mean_logprob", None)  # no execution verifier
+    best = choose(prose + progs, [], "mean_logprob", None)  # no execution verifier
     return (best.correct if best is not None else 0), _tok(r, prose) + r.pal_prompt_tokens + sum(
         c.tokens for c in progs)
 
@@ -306,7 +306,7 @@ def early_sc_programs_first(r: Rec, threshold: float, wave: int, pal_k: int, n: 
             tokens += r.prompt_tokens + sum(c.tokens for c in more)
             if settled():
                 break
-    best = _choose(drawn, [], "mean_logprob", None)  # no execution verifier: executed answers unused
+    best = choose(drawn, [], "mean_logprob", None)  # no execution verifier: executed answers unused
     return (best.correct if best is not None else 0), tokens
 
 

@@ -43,9 +43,11 @@ async def acquire_model(adapt: AdaptationService, tenant: str, model: str, body:
         messages, prompt = body.get("messages"), body.get("prompt")
         question = task_of(messages) if isinstance(messages, list) else prompt if isinstance(prompt, str) else ""
         vec = await adapt.scope.embed(question, tenant, model) if question else None
-    routing.acquired, sim = adapt.scope.acquire(tenant, model, vec)
-    if sim is not None:
+    route = adapt.scope.acquire(tenant, model, vec)
+    routing.acquired = route.model
+    if route.similarity is not None and route.threshold is not None:
         by = "adapter" if routing.acquired != model else "base"
-        routing.scope = {"similarity": round(sim, 4), "threshold": adapt.scope.threshold, "answered_by": by}
+        routing.scope = {"similarity": round(route.similarity, 4), "threshold": round(route.threshold, 4),
+                         "answered_by": by}
         counter.labels(by).inc()
     return routing.acquired
