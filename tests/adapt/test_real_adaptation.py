@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 
 from adapt.labeller import Label, MajorityVote
@@ -200,6 +201,14 @@ def test_with_scope_near_a_far_question_goes_to_the_base_model(proxy: ProxyServe
         scope = far["sharpen"]["trace"]["adapter_scope"]
         print("far:", scope, repr(text(far)))
         assert far["model"] == base and scope["answered_by"] == "base" and scope["similarity"] < 0.55
+        # adapt.scope_coverage: the threshold is raised to where the zorblat questions sit
+        svc.scope.close()
+        svc.scope = AdapterScope(MiniLMEmbedder(), svc.registry, mode="near", threshold=0.55, coverage=0.9)
+        tight = svc.scope.threshold_of(np.load(Path(v.path) / svc.scope.file))
+        again = chat(proxy, "ka", question(UNSEEN), base, trace=True)["sharpen"]["trace"]["adapter_scope"]
+        print("coverage 0.9:", tight, again)
+        assert tight > 0.55 and again["threshold"] == pytest.approx(tight, abs=1e-4)
+        assert again["answered_by"] == ("adapter" if again["similarity"] >= again["threshold"] else "base")
     finally:
         svc.scope.close()
         svc.scope = saved
