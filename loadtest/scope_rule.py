@@ -1,6 +1,6 @@
 """How ``adapt.scope_coverage`` moves an adapter's scope, against the fixed threshold alone: no model runs.
 
-    .venv/bin/python loadtest/scope_rule.py [--train 36] [--own 150] [--others 300] [--near 1000]
+    .venv/bin/python loadtest/scope_rule.py [--train 36] [--train-seed 7] [--own 150] [--others 300] [--near 1000]
         [--coverage 0.9 --coverage 0.95 ...] [--outside NAME=TRAIN=UNSEEN ...] [--out FILE.md]
 
 For each reasoning-gym family as an adapter's (``FAMILIES``): ``--train`` of its questions (tuning
@@ -93,6 +93,7 @@ def outside_questions(spec: str) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=36)
+    ap.add_argument("--train-seed", type=int, default=TRAIN_SEED, help="another draw of the training questions")
     ap.add_argument("--own", type=int, default=150)
     ap.add_argument("--others", type=int, default=300)
     ap.add_argument("--near", type=int, default=1000)
@@ -103,11 +104,11 @@ def main() -> None:
     coverages: list[float | None] = [None, *(a.coverage or [0.9, 0.95, 0.98])]
     emb = MiniLMEmbedder(threads=2)
     lines = [f"CPU: {cpu_line()} (embedding only)", "",
-             f"{a.train} training questions per family (seed {TRAIN_SEED}), {a.own} unseen of the same family "
+             f"{a.train} training questions per family (seed {a.train_seed}), {a.own} unseen of the same family "
              f"(seed {OWN_SEED}), {a.others} of each other family (seed {OTHER_SEED}); floor {FLOOR}", "",
              "| adapter's family | rule (coverage) | threshold | own family sent | other families sent | "
              "most sent other family |", "|---|---|---|---|---|---|"]
-    vec = {f: emb.embed([it.prompt() for it in items(f, a.train, TRAIN_SEED)]) for f in FAMILIES}
+    vec = {f: emb.embed([it.prompt() for it in items(f, a.train, a.train_seed)]) for f in FAMILIES}
     own = {f: emb.embed([it.prompt() for it in items(f, a.own, OWN_SEED)]) for f in FAMILIES}
     other = {f: emb.embed([it.prompt() for it in items(f, a.others, OTHER_SEED)]) for f in FAMILIES}
     for fam in FAMILIES:
