@@ -35,6 +35,7 @@ from adapt.registry import AdapterRegistry, AdapterVersion
 from memory.embedder import Embedder, Vectors
 
 log = logging.getLogger(__name__)
+_BLOCK = 1024  # scope rows compared at once by coverage_threshold
 
 
 class Route(NamedTuple):
@@ -57,9 +58,12 @@ def coverage_threshold(vecs: Vectors, coverage: float) -> float | None:
     k = int(np.floor((1.0 - coverage) * (n + 1) + 1e-9))
     if n < 2 or k < 1:
         return None
-    sims = rows @ rows.T
-    np.fill_diagonal(sims, -np.inf)
-    return float(np.sort(sims.max(axis=1))[k - 1])
+    nearest = np.empty(n, dtype=np.float32)
+    for i in range(0, n, _BLOCK):  # in blocks: a scope grown over many cycles stays a few MB at a time
+        sims = rows[i:i + _BLOCK] @ rows.T
+        sims[np.arange(sims.shape[0]), np.arange(i, i + sims.shape[0])] = -np.inf
+        nearest[i:i + _BLOCK] = sims.max(axis=1)
+    return float(np.sort(nearest)[k - 1])
 
 
 class AdapterScope:

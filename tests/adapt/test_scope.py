@@ -97,6 +97,15 @@ def test_the_coverage_threshold_is_the_kth_lowest_leave_one_out_similarity() -> 
     assert got is not None and got > 0.99  # every question has a near twin
 
 
+def test_the_coverage_threshold_is_the_same_computed_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(50, 8)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    whole = coverage_threshold(vecs, 0.9)
+    monkeypatch.setattr("adapt.scope._BLOCK", 7)  # 50 rows in 8 blocks, the last one short
+    assert whole is not None and coverage_threshold(vecs, 0.9) == pytest.approx(whole)
+
+
 def test_repeated_questions_are_not_their_own_neighbours() -> None:
     vecs = _unit([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1]])  # three distinct
     assert coverage_threshold(vecs, 0.5) == pytest.approx(np.cos(np.radians(45.0)), abs=1e-6)  # k = 2 of 3
