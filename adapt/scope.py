@@ -66,6 +66,13 @@ def coverage_threshold(vecs: Vectors, coverage: float) -> float | None:
     return float(np.sort(nearest)[k - 1])
 
 
+def scope_threshold(vecs: Vectors, floor: float, coverage: float | None) -> float:
+    """The similarity a question needs to reach an adapter whose scope is ``vecs``: ``floor``
+    (``adapt.scope_similarity``), raised to ``coverage_threshold`` where ``coverage`` is set."""
+    tight = coverage_threshold(vecs, coverage) if coverage is not None else None
+    return floor if tight is None else max(floor, tight)
+
+
 class AdapterScope:
     """Routes a tenant's request to its adapter only when the question is near the adapter's.
 
@@ -96,6 +103,9 @@ class AdapterScope:
         """Saves the scope of the version in ``adapter_dir`` (blocking: run it off the loop); a
         version trained further from a parent also covers the parent's questions. Returns how
         many questions it holds."""
+        return int(self._write(adapter_dir, questions, parent_dir).shape[0])
+
+    def _write(self, adapter_dir: Path, questions: list[str], parent_dir: Path | None) -> Vectors:
         unique = list(dict.fromkeys(q for q in questions if q.strip()))
         vecs = self.embedder.embed(unique) if unique else np.zeros((0, self.embedder.dim), dtype=np.float32)
         parent = _read(parent_dir / self.file) if parent_dir is not None else None
@@ -106,22 +116,20 @@ class AdapterScope:
         with tmp.open("wb") as f:
             np.save(f, vecs.astype(np.float32))
         tmp.replace(adapter_dir / self.file)  # whole or not at all: a reader never sees half a file
-        return int(vecs.shape[0])
+        return vecs
 
     def threshold_of(self, vecs: Vectors) -> float:
         """The similarity a question needs to reach the adapter whose scope is ``vecs``."""
-        tight = coverage_threshold(vecs, self.coverage) if self.coverage is not None else None
-        return self.threshold if tight is None else max(self.threshold, tight)
+        return scope_threshold(vecs, self.threshold, self.coverage)
 
     async def save(self, adapter_dir: str, questions: list[str], parent: AdapterVersion | None) -> dict[str, Any]:
         """``write`` on this object's thread; what the job's report says of the scope."""
         parent_dir = Path(parent.path) if parent is not None else None
-        n = await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: self.write(Path(adapter_dir), questions, parent_dir=parent_dir))
-        out: dict[str, Any] = {"questions": n, "similarity": self.threshold, "file": self.file}
+        vecs = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: self._write(Path(adapter_dir), questions, parent_dir))
+        out: dict[str, Any] = {"questions": int(vecs.shape[0]), "similarity": self.threshold, "file": self.file}
         if self.coverage is not None:
-            vecs = _read(Path(adapter_dir) / self.file)
-            out |= {"coverage": self.coverage, "threshold": self.threshold_of(vecs) if vecs is not None else None}
+            out |= {"coverage": self.coverage, "threshold": self.threshold_of(vecs)}
         return out
 
     def needs(self, tenant: str, base: str) -> bool:

@@ -9,7 +9,7 @@ parent's, ``+PARENT_JOB_DIR``), embedded with the server's embedder (all-MiniLM-
 run's ``adapt_bench`` report holds, per item, the base model's and the adapter's greedy scores on
 the unseen items of its family and on the unrelated family. With the scope, an item is answered
 by the adapter when its question is within ``--threshold`` of the scope (with ``--coverage``, the
-higher of that and ``adapt.scope.coverage_threshold`` of the run's scope), else by the base: its
+higher of that and ``adapt.scope.coverage_threshold`` of the run's scope: ``scope_threshold``), else by the base: its
 score is one of the two stored ones, so no model runs here. Reported per run, with 95% Wilson
 intervals and exact McNemar tests: the share of each set sent to the adapter, accuracy with and
 without the scope, and the paired change against the base.
@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapt.scope import coverage_threshold  # noqa: E402
+from adapt.scope import scope_threshold  # noqa: E402
 from evals.report import mcnemar, wilson  # noqa: E402
 from loadtest.adapt_bench import SEED_B, SEED_U, items  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
@@ -73,11 +73,6 @@ def acc(scores: list[float]) -> str:
 def paired(other: list[float], base: list[float]) -> str:
     m = mcnemar(dict(enumerate(base)), dict(enumerate(other)))  # right = score >= 0.5, as everywhere
     return f"+{m['other_only']}/-{m['base_only']}, p={m['p_value']:.3g}"
-
-
-def run_threshold(scope: np.ndarray, thr: float, coverage: float | None) -> float:
-    tight = coverage_threshold(scope, coverage) if coverage is not None else None
-    return thr if tight is None else max(thr, tight)
 
 
 def run_rows(name: str, scope: np.ndarray, report: dict[str, Any], emb: MiniLMEmbedder, thr: float,
@@ -121,7 +116,7 @@ def main() -> None:
         questions = scope_questions([Path(d) for d in dirs.split("+")])
         scope = emb.embed(questions)
         scopes.append((name, scope))
-        thresholds[name] = thr = run_threshold(scope, a.threshold, a.coverage)
+        thresholds[name] = thr = scope_threshold(scope, a.threshold, a.coverage)
         report = json.loads(Path(report_file).read_text())
         args = report["args"]
         lines += run_rows(f"{name} ({len(questions)} q., threshold {thr:.3f})", scope, report, emb, thr,

@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapt.scope import coverage_threshold  # noqa: E402
+from adapt.scope import scope_threshold  # noqa: E402
 from evals.datasets import load  # noqa: E402
 from evals.report import wilson  # noqa: E402
 from loadtest.adapt_bench import items  # noqa: E402
@@ -44,11 +44,6 @@ FAMILIES = ["basic_arithmetic", "chain_sum", "products", "letter_counting", "gsm
             "count_bits", "family_relationships", "word_sorting"]
 TRAIN_SEED, OWN_SEED, OTHER_SEED = 7, 8, 9  # tuning seeds: no report uses them
 FLOOR = 0.55  # adapt.scope_similarity's default
-
-
-def threshold(scope: np.ndarray, coverage: float | None) -> float:
-    tight = coverage_threshold(scope, coverage) if coverage is not None else None
-    return FLOOR if tight is None else max(FLOOR, tight)
 
 
 def share(sims: np.ndarray, thr: float) -> str:
@@ -70,12 +65,11 @@ def rule_rows(name: str, scope: np.ndarray, own: np.ndarray, others: dict[str, n
     own_s = nearest(own, scope)
     other_s = {f: nearest(v, scope) for f, v in others.items()}
     for cov in coverages:
-        thr = threshold(scope, cov)
-        sent = {f: s for f, s in other_s.items()}
-        worst = max(sent, key=lambda f: float((sent[f] >= thr).mean()))
-        pooled = np.concatenate(list(sent.values()))
+        thr = scope_threshold(scope, FLOOR, cov)
+        worst = max(other_s, key=lambda f: float((other_s[f] >= thr).mean()))
+        pooled = np.concatenate(list(other_s.values()))
         rows.append(f"| {name} | {'fixed' if cov is None else cov} | {thr:.3f} | {share(own_s, thr)} | "
-                    f"{share(pooled, thr)} | {worst} {share(sent[worst], thr)} |")
+                    f"{share(pooled, thr)} | {worst} {share(other_s[worst], thr)} |")
     return rows
 
 

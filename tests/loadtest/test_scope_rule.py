@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loadtest.adapter_scope import run_threshold
-from loadtest.scope_rule import FLOOR, outside_questions, rule_rows, threshold
+from adapt.scope import scope_threshold
+from loadtest.scope_rule import FLOOR, outside_questions, rule_rows
 
 
 def _at(degrees: list[float]) -> np.ndarray:
@@ -20,11 +20,12 @@ def _at(degrees: list[float]) -> np.ndarray:
 
 def test_the_rule_never_goes_below_the_floor_and_says_fixed_when_the_scope_is_too_small() -> None:
     tight = _at([i * 0.5 for i in range(40)])  # forty questions half a degree apart
-    assert threshold(tight, None) == FLOOR
-    assert threshold(tight, 0.95) == pytest.approx(np.cos(np.radians(0.5)), abs=1e-5)
-    assert threshold(tight, 0.99) == FLOOR  # k = floor(0.01 x 41) = 0: forty questions cannot say
-    assert threshold(_at([0, 90, 180, 270] * 10), 0.9) == FLOOR  # spread questions: the floor holds
-    assert run_threshold(tight, 0.3, 0.95) == threshold(tight, 0.95) and run_threshold(tight, 0.3, None) == 0.3
+    assert scope_threshold(tight, FLOOR, None) == FLOOR
+    assert scope_threshold(tight, FLOOR, 0.95) == pytest.approx(np.cos(np.radians(0.5)), abs=1e-5)
+    assert scope_threshold(tight, FLOOR, 0.99) == FLOOR  # k = floor(0.01 x 41) = 0: forty questions cannot say
+    assert scope_threshold(_at([0, 90, 180, 270] * 10), FLOOR, 0.9) == FLOOR  # spread questions: the floor holds
+    assert scope_threshold(tight, 0.3, None) == 0.3
+    assert scope_threshold(tight, 0.3, 0.95) == scope_threshold(tight, FLOOR, 0.95)  # above either floor
 
 
 def test_rule_rows_count_what_each_threshold_sends() -> None:
