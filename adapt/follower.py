@@ -40,7 +40,7 @@ class ReplicaAdaptation(AdaptationService):
             await asyncio.sleep(self.follow_s)
             try:
                 if await loop.run_in_executor(self._pool, self.registry.reload_routes):
-                    await self._models_changed()
+                    await self.rollout.refresh()
             except Exception:
                 log.exception("re-reading the adapter routes failed")
 

@@ -32,11 +32,12 @@ from adapt.job import Job
 from adapt.labeller import Labeller, MajorityVote
 from adapt.queue import UncertainQuery, UncertainQueue
 from adapt.registry import AdapterRegistry, AdapterVersion, name_base_model
+from adapt.rollout import Rollout
 from adapt.scope import AdapterScope
 from adapt.trainer import LocalProcessTrainer, Trainer, TrainJob
 from adapt.watch import LiveWatch
 from memory.embedder import Embedder, HashingEmbedder
-from protocol.errors import InvalidRequest, NotFound, SharpenError, UpstreamStatusError
+from protocol.errors import InvalidRequest, NotFound, SharpenError
 from protocol.events import EventBus, RequestEvent
 from protocol.upstream import AdapterHost, UpstreamAPI
 from protocol.wire import task_of
@@ -68,11 +69,10 @@ class AdaptationService:
         self._running: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sub: asyncio.Queue[RequestEvent] | None = None
-        self._watch = LiveWatch(config.rollback_window, config.rollback_drop)
+        self.rollout = Rollout(upstream, self.registry, LiveWatch(config.rollback_window, config.rollback_drop))
         self._canary = canarymod.CanaryMemo()  # canary answers already known, across cycles
         self._last_cycle = time.monotonic()
         self._cooldown: dict[str, float] = {}  # tenant -> monotonic time before which no cycle starts
-        self.models_changed: Callable[[], Awaitable[None]] | None = None
         self.on_cycle: Callable[[Job], None] | None = None  # e.g. the metrics; called when a cycle ends
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class AdaptationService:
         self.base = base
         for v in self.registry.restore():
             try:
-                await self._load(v)
+                await self.rollout.load(v)
                 self.registry.activate(v)
             except SharpenError as exc:
                 log.warning("could not restore adapter %s: %s", v.name, exc.message)
@@ -95,6 +95,7 @@ class AdaptationService:
         for t in [*self._tasks, *([self._running] if self._running else [])]:
             t.cancel()
         await asyncio.gather(*self._tasks, *([self._running] if self._running else []), return_exceptions=True)
+        await self.rollout.close()
         self._pool.shutdown(wait=False)
         self.scope.close()
 
@@ -187,7 +188,7 @@ class AdaptationService:
                 return
             with job.phase("gate", "load"):
                 name_base_model(Path(version.path), job.base)
-                await self._load(version)
+                await self.rollout.load(version)
                 job.stage = "gate"
                 gate = await evaluate(self.upstream, version.name, current or job.base, job.base, heldout,
                                       s.gate_margin, canary=canary, canary_tolerance=s.canary_tolerance,
@@ -199,12 +200,12 @@ class AdaptationService:
             old = None
             if gate.promote:
                 with job.phase("swap"):
-                    old = self._promote(version)
+                    old = self.rollout.promote(version)
                 job.status = "succeeded"
             else:
                 self.registry.update(version.name, status="rejected", note=gate.reason)
                 job.status = "rejected"
-                await self._unload_when_idle(version.name)
+                await self.rollout.unload_when_idle(version.name)
             try:  # report-only, after the verdict: the vote chased, under the model the cycle started from
                 if canary and s.canary_vote:
                     with job.phase("report"):
@@ -212,7 +213,7 @@ class AdaptationService:
                         job.report.setdefault("canary", {}).update(vote)
             finally:
                 if old is not None:
-                    self._spawn(self._unload_when_idle(old))
+                    self.rollout.spawn(self.rollout.unload_when_idle(old))
         except asyncio.CancelledError:
             if job.status in ("succeeded", "rejected"):  # cancelled while reporting: the verdict stands
                 raise
@@ -220,7 +221,7 @@ class AdaptationService:
             if version is not None:
                 self.registry.update(version.name, status="cancelled")
                 if job.stage == "gate":  # loaded for the gate: do not leave it in vLLM
-                    self._spawn(self._unload_when_idle(version.name))
+                    self.rollout.spawn(self.rollout.unload_when_idle(version.name))
             raise
         except Exception as exc:
             job.status = "failed"
@@ -230,7 +231,7 @@ class AdaptationService:
             if version is not None:
                 self.registry.update(version.name, status="failed", note=job.error)
                 if job.stage == "gate":
-                    self._spawn(self._unload_when_idle(version.name))
+                    self.rollout.spawn(self.rollout.unload_when_idle(version.name))
         finally:
             await self._settle(job, used, version)
 
@@ -314,74 +315,26 @@ class AdaptationService:
         elif self._running is not None and not self._running.done():
             self._running.cancel()
 
-    # -- swap and roll back ------------------------------------------------------------------
+    # -- swap and roll back (adapt/rollout.py) -----------------------------------------------
 
-    async def _load(self, v: AdapterVersion) -> None:
-        try:
-            await self.upstream.load_lora_adapter(v.name, v.path)  # absolute: vLLM needs it so
-        except UpstreamStatusError as exc:
-            if exc.http_status != 400 or "already" not in exc.message.lower():
-                raise
-        await self._models_changed()
+    @property
+    def models_changed(self) -> Callable[[], Awaitable[None]] | None:
+        """Called when the upstream's adapters change, so the proxy's model list follows at once."""
+        return self.rollout.models_changed
 
-    async def _models_changed(self) -> None:
-        """Lets the proxy's model list know at once (it otherwise refreshes on a miss)."""
-        if self.models_changed is not None:
-            try:
-                await self.models_changed()
-            except Exception:  # the list is a cache; the next miss refreshes it anyway
-                log.exception("refreshing the model list failed")
-
-    def _promote(self, v: AdapterVersion) -> str | None:
-        """Routes the tenant to ``v``; returns the adapter it replaced, if any (the caller unloads it)."""
-        old = self.registry.activate(v)  # from here on, new requests go to v
-        self.registry.update(v.name, status="active", promoted_at=time.time())
-        self._watch.promoted(v.tenant, v.name, (self.registry.get(v.name) or v).score_new)
-        log.info("adapter %s promoted (replaces %s)", v.name, old or "the base model")
-        if old is None or old == v.name:
-            return None
-        self.registry.update(old, status="retired")
-        return old
+    @models_changed.setter
+    def models_changed(self, fn: Callable[[], Awaitable[None]] | None) -> None:
+        self.rollout.models_changed = fn
 
     async def rollback(self, tenant: str, reason: str = "by hand") -> dict[str, Any]:
         """Routes back to the previous version (or the base) and unloads the current one."""
-        base = self.base or ""
-        current = self.registry.active(tenant, base)
-        if current is None:
-            raise NotFound(f"Tenant '{tenant}' has no active adapter to roll back.")
-        cur = self.registry.get(current)
-        prev = self.registry.get(cur.parent) if cur is not None and cur.parent else None
-        if prev is not None:
-            await self._load(prev)
-            self.registry.activate(prev)
-            self.registry.update(prev.name, status="active")
-        else:
-            self.registry.deactivate(tenant, base)
-        self.registry.update(current, status="rolled_back", note=reason)
-        self._watch.forget(current)  # by hand too: no longer watched
-        self._spawn(self._unload_when_idle(current))
-        log.warning("adapter %s rolled back (%s); now serving %s", current, reason, prev.name if prev else base)
-        return {"rolled_back": current, "now": prev.name if prev else base, "reason": reason}
+        return await self.rollout.rollback(tenant, self.base or "", reason)
 
     def _watch_live(self, ev: RequestEvent) -> None:
         """Automatic roll back: live confidence on a new adapter well below its tenant's before the swap."""
-        reason = self._watch.observe(ev.tenant, ev.model, 1.0 - ev.uncertainty.score) if ev.uncertainty else None
+        reason = self.rollout.watch.observe(ev.tenant, ev.model, 1.0 - ev.uncertainty.score) if ev.uncertainty else None
         if reason and (v := self.registry.get(ev.model)) is not None:
-            self._spawn(self.rollback(v.tenant, reason=reason))
-
-    async def _unload_when_idle(self, name: str, timeout: float = 120.0) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.registry.idle(name), timeout)
-        try:
-            await self.upstream.unload_lora_adapter(name)
-            await self._models_changed()
-        except SharpenError as exc:
-            log.info("unloading %s: %s", name, exc.message)
-
-    def _spawn(self, coro: Any) -> None:
-        t = asyncio.ensure_future(coro)
-        self._tasks.append(t)
-        t.add_done_callback(lambda done: self._tasks.remove(done) if done in self._tasks else None)
+            self.rollout.spawn(self.rollback(v.tenant, reason=reason))
 
     def visible(self, tenant: str, model: str) -> bool:  # routing: called by the proxy on every request
         return self.registry.visible(tenant, model)

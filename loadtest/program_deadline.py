@@ -24,7 +24,7 @@ import asyncio
 import statistics
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loadtest.machine import cpu_line  # noqa: E402
-from loadtest.selection_rescore import Rec, choose, load  # noqa: E402
+from loadtest.selection_rescore import Cand, Rec, choose, load  # noqa: E402
 from strategies import best_of_n as bon  # noqa: E402
 
 LENGTHS = (8, 32, 64, 128, 256)
@@ -78,13 +78,22 @@ async def calibrate(args: argparse.Namespace) -> dict[str, tuple[float, float]]:
     return out
 
 
-def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, t8: float) -> tuple[int, bool, float]:
-    """(right, programs cut, modelled wall / one n=8 call) for ``best_of_n``'s default on ``r``."""
+def prose_share(prose: list[Cand]) -> float:
+    """The share of the prose answers that give the most common well-formed answer (0 when none)."""
+    answers = [c.answer for c in prose if c.answer is not None and c.rank <= 0]
+    return max(Counter(answers).values()) / len(prose) if answers else 0.0
+
+
+def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, t8: float,
+             when: float = 0.0) -> tuple[int, bool, float]:
+    """(right, programs cut, modelled wall / one n=8 call) for ``best_of_n``'s default on ``r``;
+    ``when``: the deadline applies only where at least this share of the prose answers agree."""
     n_prose = 8 - bon.PAL
     prose, progs = r.samples[:n_prose], r.pal[: bon.PAL]
     lp, lg = max(c.tokens for c in prose), max(c.tokens for c in progs)
     t_prose, t_prog = f + t * lp, f + t * lg
-    deadline = k * t_prose if k is not None else float("inf")
+    applies = k is not None and prose_share(prose) >= when
+    deadline = k * t_prose if applies and k is not None else float("inf")
     if form == "whole":
         use = progs if t_prog <= deadline else []
     else:
@@ -96,25 +105,27 @@ def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, 
     return (best.correct if best is not None else 0), len(use) < len(progs), wall / ref
 
 
-def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: float) -> str:
+def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: float,
+          whens: tuple[float, ...] = (0.0,)) -> str:
     fams = sorted({r.task for r in recs})
     head = "| deadline | " + " | ".join(f"{x} (n={sum(r.task == x for r in recs)})" for x in fams) + " | all |"
     lines = [head, "|" + "---|" * (len(fams) + 2)]
-    for k in [None, *ks]:
-        for form in (["whole", "finished"] if k is not None else ["none"]):
-            right: dict[str, int] = defaultdict(int)
-            cut: dict[str, int] = defaultdict(int)
-            ratio: dict[str, list[float]] = defaultdict(list)
-            for r in recs:
-                ok, c, q = simulate(r, k, form, f, t, f8, t8)
-                right[r.task] += ok
-                cut[r.task] += c
-                ratio[r.task].append(q)
-            cells = [f"{right[x]} right, {cut[x]} cut, wall {statistics.median(ratio[x]):.2f}x / {max(ratio[x]):.2f}x"
-                     for x in fams]
-            total = sum(right.values())
-            label = "none (shipped)" if k is None else f"{k}x the prose call, {form}"
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {total} ({total / len(recs):.1%}) |")
+    runs = [(None, "none", 0.0)] + [(k, form, w) for w in whens for k in ks for form in ("whole", "finished")]
+    for k, form, when in runs:
+        right: dict[str, int] = defaultdict(int)
+        cut: dict[str, int] = defaultdict(int)
+        ratio: dict[str, list[float]] = defaultdict(list)
+        for r in recs:
+            ok, c, q = simulate(r, k, form, f, t, f8, t8, when)
+            right[r.task] += ok
+            cut[r.task] += c
+            ratio[r.task].append(q)
+        cells = [f"{right[x]} right, {cut[x]} cut, wall {statistics.median(ratio[x]):.2f}x / {max(ratio[x]):.2f}x"
+                 for x in fams]
+        total = sum(right.values())
+        label = "none (shipped)" if k is None else f"{k}x the prose call, {form}" + (
+            f", where >= {when:.0%} of the prose agree" if when else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {total} ({total / len(recs):.1%}) |")
     return "\n".join(lines)
 
 
@@ -132,6 +143,7 @@ def main() -> None:
     ap.add_argument("--fixed8-s", type=float, help="F for one n=8 call (default: --fixed-s)")
     ap.add_argument("--per-token8-s", type=float, help="T for one n=8 call (default: --per-token-s)")
     ap.add_argument("--k", default="1.5,2,2.5,3")
+    ap.add_argument("--when", default="0", help="prose agreement shares at which the deadline applies, comma-separated")
     ap.add_argument("--md", help="write the table here as well")
     args = ap.parse_args()
     print(f"CPU: {cpu_line()}", flush=True)
@@ -147,7 +159,8 @@ def main() -> None:
     params: dict[str, Any] = {"F": args.fixed_s, "T": args.per_token_s, "F8": f8, "T8": t8}
     out = (f"best_of_n (4 prose + 4 programs) with a program deadline, {len(recs)} stored items; time model "
            f"{params}; wall as median / largest ratio to one n=8 call\n\n"
-           + table(recs, [float(x) for x in args.k.split(",")], args.fixed_s, args.per_token_s, f8, t8))
+           + table(recs, [float(x) for x in args.k.split(",")], args.fixed_s, args.per_token_s, f8, t8,
+                   tuple(float(x) for x in args.when.split(","))))
     print(out)
     if args.md:
         Path(args.md).write_text(f"CPU where this ran (calibrate F and T on the same host): {cpu_line()}\n\n{out}\n")

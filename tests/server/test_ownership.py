@@ -96,7 +96,7 @@ def test_a_second_process_on_the_folder_is_a_replica(fake_upstream: FakeUpstream
     httpx.post(fake_upstream.root_url + "/v1/load_lora_adapter", json={"lora_name": v.name, "lora_path": v.path},
                timeout=10).raise_for_status()
     loads = [r for r in fake_upstream.requests if r.path.endswith("load_lora_adapter")]
-    ps.adapt._promote(v)
+    ps.adapt.rollout.promote(v)
     deadline = time.monotonic() + 30  # generous: the machine may be busy
     while rs.adapt.registry.active("tenant-a", "fake") != v.name:
         assert time.monotonic() < deadline, "the replica did not follow the promotion"
