@@ -162,7 +162,7 @@ async def upstream_for(args: argparse.Namespace) -> AsyncIterator[str]:
     settings = BackendSettings(model=args.model, kv_cache_gib=args.kv_cache_gib, start_timeout=900)
     log_path = Path(args.scratch) / f"vllm-{prepared.served_name}.log"
     async with VLLMProcess(settings, prepared, log_path, python=sys.executable) as proc:
-        print(f"vLLM ready at {proc.base_url} in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"vLLM ready at {proc.base_url} in {time.perf_counter() - t0:.0f} s (log {log_path})", flush=True)
         yield proc.base_url
 
 

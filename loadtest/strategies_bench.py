@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gzip
 import json
 import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from evals.report import wilson  # noqa: E402
+from loadtest.selection_bench import upstream_for  # noqa: E402
 from strategies.answers import extract  # noqa: E402
 
 VERIFIERS = ["approval", "math_steps", "logic_steps", "rederive", "agreement"]
@@ -134,25 +133,6 @@ def strategy_body(name: str, model: str, item: Item, n: int, max_tokens: int) ->
 
 
 # ---- the servers -----------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def upstream_for(args: argparse.Namespace) -> AsyncIterator[str]:
-    """The upstream base URL: ``--upstream``, or the model started on the embedded vLLM."""
-    if args.upstream:
-        yield args.upstream.rstrip("/")
-        return
-    from server.backend.vllm_process import VLLMProcess
-    from server.backend.weights import prepare_model
-    from server.settings import BackendSettings, Settings
-
-    t0 = time.perf_counter()
-    prepared = await asyncio.to_thread(prepare_model, args.model, Settings().cache_dir, python=sys.executable)
-    settings = BackendSettings(model=args.model, kv_cache_gib=args.kv_cache_gib, start_timeout=900)
-    log_path = Path(args.scratch) / f"vllm-{prepared.served_name}.log"
-    async with VLLMProcess(settings, prepared, log_path, python=sys.executable) as proc:
-        print(f"vLLM ready at {proc.base_url} in {time.perf_counter() - t0:.0f} s (log {log_path})", flush=True)
-        yield proc.base_url
 
 
 async def served_model(session: aiohttp.ClientSession, upstream: str) -> str:
