@@ -85,14 +85,17 @@ def prose_share(prose: list[Cand]) -> float:
 
 
 def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, t8: float,
-             when: float = 0.0) -> tuple[int, bool, float]:
+             when: float = 0.0, answered: int = 0) -> tuple[int, bool, float]:
     """(right, programs cut, modelled wall / one n=8 call) for ``best_of_n``'s default on ``r``;
-    ``when``: the deadline applies only where at least this share of the prose answers agree."""
+    the deadline applies only where at least ``when`` of the prose answers agree and (form
+    ``finished``) at least ``answered`` programs have printed an answer by then."""
     n_prose = 8 - bon.PAL
     prose, progs = r.samples[:n_prose], r.pal[: bon.PAL]
     lp, lg = max(c.tokens for c in prose), max(c.tokens for c in progs)
     t_prose, t_prog = f + t * lp, f + t * lg
     applies = k is not None and prose_share(prose) >= when
+    if applies and k is not None and answered:
+        applies = sum(c.answer is not None and f + t * c.tokens <= k * t_prose for c in progs) >= answered
     deadline = k * t_prose if applies and k is not None else float("inf")
     if form == "whole":
         use = progs if t_prog <= deadline else []
@@ -106,17 +109,18 @@ def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, 
 
 
 def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: float,
-          whens: tuple[float, ...] = (0.0,)) -> str:
+          whens: tuple[float, ...] = (0.0,), answered: int = 0) -> str:
     fams = sorted({r.task for r in recs})
     head = "| deadline | " + " | ".join(f"{x} (n={sum(r.task == x for r in recs)})" for x in fams) + " | all |"
     lines = [head, "|" + "---|" * (len(fams) + 2)]
-    runs = [(None, "none", 0.0)] + [(k, form, w) for w in whens for k in ks for form in ("whole", "finished")]
+    forms = ("finished",) if answered else ("whole", "finished")  # answered: only finished programs are known
+    runs = [(None, "none", 0.0)] + [(k, form, w) for w in whens for k in ks for form in forms]
     for k, form, when in runs:
         right: dict[str, int] = defaultdict(int)
         cut: dict[str, int] = defaultdict(int)
         ratio: dict[str, list[float]] = defaultdict(list)
         for r in recs:
-            ok, c, q = simulate(r, k, form, f, t, f8, t8, when)
+            ok, c, q = simulate(r, k, form, f, t, f8, t8, when, answered)
             right[r.task] += ok
             cut[r.task] += c
             ratio[r.task].append(q)
@@ -124,7 +128,8 @@ def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: f
                  for x in fams]
         total = sum(right.values())
         label = "none (shipped)" if k is None else f"{k}x the prose call, {form}" + (
-            f", where >= {when:.0%} of the prose agree" if when else "")
+            f", where >= {when:.0%} of the prose agree" if when else "") + (
+            f", once >= {answered} program(s) printed an answer" if answered else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total} ({total / len(recs):.1%}) |")
     return "\n".join(lines)
 
@@ -144,6 +149,8 @@ def main() -> None:
     ap.add_argument("--per-token8-s", type=float, help="T for one n=8 call (default: --per-token-s)")
     ap.add_argument("--k", default="1.5,2,2.5,3")
     ap.add_argument("--when", default="0", help="prose agreement shares at which the deadline applies, comma-separated")
+    ap.add_argument("--answered", type=int, default=0,
+                    help="the deadline applies only once this many programs have printed an answer")
     ap.add_argument("--md", help="write the table here as well")
     args = ap.parse_args()
     print(f"CPU: {cpu_line()}", flush=True)
@@ -160,7 +167,7 @@ def main() -> None:
     out = (f"best_of_n (4 prose + 4 programs) with a program deadline, {len(recs)} stored items; time model "
            f"{params}; wall as median / largest ratio to one n=8 call\n\n"
            + table(recs, [float(x) for x in args.k.split(",")], args.fixed_s, args.per_token_s, f8, t8,
-                   tuple(float(x) for x in args.when.split(","))))
+                   tuple(float(x) for x in args.when.split(",")), args.answered))
     print(out)
     if args.md:
         Path(args.md).write_text(f"CPU where this ran (calibrate F and T on the same host): {cpu_line()}\n\n{out}\n")
