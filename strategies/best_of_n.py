@@ -49,6 +49,9 @@ class BestOfNOptions(StrategyOptions):
     vote_temperature: float | None = Field(default=VOTE_TEMPERATURE, gt=0, le=100)
     keep: float = Field(default=1.0, gt=0, le=1)
     pal: int = Field(default=PAL, ge=0, le=64)  # program-aided candidates (of n); adds the execution verifier
+    # Stop waiting for programs still running at this multiple of the prose call's time, once a
+    # finished one has printed an answer (the program call streamed; None: wait for all of them).
+    program_deadline: float | None = Field(default=None, gt=1, le=100)
     verifier_model: str | None = None  # another upstream model or adapter; the request's by default
     verifier_style: Literal["brief", "reasoned"] = "brief"
     verifier_regex: str | None = None
@@ -136,7 +139,7 @@ class BestOfN(Strategy[BestOfNOptions]):
         k = o.pal if pal.applicable(request) else 0
         if k < o.pal:
             notes.append("no program-aided candidates: the request wants tool calls or JSON")
-        upstream, cands = await pal.with_prose(request, ctx, o.n, k, o.temperature, notes)
+        upstream, cands = await pal.with_prose(request, ctx, o.n, k, o.temperature, notes, wait=o.program_deadline)
         return await self.judge(request, ctx, upstream, cands, notes)
 
     async def judge(self, request: ChatCompletionRequest, ctx: StrategyContext, upstream: dict[str, Any],

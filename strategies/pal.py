@@ -9,15 +9,19 @@ only (a thin adapter over ``strategies.sandbox``), so its hardening can change u
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.errors import UpstreamTimeout
 from protocol.wire import ChatCompletionRequest
 from strategies import sampling
 from strategies.answers import FORM_NO_ANSWER, FORM_OK, extract
 from strategies.base import Candidate, StrategyContext
 from strategies.sandbox import SandboxLimits, extract_code, run_python
+from strategies.stream_join import STREAM_OPTIONS, StreamedChoices, sse_events
 
 PAL_INSTRUCTION = ("\n\nDo not solve it by hand. Write a short Python program that computes the answer "
                    "and prints only the final answer. Reply with a single ```python code block.")
@@ -86,18 +90,18 @@ def as_reply(reply: str, run: Execution) -> str:
            f"\nThe answer is {run.answer}."
 
 
-async def draw(request: ChatCompletionRequest, ctx: StrategyContext, k: int, temperature: float,
-               *, start: int) -> tuple[dict[str, Any], list[Candidate]]:
-    """``k`` program-aided candidates from one ``n=k`` call, each program run (concurrently) in
-    the sandbox; indices from ``start``. A candidate's answer is what its program printed (None:
-    it abstains); its reply, should it be returned, is the code followed by that answer."""
+def _body(request: ChatCompletionRequest, ctx: StrategyContext, k: int, temperature: float) -> dict[str, Any]:
     body = {key: v for key, v in ctx.body.items() if key not in ("stream", "stream_options")}
     body.update(n=k, temperature=temperature if not request.temperature else request.temperature, logprobs=True,
                 top_logprobs=max(request.top_logprobs or 0, sampling.TOP_LOGPROBS),
                 messages=pal_messages(list(body.get("messages") or [])))
-    data = await ctx.chat(body, purpose="candidates:pal")
-    cands = sampling.candidates(data, request, start=start)
-    runs = await asyncio.gather(*(execute(c.content) for c in cands))
+    return body
+
+
+def _programs(data: dict[str, Any], cands: list[Candidate],
+              runs: list[Execution]) -> tuple[dict[str, Any], list[Candidate]]:
+    """The candidates (of ``data``'s choices, in index order) made program candidates, each
+    answering what its program printed."""
     choices = sorted(data["choices"], key=lambda c: int(c.get("index", 0)))
     for c, run, ch in zip(cands, runs, choices, strict=True):
         c.program = True
@@ -111,14 +115,80 @@ async def draw(request: ChatCompletionRequest, ctx: StrategyContext, k: int, tem
     return data, cands
 
 
-async def with_prose(request: ChatCompletionRequest, ctx: StrategyContext, n: int, k: int, temperature: float,
+async def draw(request: ChatCompletionRequest, ctx: StrategyContext, k: int, temperature: float,
+               *, start: int) -> tuple[dict[str, Any], list[Candidate]]:
+    """``k`` program-aided candidates from one ``n=k`` call, each program run (concurrently) in
+    the sandbox; indices from ``start``. A candidate's answer is what its program printed (None:
+    it abstains); its reply, should it be returned, is the code followed by that answer."""
+    data = await ctx.chat(_body(request, ctx, k, temperature), purpose="candidates:pal")
+    cands = sampling.candidates(data, request, start=start)
+    runs = await asyncio.gather(*(execute(c.content) for c in cands))
+    return _programs(data, cands, list(runs))
+
+
+async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: int, temperature: float,
+                     *, start: int, cutoff: Callable[[], float | None],
                      notes: list[str]) -> tuple[dict[str, Any], list[Candidate]]:
+    """``draw``, streamed: each program runs the moment its choice finishes, and once
+    ``time.monotonic()`` passes ``cutoff()`` (None: not known yet) with at least one finished
+    program having printed an answer, the call is closed (vLLM stops generating the rest) and
+    the unfinished programs are dropped. Usage counts the tokens the closed call had sent."""
+    body = _body(request, ctx, k, temperature) | {"stream": True, "stream_options": dict(STREAM_OPTIONS)}
+    started, got, runs = time.monotonic(), StreamedChoices(), {}
+    reply, cut = None, False
+    try:
+        async with asyncio.timeout(max(ctx.remaining(), 0.0)):
+            reply = await ctx.open_stream(body, purpose="candidates:pal")
+            async for event in sse_events(reply.chunks()):
+                for i in got.feed(event):
+                    runs[i] = asyncio.ensure_future(execute("".join(got.texts.get(i, []))))
+                at = cutoff()
+                if at is not None and time.monotonic() >= at and len(got.finish) < k and any(
+                        t.done() and not t.cancelled() and t.result().answer is not None for t in runs.values()):
+                    cut = True
+                    break
+    except BaseException as exc:
+        for t in runs.values():
+            t.cancel()
+        timeout = isinstance(exc, TimeoutError)
+        ctx.record("candidates:pal", body, got.usage(), started,
+                   error="deadline" if timeout else (str(exc)[:200] or type(exc).__name__))
+        if timeout:
+            raise UpstreamTimeout("the request's deadline passed while waiting for the upstream") from None
+        raise
+    finally:
+        if reply is not None:
+            await reply.close()  # closed early: vLLM aborts the choices still running
+    ctx.record("candidates:pal", body, got.usage(), started)
+    done = sorted(runs)
+    if cut:
+        notes.append(f"programs: {len(done)} of {k} finished by the program deadline; the rest were not waited for")
+    data = got.completion(done)
+    cands = sampling.candidates(data, request, start=start)
+    return _programs(data, cands, list(await asyncio.gather(*(runs[i] for i in done))))
+
+
+async def with_prose(request: ChatCompletionRequest, ctx: StrategyContext, n: int, k: int, temperature: float,
+                     notes: list[str], *, wait: float | None = None) -> tuple[dict[str, Any], list[Candidate]]:
     """``n`` candidates, ``k`` of them program-aided: the prose call and the program call at once
     (they are independent: one round trip, not two), the programs indexed after the prose. If one
-    call fails, the other is cancelled (its upstream work is not wanted either)."""
+    call fails, the other is cancelled (its upstream work is not wanted either). ``wait``: stop
+    waiting for unfinished programs ``wait`` times the prose call's time after the start, once a
+    finished one has printed an answer (``draw_until``)."""
+    started, prose_end = time.monotonic(), []
     prose = sampling.sample(request, ctx, n - k, temperature, notes) if n > k else None
-    programs = draw(request, ctx, k, temperature, start=n - k) if k else None
-    tasks = [asyncio.ensure_future(c) for c in (prose, programs) if c is not None]
+    tasks = [asyncio.ensure_future(prose)] if prose is not None else []
+    if tasks and wait is not None:
+        tasks[0].add_done_callback(lambda _: prose_end.append(time.monotonic()))
+
+    def cutoff() -> float | None:
+        return started + wait * (prose_end[0] - started) if prose_end and wait is not None else None
+
+    programs = None
+    if k:
+        programs = (draw_until(request, ctx, k, temperature, start=n - k, cutoff=cutoff, notes=notes)
+                    if wait is not None and prose is not None else draw(request, ctx, k, temperature, start=n - k))
+        tasks.append(asyncio.ensure_future(programs))
     try:
         got = await asyncio.gather(*tasks)
     except BaseException:

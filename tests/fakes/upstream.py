@@ -774,14 +774,19 @@ class _Generation:
         await self.fake._drop(request, self.state)
         return resp  # unreachable: _drop always raises
 
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        event = {
+    def _chunk(self, choice: dict[str, Any], tokens_so_far: int | None = None) -> bytes:
+        event: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,
             "model": self.model,
             "choices": [choice],
         }
+        options = self.body.get("stream_options")
+        if tokens_so_far is not None and isinstance(options, dict) and options.get("continuous_usage_stats"):
+            # as vLLM: every chunk carries its choice's completion tokens so far
+            event["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": tokens_so_far,
+                              "total_tokens": self.prompt_tokens + tokens_so_far}
         return b"data: " + json.dumps(event).encode() + b"\n\n"
 
     def _token_chunk(self, index: int, j: int, offset: int) -> bytes:
@@ -795,7 +800,7 @@ class _Generation:
                 "delta": {"content": token},
                 "logprobs": self._chat_logprobs(index, j, tokens),
                 "finish_reason": finish,
-            })
+            }, self.produced[index] + len(tokens))
         return self._chunk({
             "index": index,
             "text": token,

@@ -138,3 +138,28 @@ def test_self_consistency_with_programs_stops_where_the_rule_says(real_proxy: Pr
     assert is_program == [True] * min(drawn, 4) + [False] * (drawn - 4)
     assert data["choices"][0]["message"]["content"] in [c["content"] for c in t["candidates"]]
     _usage_adds_up(data)
+
+
+def test_a_program_deadline_streams_the_programs_and_counts_what_they_spent(real_proxy: ProxyServer) -> None:
+    """vLLM takes the streamed program call with ``continuous_usage_stats``; whether the deadline
+    cut it (a one-word prose call, programs that may run on) or not, the candidates and the
+    usage agree with what happened."""
+    body = {"model": "smollm2-135m-instruct", "max_tokens": 96, "trace": True,
+            "messages": [{"role": "user", "content": "In one word: what is the capital of France?"}],
+            "strategy": {"name": "best_of_n", "n": 8, "pal": 4, "program_deadline": 1.5}}
+    r = httpx.post(real_proxy.url + "/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    t = data["sharpen"]["trace"]
+    programs = [c for c in t["candidates"] if c["index"] >= 4]
+    cut = [n for n in t["notes"] if "program deadline" in n]
+    if cut:  # closed early: only finished programs, one of them printed an answer (the trace's answer
+        # may still be None: on free-form answers programs abstain after they ran)
+        assert 1 <= len(programs) < 4
+        assert any(c["verdicts"]["execution_run"]["status"] == "ok" for c in programs)
+        assert cut[0].startswith(f"programs: {len(programs)} of 4")
+    else:
+        assert len(programs) == 4
+    (pal_call,) = [c for c in t["calls"] if c["purpose"] == "candidates:pal"]
+    assert pal_call["usage"]["prompt_tokens"] > 0 and pal_call["usage"]["completion_tokens"] >= len(programs)
+    _usage_adds_up(data)
