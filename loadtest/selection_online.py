@@ -31,11 +31,14 @@ from strategies.answers import extract
 
 def recipe(strategy: str) -> dict[str, Any]:
     """The strategy object sent for a name: a shipped strategy with its defaults, or a named recipe
-    of options (``self_consistency+early``: ``strategies.self_consistency.EARLY_STOPPING``)."""
+    of options (``self_consistency+early``: ``strategies.self_consistency.EARLY_STOPPING``;
+    ``best_of_n+deadline=K``: ``program_deadline`` K)."""
     from strategies.self_consistency import EARLY_STOPPING
 
     if strategy == "self_consistency+early":
         return {"name": "self_consistency", **EARLY_STOPPING}
+    if strategy.startswith("best_of_n+deadline="):
+        return {"name": "best_of_n", "program_deadline": float(strategy.split("=", 1)[1])}
     return {"name": strategy}
 
 
@@ -70,6 +73,7 @@ async def _one(session: aiohttp.ClientSession, url: str, model: str, strategy: s
     answer = extract(text)
     return {"strategy": strategy, "key": item.key, "task": item.task, "answer": answer, "correct": item.score(answer),
             "usage": data.get("usage"), "calls": len(trace.get("calls") or []), "waves": trace.get("waves"),
+            "cut": any("program deadline" in n for n in trace.get("notes") or []),
             "seconds": round(time.perf_counter() - t0, 2)}
 
 

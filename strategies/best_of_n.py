@@ -37,6 +37,11 @@ STRONG_VERIFIERS = ["confidence", "approval", "math_steps", "logic_steps", "rede
 DEFAULT_WEIGHTS = {"execution": 0.5}
 VOTE_TEMPERATURE: float | None = 0.05
 PAL = 4
+# Stop waiting for programs still running at 2x the prose call's time once a finished one printed
+# an answer: online (2026-12-06, 20 family_relationships + 20 spell_backward items, one request at a
+# time) the mean wall time fell 10.1 -> 5.6 s and 13.5 -> 9.7 s, completion tokens by 28-31%,
+# accuracy +3/-2; re-scored offline on 503 stored items: 330 -> 328 right, all on spell_backward.
+PROGRAM_DEADLINE = 2.0
 
 
 class BestOfNOptions(StrategyOptions):
@@ -51,7 +56,7 @@ class BestOfNOptions(StrategyOptions):
     pal: int = Field(default=PAL, ge=0, le=64)  # program-aided candidates (of n); adds the execution verifier
     # Stop waiting for programs still running at this multiple of the prose call's time, once a
     # finished one has printed an answer (the program call streamed; None: wait for all of them).
-    program_deadline: float | None = Field(default=None, gt=1, le=100)
+    program_deadline: float | None = Field(default=PROGRAM_DEADLINE, gt=1, le=100)
     verifier_model: str | None = None  # another upstream model or adapter; the request's by default
     verifier_style: Literal["brief", "reasoned"] = "brief"
     verifier_regex: str | None = None

@@ -48,7 +48,8 @@ def test_the_deadline_closes_the_program_call_once_a_program_answered(fake_upstr
     fake_upstream.tok = 0.01
     fake_upstream.script(script("```python\nprint(3 + 4)\n```"))
     t0 = time.monotonic()
-    resp = ask(proxy, {"program_deadline": 2})
+    resp = ask(proxy, {})  # the default deadline, 2x
+    assert resp["sharpen"]["trace"]["options"]["program_deadline"] == 2
     took = time.monotonic() - t0
     t = resp["sharpen"]["trace"]
     assert resp["choices"][0]["message"]["content"].endswith("The answer is 7.")
@@ -82,10 +83,10 @@ def test_no_cut_until_a_finished_program_has_printed_an_answer(fake_upstream: Fa
     assert pal_call["usage"] == call.usage  # the final usage chunk: the whole call
 
 
-def test_without_the_option_the_program_call_is_not_streamed(fake_upstream: FakeUpstream,
-                                                             proxy: ProxyServer) -> None:
+def test_without_a_deadline_the_program_call_is_not_streamed(fake_upstream: FakeUpstream,
+                                                              proxy: ProxyServer) -> None:
     fake_upstream.script(script("```python\nprint(3 + 4)\n```", long_lines=3))
-    resp = ask(proxy, {})
+    resp = ask(proxy, {"program_deadline": None})
     assert "stream" not in program_call(fake_upstream).json
     assert len([c for c in resp["sharpen"]["trace"]["candidates"] if c["content"].startswith("```")]) == 4
 
