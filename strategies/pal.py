@@ -9,6 +9,7 @@ only (a thin adapter over ``strategies.sandbox``), so its hardening can change u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -139,14 +140,15 @@ async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: in
     try:
         async with asyncio.timeout(max(ctx.remaining(), 0.0)):
             reply = await ctx.open_stream(body, purpose="candidates:pal")
-            async for event in sse_events(reply.chunks()):
-                for i in got.feed(event):
-                    runs[i] = asyncio.ensure_future(execute("".join(got.texts.get(i, []))))
-                at = cutoff()
-                if at is not None and time.monotonic() >= at and len(got.finish) < k and any(
-                        t.done() and not t.cancelled() and t.result().answer is not None for t in runs.values()):
-                    cut = True
-                    break
+            async with contextlib.aclosing(sse_events(reply.chunks())) as events:
+                async for event in events:
+                    for i in got.feed(event):
+                        runs[i] = asyncio.ensure_future(execute("".join(got.texts.get(i, []))))
+                    at = cutoff()
+                    if at is not None and time.monotonic() >= at and len(got.finish) < k and any(
+                            t.done() and not t.cancelled() and t.result().answer is not None for t in runs.values()):
+                        cut = True
+                        break
     except BaseException as exc:
         for t in runs.values():
             t.cancel()

@@ -10,7 +10,7 @@ closed early still accounts the tokens it was sent; the final usage chunk, when 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -20,7 +20,7 @@ from protocol.errors import UpstreamError
 STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
 
-async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncGenerator[dict[str, Any], None]:
     """The JSON objects of an SSE body's ``data:`` lines, up to ``[DONE]``; an error event
     (``{"error": ...}``) or a line that is not JSON raises ``UpstreamError``."""
     buf = b""
