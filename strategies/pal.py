@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.errors import UpstreamTimeout
+from protocol.errors import UpstreamStatusError, UpstreamTimeout
 from protocol.wire import ChatCompletionRequest
 from strategies import sampling
 from strategies.answers import FORM_NO_ANSWER, FORM_OK, extract
@@ -133,13 +133,22 @@ async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: in
     """``draw``, streamed: each program runs the moment its choice finishes, and once
     ``time.monotonic()`` passes ``cutoff()`` (None: not known yet) with at least one finished
     program having printed an answer, the call is closed (vLLM stops generating the rest) and
-    the unfinished programs are dropped. Usage counts the tokens the closed call had sent."""
+    the unfinished programs are dropped. Usage counts the tokens the closed call had sent. An
+    upstream that refuses the streamed call with a 400 (not vLLM: ``continuous_usage_stats`` is
+    its own) gets the plain ``draw`` instead."""
     body = _body(request, ctx, k, temperature) | {"stream": True, "stream_options": dict(STREAM_OPTIONS)}
     started, got, runs = time.monotonic(), StreamedChoices(), {}
     reply, cut = None, False
     try:
         async with asyncio.timeout(max(ctx.remaining(), 0.0)):
-            reply = await ctx.open_stream(body, purpose="candidates:pal")
+            try:
+                reply = await ctx.open_stream(body, purpose="candidates:pal")
+            except UpstreamStatusError as exc:
+                if exc.http_status != 400:
+                    raise
+                ctx.record("candidates:pal", body, None, started, error=exc.message[:200])
+                notes.append("the upstream refused a streamed program call: drawn without the program deadline")
+                return await draw(request, ctx, k, temperature, start=start)
             async with contextlib.aclosing(sse_events(reply.chunks())) as events:
                 async for event in events:
                     for i in got.feed(event):

@@ -164,6 +164,8 @@ class FakeUpstream:
         self.logprob_fn: LogprobFn | None = None
         self.adapters: dict[str, str] = {}
         """Loaded LoRA adapters: name -> path."""
+        self.plain_stream_options = False
+        """Refuse ``stream_options`` other than ``include_usage`` with a 400, as a non-vLLM server may."""
         self.requests: list[RecordedRequest] = []
         self.cancelled = 0
         """Completion requests abandoned by their client while the fake was still answering."""
@@ -301,7 +303,7 @@ class FakeUpstream:
         self.clear()
         fresh = FakeUpstream()
         for knob in ("answers", "fault", "fault_scope", "ttft", "tok", "length", "fail_n", "slow_ttft", "slow_tok",
-                     "verify_suffix", "logprob_fn"):
+                     "verify_suffix", "logprob_fn", "plain_stream_options"):
             setattr(self, knob, getattr(fresh, knob))
         self.adapters.clear()
 
@@ -636,6 +638,9 @@ class FakeUpstream:
             return _error(400, "fake: 'messages' must be a list")
         if not chat and body.get("prompt") is None:
             return _error(400, "fake: 'prompt' is required")
+        options = body.get("stream_options")
+        if self.plain_stream_options and isinstance(options, dict) and set(options) - {"include_usage"}:
+            return _error(400, f"Unrecognized request argument supplied: stream_options {sorted(options)}")
         choices = self._choices(body, state, chat)
         prompt_tokens = _count_prompt_tokens(body)
         self.prompt_tokens_total += prompt_tokens

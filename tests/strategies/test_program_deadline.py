@@ -91,6 +91,21 @@ def test_without_a_deadline_the_program_call_is_not_streamed(fake_upstream: Fake
     assert len([c for c in resp["sharpen"]["trace"]["candidates"] if c["content"].startswith("```")]) == 4
 
 
+def test_an_upstream_that_refuses_the_streamed_call_gets_the_plain_one(fake_upstream: FakeUpstream,
+                                                                       proxy: ProxyServer) -> None:
+    fake_upstream.plain_stream_options = True
+    fake_upstream.script(script("```python\nprint(3 + 4)\n```", long_lines=3))
+    resp = ask(proxy, {})
+    t = resp["sharpen"]["trace"]
+    assert resp["choices"][0]["message"]["content"].endswith("The answer is 7.")
+    assert any("refused a streamed program call" in n for n in t["notes"])
+    programs = [r for r in fake_upstream.completion_calls() if "Python program" in r.json["messages"][-1]["content"]]
+    assert [r.status for r in programs] == [400, 200] and "stream" not in programs[1].json
+    assert [(c["purpose"], c["ok"]) for c in t["calls"] if c["purpose"] == "candidates:pal"] == [
+        ("candidates:pal", False), ("candidates:pal", True)]
+    assert len([c for c in t["candidates"] if c["content"].startswith("```")]) == 4
+
+
 @pytest.mark.parametrize("value", [1, 0.5, -2, 1000])
 def test_a_deadline_that_cannot_bound_anything_is_400(fake_upstream: FakeUpstream, proxy: ProxyServer,
                                                       value: float) -> None:
