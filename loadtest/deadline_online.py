@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from evals.report import wilson  # noqa: E402
 from loadtest.machine import cpu_line  # noqa: E402
 from loadtest.selection_bench import load_items, upstream_for  # noqa: E402
-from loadtest.selection_online import _one  # noqa: E402
+from loadtest.selection_online import run_one  # noqa: E402
 
 
 def table(rows: list[dict[str, Any]], deadline_name: str) -> str:
@@ -87,7 +87,7 @@ async def run(args: argparse.Namespace, deadline_name: str, have: set[tuple[str,
                     if time.monotonic() - t0 > args.budget_s:
                         print("time budget spent", flush=True)
                         break
-                    rec = await _one(s, proxy.url, model, strategy, item, args)
+                    rec = await run_one(s, proxy.url, model, strategy, item, args)
                     f.write(json.dumps(rec) + "\n")
                     f.flush()
                     print(f"  {strategy} {item.key}: {rec['correct']} ({rec['seconds']:.1f} s)"

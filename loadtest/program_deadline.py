@@ -85,10 +85,11 @@ def prose_share(prose: list[Cand]) -> float:
 
 
 def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, t8: float,
-             when: float = 0.0, answered: int = 0) -> tuple[int, bool, float]:
-    """(right, programs cut, modelled wall / one n=8 call) for ``best_of_n``'s default on ``r``;
-    the deadline applies only where at least ``when`` of the prose answers agree and (form
-    ``finished``) at least ``answered`` programs have printed an answer by then."""
+             when: float = 0.0, answered: int = 0, ceiling: float | None = None) -> tuple[int, bool, float]:
+    """(right, programs cut, modelled wall / one n=8 call) for ``best_of_n`` (4 prose, 4 programs)
+    on ``r``; the deadline applies only where at least ``when`` of the prose answers agree and
+    (form ``finished``) at least ``answered`` programs have printed an answer by then; where it
+    does not, ``ceiling`` x the prose call cuts whatever is unfinished all the same."""
     n_prose = 8 - bon.PAL
     prose, progs = r.samples[:n_prose], r.pal[: bon.PAL]
     lp, lg = max(c.tokens for c in prose), max(c.tokens for c in progs)
@@ -97,6 +98,8 @@ def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, 
     if applies and k is not None and answered:
         applies = sum(c.answer is not None and f + t * c.tokens <= k * t_prose for c in progs) >= answered
     deadline = k * t_prose if applies and k is not None else float("inf")
+    if not applies and k is not None and ceiling is not None:
+        deadline = ceiling * t_prose
     if form == "whole":
         use = progs if t_prog <= deadline else []
     else:
@@ -109,7 +112,7 @@ def simulate(r: Rec, k: float | None, form: str, f: float, t: float, f8: float, 
 
 
 def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: float,
-          whens: tuple[float, ...] = (0.0,), answered: int = 0) -> str:
+          whens: tuple[float, ...] = (0.0,), answered: int = 0, ceiling: float | None = None) -> str:
     fams = sorted({r.task for r in recs})
     head = "| deadline | " + " | ".join(f"{x} (n={sum(r.task == x for r in recs)})" for x in fams) + " | all |"
     lines = [head, "|" + "---|" * (len(fams) + 2)]
@@ -120,16 +123,17 @@ def table(recs: list[Rec], ks: list[float], f: float, t: float, f8: float, t8: f
         cut: dict[str, int] = defaultdict(int)
         ratio: dict[str, list[float]] = defaultdict(list)
         for r in recs:
-            ok, c, q = simulate(r, k, form, f, t, f8, t8, when, answered)
+            ok, c, q = simulate(r, k, form, f, t, f8, t8, when, answered, ceiling)
             right[r.task] += ok
             cut[r.task] += c
             ratio[r.task].append(q)
         cells = [f"{right[x]} right, {cut[x]} cut, wall {statistics.median(ratio[x]):.2f}x / {max(ratio[x]):.2f}x"
                  for x in fams]
         total = sum(right.values())
-        label = "none (shipped)" if k is None else f"{k}x the prose call, {form}" + (
+        label = "none (waits for every program)" if k is None else f"{k}x the prose call, {form}" + (
             f", where >= {when:.0%} of the prose agree" if when else "") + (
-            f", once >= {answered} program(s) printed an answer" if answered else "")
+            f", once >= {answered} program(s) printed an answer" if answered else "") + (
+            f", else {ceiling:g}x" if ceiling is not None else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {total} ({total / len(recs):.1%}) |")
     return "\n".join(lines)
 
@@ -151,6 +155,7 @@ def main() -> None:
     ap.add_argument("--when", default="0", help="prose agreement shares at which the deadline applies, comma-separated")
     ap.add_argument("--answered", type=int, default=0,
                     help="the deadline applies only once this many programs have printed an answer")
+    ap.add_argument("--ceiling", type=float, help="where the deadline does not apply, cut at this multiple anyway")
     ap.add_argument("--md", help="write the table here as well")
     args = ap.parse_args()
     print(f"CPU: {cpu_line()}", flush=True)
@@ -167,7 +172,7 @@ def main() -> None:
     out = (f"best_of_n (4 prose + 4 programs) with a program deadline, {len(recs)} stored items; time model "
            f"{params}; wall as median / largest ratio to one n=8 call\n\n"
            + table(recs, [float(x) for x in args.k.split(",")], args.fixed_s, args.per_token_s, f8, t8,
-                   tuple(float(x) for x in args.when.split(",")), args.answered))
+                   tuple(float(x) for x in args.when.split(",")), args.answered, args.ceiling))
     print(out)
     if args.md:
         Path(args.md).write_text(f"CPU where this ran (calibrate F and T on the same host): {cpu_line()}\n\n{out}\n")

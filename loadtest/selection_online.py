@@ -59,7 +59,7 @@ def _targets(args: argparse.Namespace) -> list[Any]:
     return items[: args.online]
 
 
-async def _one(session: aiohttp.ClientSession, url: str, model: str, strategy: str, item: Any,
+async def run_one(session: aiohttp.ClientSession, url: str, model: str, strategy: str, item: Any,
                args: argparse.Namespace) -> dict[str, Any]:
     body = {"model": model, "max_tokens": args.max_tokens, "trace": True, "strategy": recipe(strategy),
             "messages": [{"role": "user", "content": item.question + INSTRUCTION}]}
@@ -112,7 +112,7 @@ async def online(args: argparse.Namespace) -> int:
                     while todo and time.monotonic() - t_start < args.chunk_s:
                         strategy, item = todo.pop(0)
                         try:
-                            rec = await _one(s, proxy.url, model, strategy, item, args)
+                            rec = await run_one(s, proxy.url, model, strategy, item, args)
                         except Exception as exc:
                             print(f"  {strategy} {item.key}: {exc!r}"[:300], flush=True)
                             continue

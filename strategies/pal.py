@@ -138,7 +138,7 @@ async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: in
     its own) gets the plain ``draw`` instead."""
     body = _body(request, ctx, k, temperature) | {"stream": True, "stream_options": dict(STREAM_OPTIONS)}
     started, got, runs = time.monotonic(), StreamedChoices(), {}
-    reply, cut = None, False
+    reply, cut, refused = None, False, None
     try:
         async with asyncio.timeout(max(ctx.remaining(), 0.0)):
             try:
@@ -146,18 +146,18 @@ async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: in
             except UpstreamStatusError as exc:
                 if exc.http_status != 400:
                     raise
-                ctx.record("candidates:pal", body, None, started, error=exc.message[:200])
-                notes.append("the upstream refused a streamed program call: drawn without the program deadline")
-                return await draw(request, ctx, k, temperature, start=start)
-            async with contextlib.aclosing(sse_events(reply.chunks())) as events:
-                async for event in events:
-                    for i in got.feed(event):
-                        runs[i] = asyncio.ensure_future(execute("".join(got.texts.get(i, []))))
-                    at = cutoff()
-                    if at is not None and time.monotonic() >= at and len(got.finish) < k and any(
-                            t.done() and not t.cancelled() and t.result().answer is not None for t in runs.values()):
-                        cut = True
-                        break
+                refused = exc.message[:200]
+            if reply is not None:
+                async with contextlib.aclosing(sse_events(reply.chunks())) as events:
+                    async for event in events:
+                        for i in got.feed(event):
+                            runs[i] = asyncio.ensure_future(execute("".join(got.texts.get(i, []))))
+                        at = cutoff()
+                        if at is not None and time.monotonic() >= at and len(got.finish) < k and any(
+                                t.done() and not t.cancelled() and t.result().answer is not None
+                                for t in runs.values()):
+                            cut = True
+                            break
     except BaseException as exc:
         for t in runs.values():
             t.cancel()
@@ -170,7 +170,10 @@ async def draw_until(request: ChatCompletionRequest, ctx: StrategyContext, k: in
     finally:
         if reply is not None:
             await reply.close()  # closed early: vLLM aborts the choices still running
-    ctx.record("candidates:pal", body, got.usage(), started)
+    ctx.record("candidates:pal", body, None if refused else got.usage(), started, error=refused)
+    if refused is not None:  # recorded above as a failed call; the plain call records its own
+        notes.append("the upstream refused a streamed program call: drawn without the program deadline")
+        return await draw(request, ctx, k, temperature, start=start)
     done = sorted(runs)
     if cut:
         notes.append(f"programs: {len(done)} of {k} finished by the program deadline; the rest were not waited for")

@@ -142,6 +142,7 @@ async def test_close_cancels_the_background_unloads(parts: tuple[Rollout, Host, 
     rollout.spawn(rollout.unload_when_idle(v.name))
     await asyncio.sleep(0.01)
     await rollout.close()
+    reg.release(held)  # the version goes idle: an unload still waiting would run now
+    await asyncio.sleep(0.05)
     assert v.name in host.loaded and ("unload", v.name) not in host.calls
-    reg.release(held)
 

@@ -42,6 +42,19 @@ def test_the_table_counts_right_answers_and_cuts_per_family() -> None:
     recs = [_rec([_c("7", 1, 10)] * 4), _rec([_c("7", 1, 100)] * 4)]
     out = pd.table(recs, [2.0], 0.2, 0.1, 0.2, 0.1)
     rows = out.splitlines()
-    assert rows[2].startswith("| none (shipped) | 2 right, 0 cut")
+    assert rows[2].startswith("| none (waits for every program) | 2 right, 0 cut")
     assert rows[3].startswith("| 2.0x the prose call, whole | 1 right, 1 cut")
     assert rows[4].startswith("| 2.0x the prose call, finished | 1 right, 1 cut")
+
+
+def test_the_deadline_waits_until_a_program_answered_unless_a_ceiling_says_otherwise() -> None:
+    # the quick program (1.2 s against a 2 s deadline) prints nothing; the slow ones print 7 at 30 s
+    r = _rec([_c(None, 0, 10), _c("7", 1, 300), _c("7", 1, 300), _c("7", 1, 300)])
+    right, cut, ratio = pd.simulate(r, 2.0, "finished", 0.2, 0.1, 0.2, 0.1, answered=1)
+    assert (right, cut) == (1, False) and ratio == pytest.approx((0.2 + 30.0) / (0.2 + 0.8))
+    right, cut, ratio = pd.simulate(r, 2.0, "finished", 0.2, 0.1, 0.2, 0.1, answered=1, ceiling=5.0)
+    assert (right, cut) == (0, True) and ratio == pytest.approx(5.0)
+    # a quick program that answered: cut at 2x, its answer kept
+    r = _rec([_c("7", 1, 10), _c("8", 0, 300), _c("8", 0, 300), _c("8", 0, 300)])
+    right, cut, ratio = pd.simulate(r, 2.0, "finished", 0.2, 0.1, 0.2, 0.1, answered=1, ceiling=5.0)
+    assert (right, cut) == (1, True) and ratio == pytest.approx(2.0)
